@@ -1,0 +1,34 @@
+"""jax_flashmla: FlashMLA-class paged MLA decoding for JAX on NVIDIA Hopper GPUs.
+
+    metadata = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)   # once per step
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+                                      metadata=metadata, softmax_scale=scale)
+
+On a Hopper GPU with the extension built with CUDA the calls run our sm_90a kernels; anywhere
+else they run the same computation in plain JAX (`implementation="xla"`).
+"""
+
+from jax_flashmla import _extension
+from jax_flashmla._extension import build_info as build_info
+from jax_flashmla.decode import flash_mla_with_kvcache as flash_mla_with_kvcache
+from jax_flashmla.metadata import MLAMetadata as MLAMetadata
+from jax_flashmla.metadata import get_mla_metadata as get_mla_metadata
+from jax_flashmla.reference import flash_mla_reference as flash_mla_reference
+
+__version__ = "0.1.0"
+
+_extension.register()
+
+# Pass to jax.export.export(..., disabled_checks=DISABLE_JAX_EXPORT_CHECKS): our custom calls are
+# not on JAX's list of targets with stability guarantees. An exported program runs where the
+# same (versioned) targets are registered, i.e. with a compatible jax_flashmla installed.
+DISABLE_JAX_EXPORT_CHECKS = _extension.disable_export_checks()
+
+__all__ = [
+    "DISABLE_JAX_EXPORT_CHECKS",
+    "MLAMetadata",
+    "build_info",
+    "flash_mla_reference",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+]

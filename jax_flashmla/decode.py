@@ -1,0 +1,65 @@
+"""`flash_mla_with_kvcache`: paged MLA decode with FlashMLA's arguments, as a JAX operation."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_flashmla import shapes
+from jax_flashmla.metadata import MLAMetadata, get_mla_metadata
+from jax_flashmla.primitives import check_implementation, mla_decode_p
+from jax_flashmla.reference import HEAD_DIM_V, default_softmax_scale
+
+
+def flash_mla_with_kvcache(
+    q: jax.Array,
+    k_cache: jax.Array,
+    block_table: jax.Array,
+    cache_seqlens: jax.Array,
+    head_dim_v: int = HEAD_DIM_V,
+    metadata: MLAMetadata | tuple[jax.Array, jax.Array] | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    *,
+    implementation: str | None = None,
+    num_sms: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Multi-head latent attention decode over a paged cache (absorbed weights: MQA, d=576).
+
+  Args:
+    q: `[b, s_q, h_q, 576]` bfloat16 queries (512 absorbed latent + 64 RoPE).
+    k_cache: `[num_blocks, 64, h_kv, 576]`, q's dtype; V is its first `head_dim_v` columns.
+    block_table: `[b, max_blocks]` int32 page ids of each row.
+    cache_seqlens: `[b]` int32 tokens in the cache per row (0 allowed).
+    head_dim_v: must be 512.
+    metadata: `get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)` computed once per
+      step and shared by every layer; None computes it here.
+    softmax_scale: static float, default `576 ** -0.5`; models pass their own.
+    causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s`.
+    implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
+    num_sms: for `metadata=None`, the SM count to schedule for (see `get_mla_metadata`).
+
+  Returns:
+    `out [b, s_q, h_q, 512]` in q's dtype and `lse [b, h_q, s_q]` float32 (natural log; +inf
+    where a row has nothing to attend, and there `out` is 0).
+  """
+  check_implementation(implementation)
+  softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
+  causal = shapes.check_static_bool("causal", causal)
+  if not isinstance(head_dim_v, int) or head_dim_v != HEAD_DIM_V:
+    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
+  shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
+  b, s_q, h_q, d = q.shape
+  h_kv = k_cache.shape[2]
+  if metadata is None:
+    metadata = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms,
+                                implementation=implementation)
+  elif isinstance(metadata, tuple) and len(metadata) == 2:
+    metadata = MLAMetadata(*metadata)
+  elif not isinstance(metadata, MLAMetadata):
+    raise TypeError(f"metadata: expected MLAMetadata, a (tile_scheduler_metadata, num_splits) "
+                    f"pair or None, got {type(metadata).__name__}")
+  return tuple(mla_decode_p.bind(
+      q, k_cache, block_table, cache_seqlens, metadata.tile_scheduler_metadata,
+      metadata.num_splits,
+      softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
+      causal=causal and s_q > 1, implementation=implementation))

@@ -1,0 +1,155 @@
+"""Trace-time validation and output shapes of the two operations.
+
+Every check names the argument, what was expected and what was got, so a bad call fails in
+Python at trace time rather than in a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flashmla.reference import HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, SCHED_RECORD_INTS
+
+_INT32_MAX = 2**31 - 1
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16),)
+REFERENCE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(x.shape)
+
+
+def _expect_array(name: str, x) -> None:
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    raise TypeError(f"{name}: expected a jax.Array, got {type(x).__name__}")
+
+
+def _expect_rank(name: str, x, rank: int, layout: str) -> None:
+  if len(_shape(x)) != rank:
+    raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {_shape(x)}")
+
+
+def _expect_dtype(name: str, x, dtypes) -> None:
+  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
+    names = ", ".join(str(jnp.dtype(d)) for d in dtypes)
+    raise TypeError(f"{name}: expected dtype {names}, got {jnp.dtype(x.dtype)}")
+
+
+def check_static_float(name: str, value) -> float | None:
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                    np.floating)):
+    raise TypeError(f"{name}: expected a static Python float or None, got {type(value).__name__}"
+                    " (traced values cannot select kernel constants; close over a float)")
+  value = float(value)
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{name}: expected a finite positive float, got {value}")
+  return value
+
+
+def check_static_bool(name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name}: expected a static Python bool, got {type(value).__name__}")
+  return bool(value)
+
+
+def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
+  _expect_array("cache_seqlens", cache_seqlens)
+  _expect_rank("cache_seqlens", cache_seqlens, 1, "[b]")
+  _expect_dtype("cache_seqlens", cache_seqlens, (jnp.int32,))
+  if _shape(cache_seqlens)[0] < 1:
+    raise ValueError(f"cache_seqlens: expected a batch of at least 1, got shape "
+                     f"{_shape(cache_seqlens)}")
+  if not isinstance(num_sm_parts, (int, np.integer)) or num_sm_parts < 1:
+    raise ValueError(f"num_sm_parts: expected a positive int, got {num_sm_parts!r}")
+
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                      num_splits, head_dim_v: int) -> None:
+  """Validates shapes and dtypes of a decode call (arrays or abstract values)."""
+  if head_dim_v != HEAD_DIM_V:
+    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v}")
+  check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
+  b = _shape(q)[0]
+  _expect_array("tile_scheduler_metadata", tile_scheduler_metadata)
+  _expect_array("num_splits", num_splits)
+  _expect_rank("tile_scheduler_metadata", tile_scheduler_metadata, 2, "[num_sm_parts, 8]")
+  _expect_dtype("tile_scheduler_metadata", tile_scheduler_metadata, (jnp.int32,))
+  if _shape(tile_scheduler_metadata)[1] != SCHED_RECORD_INTS or \
+      _shape(tile_scheduler_metadata)[0] < 1:
+    raise ValueError(f"tile_scheduler_metadata: expected shape [num_sm_parts >= 1, 8], got "
+                     f"{_shape(tile_scheduler_metadata)}")
+  _expect_dtype("num_splits", num_splits, (jnp.int32,))
+  if _shape(num_splits) != (b + 1,):
+    raise ValueError(f"num_splits: expected shape ({b + 1},) for batch {b}, got "
+                     f"{_shape(num_splits)} (metadata computed for another batch?)")
+
+
+def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -> None:
+  for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table),
+                  ("cache_seqlens", cache_seqlens)):
+    _expect_array(name, x)
+  _expect_rank("q", q, 4, "[b, s_q, h_q, 576]")
+  _expect_rank("k_cache", k_cache, 4, "[num_blocks, 64, h_kv, 576]")
+  _expect_rank("block_table", block_table, 2, "[b, max_blocks]")
+  _expect_rank("cache_seqlens", cache_seqlens, 1, "[b]")
+  _expect_dtype("q", q, REFERENCE_DTYPES)
+  if jnp.dtype(k_cache.dtype) != jnp.dtype(q.dtype):
+    raise TypeError(f"k_cache: expected the dtype of q ({jnp.dtype(q.dtype)}), got "
+                    f"{jnp.dtype(k_cache.dtype)}")
+  _expect_dtype("block_table", block_table, (jnp.int32,))
+  _expect_dtype("cache_seqlens", cache_seqlens, (jnp.int32,))
+
+  b, s_q, h_q, d = _shape(q)
+  num_blocks, page_size, h_kv, d_k = _shape(k_cache)
+  if d != HEAD_DIM_K:
+    raise ValueError(f"q: expected head dim {HEAD_DIM_K} (512 latent + 64 RoPE), got {d} "
+                     f"(shape {_shape(q)})")
+  if d_k != HEAD_DIM_K:
+    raise ValueError(f"k_cache: expected head dim {HEAD_DIM_K}, got {d_k} "
+                     f"(shape {_shape(k_cache)})")
+  if page_size != PAGE_SIZE:
+    raise ValueError(f"k_cache: expected page size {PAGE_SIZE} (axis 1), got {page_size} "
+                     f"(shape {_shape(k_cache)})")
+  if b < 1 or s_q < 1 or h_q < 1:
+    raise ValueError(f"q: expected b, s_q, h_q >= 1, got shape {_shape(q)}")
+  if num_blocks < 1 or h_kv < 1:
+    raise ValueError(f"k_cache: expected num_blocks, h_kv >= 1, got shape {_shape(k_cache)}")
+  if h_q % h_kv:
+    raise ValueError(f"q: expected h_q to be a multiple of h_kv={h_kv} (k_cache axis 2), got "
+                     f"h_q={h_q}")
+  if _shape(block_table)[0] != b:
+    raise ValueError(f"block_table: expected batch {b} (from q), got shape {_shape(block_table)}")
+  if _shape(block_table)[1] < 1:
+    raise ValueError(f"block_table: expected at least one column, got shape "
+                     f"{_shape(block_table)}")
+  if _shape(cache_seqlens) != (b,):
+    raise ValueError(f"cache_seqlens: expected shape ({b},) (batch of q), got "
+                     f"{_shape(cache_seqlens)}")
+  max_blocks = _shape(block_table)[1]
+  if b * (max_blocks + 5) > _INT32_MAX or max_blocks * PAGE_SIZE > _INT32_MAX:
+    raise ValueError(f"block_table: b * (max_blocks + 5) must stay below 2**31, got shape "
+                     f"{_shape(block_table)}")
+
+
+def decode_output_shapes(q, k_cache, num_sm_parts: int):
+  """(out, lse, lse_accum, o_accum) shapes and dtypes of the kernel call."""
+  b, s_q, h_q, _ = _shape(q)
+  h_kv = _shape(k_cache)[2]
+  q_rows = s_q * (h_q // h_kv)
+  return (
+      ((b, s_q, h_q, HEAD_DIM_V), jnp.dtype(q.dtype)),
+      ((b, h_q, s_q), jnp.dtype(jnp.float32)),
+      ((b + num_sm_parts, h_kv, q_rows), jnp.dtype(jnp.float32)),
+      ((b + num_sm_parts, h_kv, q_rows, HEAD_DIM_V), jnp.dtype(jnp.float32)),
+  )
+
+
+def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+  """CTAs along the split axis so that m_blocks * h_kv * parts fills the SMs once."""
+  m_blocks = -(-num_q_tokens_per_head_k // 64)
+  return max(num_sms // num_heads_k // m_blocks, 1)

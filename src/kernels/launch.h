@@ -1,0 +1,17 @@
+// Host-callable launchers for the device code. They know nothing of XLA: the FFI handlers in
+// src/ffi/ fill the params structs and call these on XLA's stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace jax_flashmla {
+
+// Scheduler: reads seqlens on the device, writes sched[num_sm_parts] and num_splits[b + 1].
+cudaError_t launch_sched(const SchedParams& params, cudaStream_t stream);
+
+// Split-KV decode followed by the combine of split rows; both on `stream`.
+cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
+
+}  // namespace jax_flashmla

@@ -1,0 +1,111 @@
+// Plain structs that cross from the FFI handlers (host) to the kernels (device).
+//
+// Layout contract (all row-major, contiguous):
+//   q            [b, s_q, h_q, 576]          bf16
+//   k_cache      [num_blocks, 64, h_kv, 576] bf16   (V is columns 0..511 of the same rows)
+//   block_table  [b, max_blocks]             int32
+//   seqlens      [b]                         int32
+//   sched        [num_sm_parts]              SchedRecord (8 int32 each)
+//   num_splits   [b + 1]                     int32  exclusive prefix sum of splits per request
+//   out          [b, s_q, h_q, 512]          bf16
+//   lse          [b, h_q, s_q]               float32, natural log, +inf for empty rows
+//   lse_accum    [b + num_sm_parts, h_kv, q_rows]       float32, log2 domain, -inf if empty
+//   o_accum      [b + num_sm_parts, h_kv, q_rows, 512]  float32, already divided by the row sum
+//
+// Heads sharing one KV head are folded with the query tokens into "query rows":
+//   g = h_q / h_kv, q_rows = s_q * g, row r = s * g + j  <->  (token s, head hk * g + j).
+// Rows are tiled by kBlockM; the grid is (num_m_blocks, h_kv, num_sm_parts).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define JFM_HOST_DEVICE __host__ __device__
+#else
+#define JFM_HOST_DEVICE
+#endif
+
+namespace jax_flashmla {
+
+constexpr int kHeadDimK = 576;   // 512 latent + 64 RoPE
+constexpr int kHeadDimV = 512;   // V = first 512 columns of K
+constexpr int kPageSize = 64;    // tokens per KV page; also the N tile of the kernels
+constexpr int kBlockM = 64;      // query rows per CTA (the wgmma M)
+constexpr int kFixedOverheadBlocks = 5;  // scheduler's per-request cost, in pages
+constexpr int kMaxSplits = 160;  // combine handles up to this many splits of one request
+
+// One CTA's ("sm part's") share of the work, written by the scheduler kernel.
+// The part covers requests begin_req..end_req (inclusive). Its pages are
+//   begin_req: [begin_block, begin_req == end_req ? end_block : pages(begin_req))
+//   middle   : [0, pages(req))
+//   end_req  : [0, end_block)
+// where pages(i) = max(ceil(len_i / 64), 1) counts a zero-length row as one (empty) page.
+// A part with no work has begin_req >= b. The chunk of begin_req is split number
+// begin_split of that request; chunks of the other requests are split number 0.
+struct SchedRecord {
+  int32_t begin_req;
+  int32_t begin_block;
+  int32_t end_req;
+  int32_t end_block;
+  int32_t begin_split;
+  int32_t pad[3];
+};
+static_assert(sizeof(SchedRecord) == 8 * sizeof(int32_t), "records are [num_sm_parts, 8] int32");
+
+struct SchedParams {
+  const int32_t* seqlens;   // [b]
+  SchedRecord* sched;       // [num_sm_parts]
+  int32_t* num_splits;      // [b + 1]
+  int b;
+  int max_blocks;           // block-table columns: lengths are clamped to max_blocks * 64
+  int num_sm_parts;
+};
+
+struct DecodeParams {
+  const void* q;            // bf16
+  const void* k_cache;      // bf16
+  const int32_t* block_table;
+  const int32_t* seqlens;
+  const SchedRecord* sched;
+  const int32_t* num_splits;
+  void* out;                // bf16
+  float* lse;
+  float* lse_accum;
+  float* o_accum;
+
+  int b, s_q, h_q, h_kv;
+  int g;                    // h_q / h_kv
+  int q_rows;               // s_q * g
+  int num_m_blocks;         // ceil(q_rows / kBlockM)
+  int num_blocks;           // pages in k_cache
+  int max_blocks;           // block_table columns
+  int num_sm_parts;
+  float scale;              // softmax scale
+  float scale_log2;         // scale * log2(e)
+  bool causal;
+};
+
+// Run-time value rules shared by every kernel and by the pure-JAX reference, so that values no
+// trace can check never fault and never leak between rows:
+//  - a length is clamped to [0, max_blocks * 64];
+//  - a page id outside [0, num_blocks) is never dereferenced: its 64 keys are masked;
+//  - with causal and s_q > 1, row token s sees keys [0, len - s_q + s]; a row that sees no key
+//    gets out = 0 and lse = +inf.
+JFM_HOST_DEVICE inline int effective_len(int len, int max_blocks) {
+  const int cap = max_blocks * kPageSize;
+  return len < 0 ? 0 : (len > cap ? cap : len);
+}
+
+// Scheduler cost of request i in pages: max(ceil(max(len, 0) / 64), 1), capped at
+// INT32_MAX / b - kFixedOverheadBlocks so that the total over the batch fits in int32 whatever
+// lengths arrive. The cap never truncates real work: the decode call requires
+// b * (max_blocks + 5) < 2^31, and effective lengths never exceed max_blocks pages.
+// Totals: payload = ceil(total / parts) + kFixedOverheadBlocks, computed as
+// total / parts + (total % parts != 0) so nothing overflows.
+JFM_HOST_DEVICE inline int sched_cost_pages(int len, int b) {
+  const int pages = len <= 0 ? 1 : len / kPageSize + (len % kPageSize != 0);
+  const int cap = 2147483647 / b - kFixedOverheadBlocks;
+  return pages < cap ? pages : cap;
+}
+
+}  // namespace jax_flashmla

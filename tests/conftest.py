@@ -1,0 +1,35 @@
+"""Test tiers: everything runs on the CPU except tests marked `gpu`, which need a Hopper GPU and
+the CUDA extension. They skip with the reason, or fail when JAX_FLASHMLA_REQUIRE_GPU=1."""
+
+import os
+
+import pytest
+
+import jax_flashmla
+from jax_flashmla import _extension
+
+
+def _gpu_unavailable_reason():
+  if not _extension.local_gpus():
+    return "no NVIDIA GPU visible to JAX"
+  if not _extension.local_hopper_gpus():
+    return "the GPU is not a Hopper (sm_90) part"
+  if not _extension.has_cuda_kernels():
+    return f"jax_flashmla was built without CUDA kernels: {jax_flashmla.build_info()}"
+  return None
+
+
+def pytest_collection_modifyitems(config, items):
+  reason = _gpu_unavailable_reason()
+  if reason is None:
+    return
+  if os.environ.get("JAX_FLASHMLA_REQUIRE_GPU") == "1":
+    for item in items:
+      if "gpu" in item.keywords:
+        item.add_marker(pytest.mark.xfail(reason=f"GPU required: {reason}", strict=True,
+                                          run=False))
+    raise pytest.UsageError(f"JAX_FLASHMLA_REQUIRE_GPU=1 but {reason}")
+  skip = pytest.mark.skip(reason=f"GPU tier: {reason}")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)

@@ -1,0 +1,134 @@
+"""Test data and the independent float64 oracle shared by the CPU and GPU tiers.
+
+Cases follow FlashMLA's tests: q and K ~ N(0, 1)/10 clipped to [-1, 1], varlen lengths ~ N(L, L/2)
+clipped at >= s_q, randomly permuted page tables, NaN in every cache slot past a row's length and
+in every page no row uses, and block-table entries past a row's last page set to a huge invalid id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+PAGE = 64
+D = 576
+DV = 512
+INVALID_PAGE = 2147480000
+
+# DESIGN.md §4
+OUT_TOL = dict(abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
+LSE_TOL = dict(abs_tol=1e-6, rel_tol=8.01 / 65536, cos_tol=0.0)
+
+
+@dataclasses.dataclass
+class Case:
+  q: np.ndarray            # [b, s_q, h_q, 576] bfloat16
+  k_cache: np.ndarray      # [num_blocks, 64, h_kv, 576] bfloat16
+  block_table: np.ndarray  # [b, max_blocks] int32
+  cache_seqlens: np.ndarray  # [b] int32
+  causal: bool
+  softmax_scale: float
+
+  def args(self):
+    return (jnp.asarray(self.q), jnp.asarray(self.k_cache), jnp.asarray(self.block_table),
+            jnp.asarray(self.cache_seqlens))
+
+
+def make_case(rng: np.random.Generator, b: int, s_q: int, mean_len: int, h_q: int, h_kv: int,
+              *, varlen: bool = True, causal: bool = False, zero_rows: float = 0.0,
+              softmax_scale: float | None = None, spare_pages: int = 3,
+              dtype=ml_dtypes.bfloat16) -> Case:
+  if varlen:
+    lens = rng.normal(mean_len, mean_len / 2, size=b).round().astype(np.int64)
+    lens = np.maximum(lens, s_q)
+  else:
+    lens = np.full(b, mean_len, np.int64)
+  if zero_rows:
+    lens[rng.random(b) < zero_rows] = 0
+  max_blocks = max(1, int(-(-lens.max() // PAGE)))
+  num_blocks = b * max_blocks + spare_pages
+  perm = rng.permutation(num_blocks)[: b * max_blocks].reshape(b, max_blocks)
+  block_table = perm.astype(np.int32)
+
+  def rand(shape):
+    return np.clip(rng.standard_normal(shape, dtype=np.float32) / 10, -1, 1)
+
+  q = rand((b, s_q, h_q, D)).astype(dtype)
+  k = np.full((num_blocks, PAGE, h_kv, D), np.nan, np.float32)
+  for i in range(b):
+    pages = -(-lens[i] // PAGE)
+    for j in range(pages):
+      n = min(PAGE, lens[i] - j * PAGE)
+      k[block_table[i, j], :n] = rand((n, h_kv, D))
+    block_table[i, pages:] = INVALID_PAGE
+  return Case(q, k.astype(dtype), block_table, lens.astype(np.int32), causal,
+              D**-0.5 if softmax_scale is None else softmax_scale)
+
+
+def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
+  """float64 paged MQA decode, written directly from DESIGN.md §4 (loops over rows)."""
+  q = case.q.astype(np.float64)
+  k = case.k_cache.astype(np.float64)
+  b, s_q, h_q, _ = q.shape
+  num_blocks, _, h_kv, _ = k.shape
+  g = h_q // h_kv
+  max_blocks = case.block_table.shape[1]
+  out = np.zeros((b, s_q, h_q, DV))
+  lse = np.full((b, h_q, s_q), np.inf)
+  for i in range(b):
+    n = int(np.clip(case.cache_seqlens[i], 0, max_blocks * PAGE))
+    ids = case.block_table[i, : -(-n // PAGE)]
+    keys = np.zeros((n, h_kv, D))
+    valid = np.zeros(n, bool)
+    for j, page in enumerate(ids):
+      lo, hi = j * PAGE, min(n, (j + 1) * PAGE)
+      if 0 <= page < num_blocks:
+        keys[lo:hi] = k[page, : hi - lo]
+        valid[lo:hi] = True
+    for s in range(s_q):
+      visible = valid.copy()
+      if case.causal and s_q > 1:
+        visible[max(0, n - s_q + s + 1):] = False
+      if not visible.any():
+        continue
+      for h in range(h_q):
+        kk = keys[visible, h // g]
+        scores = kk @ q[i, s, h] * case.softmax_scale
+        m = scores.max()
+        p = np.exp(scores - m)
+        out[i, s, h] = p @ kk[:, :DV] / p.sum()
+        lse[i, h, s] = m + np.log(p.sum())
+  return out, lse
+
+
+def check_close(name: str, got, want, *, abs_tol: float, rel_tol: float, cos_tol: float):
+  """FlashMLA-style comparison: same inf/NaN positions, per element abs OR rel, global cosine."""
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
+  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+  for kind, fn in (("nan", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+    mismatch = fn(got) != fn(want)
+    assert not mismatch.any(), (
+        f"{name}: {kind} positions differ at {np.argwhere(mismatch)[:5].tolist()} "
+        f"(got {got[mismatch][:5]}, want {want[mismatch][:5]})")
+  finite = np.isfinite(want)
+  g, w = got[finite], want[finite]
+  err = np.abs(g - w)
+  ok = (err <= abs_tol) | (err <= rel_tol * np.abs(w))
+  if not ok.all():
+    worst = np.argmax(np.where(ok, 0, err))
+    raise AssertionError(
+        f"{name}: {np.count_nonzero(~ok)} of {ok.size} elements out of tolerance; worst got "
+        f"{g[worst]!r} want {w[worst]!r} (abs {abs_tol}, rel {rel_tol})")
+  if cos_tol and g.size:
+    denom = np.sum(g * g + w * w)
+    cos_diff = 1 - 2 * np.sum(g * w) / denom if denom > 0 else 0.0
+    assert cos_diff <= cos_tol, f"{name}: cosine difference {cos_diff:.3g} > {cos_tol}"
+
+
+def check_decode(out, lse, want_out, want_lse):
+  check_close("out", np.asarray(out, np.float32), want_out, **OUT_TOL)
+  check_close("lse", lse, want_lse, **LSE_TOL)
