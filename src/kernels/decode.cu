@@ -1,0 +1,81 @@
+// launch_decode: the launch policy of a decode call. The split-KV kernel runs first; the combine
+// kernel follows on the same stream as a programmatic dependent launch (PDL), so its launch
+// latency hides behind the decode kernel's tail while griddepcontrol.wait inside it keeps the
+// data dependency exact.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <mutex>
+
+#include "kernel_registry.h"
+#include "launch.h"
+#include "params.h"
+
+namespace jax_flashmla {
+namespace {
+
+// Runs a per-device setup step once per process and device, thread-safely, and remembers its
+// result. Function attributes are per device context, and XLA may run handlers for different
+// devices on different host threads; the device is the caller's current one (never switched).
+class PerDeviceOnce {
+ public:
+  template <typename Fn>
+  cudaError_t run(Fn&& fn) {
+    int device = 0;
+    const cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    if (device < 0 || device >= kMaxDevices) return fn();  // unusual; just redo the step
+    std::call_once(flags_[device], [&] { results_[device] = fn(); });
+    return results_[device];
+  }
+
+ private:
+  static constexpr int kMaxDevices = 64;
+  std::once_flag flags_[kMaxDevices];
+  cudaError_t results_[kMaxDevices] = {};
+};
+
+// PDL can be switched off (JAX_FLASHMLA_DISABLE_PDL=1) to rule it out when debugging; the
+// combine kernel is correct either way.
+bool use_pdl() {
+  static const bool enabled = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
+  return enabled;
+}
+
+cudaError_t launch_kernel(const KernelLaunch& k, const DecodeParams& params, cudaStream_t stream,
+                          bool programmatic_dependent) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = k.grid;
+  config.blockDim = k.block;
+  config.dynamicSmemBytes = static_cast<size_t>(k.smem_bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  if (programmatic_dependent) {
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  void* args[] = {const_cast<DecodeParams*>(&params)};
+  return cudaLaunchKernelExC(&config, k.func, args);
+}
+
+}  // namespace
+
+cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
+  const KernelLaunch decode = decode_simt_launch(params);
+  static PerDeviceOnce decode_smem_opt_in;
+  cudaError_t err = decode_smem_opt_in.run([&] {
+    return cudaFuncSetAttribute(decode.func, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                decode.smem_bytes);
+  });
+  if (err != cudaSuccess) return err;
+
+  err = launch_kernel(decode, params, stream, /*programmatic_dependent=*/false);
+  if (err != cudaSuccess) return err;
+  err = launch_kernel(combine_launch(params), params, stream, use_pdl());
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flashmla
