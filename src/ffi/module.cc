@@ -1,0 +1,65 @@
+// The compiled half of jax_flashmla: a nanobind module, jax_flashmla._ext, that hands the FFI
+// handlers to Python. It does not register anything itself; the Python package calls
+// jax.ffi.register_ffi_target(name, capsule, platform="CUDA") for each entry of registrations().
+//
+// Built without CUDA (JAX_FLASHMLA_WITH_CUDA undefined) the module still imports, exports no
+// handlers, and says so in build_info(), so the pure-JAX path and its tests work everywhere.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>  // std::string <-> str
+
+#include <string>
+
+#include "xla/ffi/api/c_api.h"
+
+#ifdef JAX_FLASHMLA_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "ffi/handlers.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+nb::dict Registrations() {
+  nb::dict handlers;
+#ifdef JAX_FLASHMLA_WITH_CUDA
+  // jax.ffi.register_ffi_target accepts a PyCapsule holding the handler's function pointer.
+  handlers[jax_flashmla::kMlaMetadataTarget] =
+      nb::capsule(reinterpret_cast<void*>(jax_flashmla::MlaMetadataHandler()));
+  handlers[jax_flashmla::kMlaDecodeTarget] =
+      nb::capsule(reinterpret_cast<void*>(jax_flashmla::MlaDecodeHandler()));
+#endif
+  return handlers;
+}
+
+nb::dict BuildInfo() {
+  nb::dict info;
+#ifdef JAX_FLASHMLA_WITH_CUDA
+  info["cuda"] = true;
+  // CUDART_VERSION is major * 1000 + minor * 10 of the toolkit we compiled and linked against.
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string((CUDART_VERSION % 1000) / 10);
+  info["cuda_archs"] = JAX_FLASHMLA_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = nb::none();
+  info["cuda_archs"] = "";
+#endif
+  // The FFI API version our handlers declare; XLA refuses handlers newer than itself.
+  info["xla_ffi_api"] =
+      std::to_string(XLA_FFI_API_MAJOR) + "." + std::to_string(XLA_FFI_API_MINOR);
+  info["jaxlib_headers"] = JAX_FLASHMLA_JAXLIB_VERSION;
+  return info;
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "jax_flashmla compiled extension: XLA FFI handlers for paged MLA decode.";
+  m.def("registrations", &Registrations,
+        "Dict of XLA FFI target name -> PyCapsule handler (empty without CUDA).");
+  m.def("build_info", &BuildInfo,
+        "Dict describing this build: cuda, cuda_version, cuda_archs, xla_ffi_api, "
+        "jaxlib_headers.");
+}
