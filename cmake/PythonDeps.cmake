@@ -37,7 +37,7 @@ if(NOT JAX_FLASHMLA_XLA_FFI_INCLUDE_DIR)
   if(NOT _jfm_ffi_rc EQUAL 0 OR NOT EXISTS "${_jfm_ffi_dir}/xla/ffi/api/ffi.h")
     message(FATAL_ERROR
       "Could not find the XLA FFI headers: `import jax.ffi` failed for ${Python_EXECUTABLE}.\n"
-      "Install jax and jaxlib (>= 0.6) into that interpreter, or pass "
+      "Install jax and jaxlib (>= 0.5) into that interpreter, or pass "
       "-DJAX_FLASHMLA_XLA_FFI_INCLUDE_DIR=<folder containing xla/ffi/api/ffi.h>.\n"
       "${_jfm_ffi_err}")
   endif()
