@@ -11,6 +11,7 @@
 // meets the 65535 limit of gridDim.y/z. Rows of unsplit requests were finished by the decode
 // kernel and are skipped.
 #include <cuda_bf16.h>
+#include <math_constants.h>
 
 #include <cstdint>
 
@@ -44,6 +45,15 @@ __device__ __forceinline__ void store_out_row(const DecodeParams& p, int64_t bi,
   if (lane == 0) p.lse[(bi * p.h_q + h) * p.s_q + s] = lse;
 }
 
+__device__ __forceinline__ void store_nan_row(const DecodeParams& p, int64_t bi, int hk, int r) {
+  float nan_row[kColChunks][4];
+#pragma unroll
+  for (int c = 0; c < kColChunks; ++c) {
+    nan_row[c][0] = nan_row[c][1] = nan_row[c][2] = nan_row[c][3] = CUDART_NAN_F;
+  }
+  store_out_row(p, bi, hk, r, nan_row, CUDART_NAN_F);
+}
+
 __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p) {
   __shared__ float s_weights[kWarps][kMaxSplits];
   // Every CTA waits for the decode kernel, even one with nothing to merge: the kernel after us on
@@ -68,11 +78,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
 
     float acc[kColChunks][4] = {};
     if (split_begin < 0 || n > kMaxSplits || split_begin + static_cast<int64_t>(n) > num_slots) {
-      // Metadata from other shapes: never read out of bounds; make the damage visible.
-      const float nan = __int_as_float(0x7fc00000);
-#pragma unroll
-      for (int c = 0; c < kColChunks; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = nan;
-      store_out_row(p, bi, hk, r, acc, nan);
+      store_nan_row(p, bi, hk, r);  // metadata from other shapes: never read out of bounds
       continue;
     }
 
@@ -81,17 +87,25 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
     const int64_t split_stride = rows_per_req;
 
     float lse_j[kSplitsPerLane];
-    float lse_max = -__int_as_float(0x7f800000);
+    float lse_max = -CUDART_INF_F;
+    bool lane_nan = false;
 #pragma unroll
     for (int k = 0; k < kSplitsPerLane; ++k) {
       const int j = k * 32 + lane;
-      lse_j[k] = j < n ? p.lse_accum[first + j * split_stride] : -__int_as_float(0x7f800000);
+      lse_j[k] = j < n ? p.lse_accum[first + j * split_stride] : -CUDART_INF_F;
       lse_max = fmaxf(lse_max, lse_j[k]);
+      lane_nan |= isnan(lse_j[k]);
     }
     lse_max = warp_max(lse_max);
+    // fmaxf skips NaN; a NaN partial (NaN in q or in live cache rows) must still reach the
+    // output, as it does in the reference, rather than be mistaken for an empty split.
+    if (__any_sync(0xffffffffu, lane_nan)) {
+      store_nan_row(p, bi, hk, r);
+      continue;
+    }
 
-    if (lse_max == -__int_as_float(0x7f800000)) {  // every split empty
-      store_out_row(p, bi, hk, r, acc, __int_as_float(0x7f800000));
+    if (lse_max == -CUDART_INF_F) {  // every split empty
+      store_out_row(p, bi, hk, r, acc, CUDART_INF_F);
       continue;
     }
     float sum = 0.f;
@@ -108,8 +122,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
 
     const float* o = p.o_accum + first * kHeadDimV + lane * 4;
     for (int j = 0; j < n; ++j) {
-      const float w = weights[j];
-      if (w == 0.f) continue;  // empty split (its partial row is zeros anyway)
+      const float w = weights[j];  // 0 for an empty split, whose partial row is zeros
       const float* oj = o + j * split_stride * kHeadDimV;
 #pragma unroll
       for (int c = 0; c < kColChunks; ++c) {

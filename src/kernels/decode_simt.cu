@@ -10,6 +10,7 @@
 // warp: lane l computes scores for keys l and l+32 and accumulates output columns l*8 .. l*8+7 and
 // 256 + l*8 .. +7 (128 fp32 accumulators per thread).
 #include <cuda_bf16.h>
+#include <math_constants.h>
 
 #include <cstdint>
 
@@ -199,7 +200,7 @@ __device__ __forceinline__ void store_chunk(const DecodeParams& p, const RowStat
       }
       if (lane == 0) {
         p.lse[(static_cast<int64_t>(bi) * p.h_q + h) * p.s_q + s] =
-            empty ? __int_as_float(0x7f800000) : lse_log2 * kLn2;
+            empty ? CUDART_INF_F : lse_log2 * kLn2;
       }
     } else {
       const int64_t row = (slot * p.h_kv + hk) * p.q_rows + r;
@@ -213,7 +214,7 @@ __device__ __forceinline__ void store_chunk(const DecodeParams& p, const RowStat
         reinterpret_cast<float4*>(dst)[1] =
             make_float4(a[4] * inv_l, a[5] * inv_l, a[6] * inv_l, a[7] * inv_l);
       }
-      if (lane == 0) p.lse_accum[row] = empty ? __int_as_float(0xff800000) : lse_log2;
+      if (lane == 0) p.lse_accum[row] = empty ? -CUDART_INF_F : lse_log2;
     }
   }
 }
