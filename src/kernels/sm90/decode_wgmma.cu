@@ -1,0 +1,81 @@
+// Host side of the sm90 main decode kernel: the TMA descriptor of the paged cache and the launch.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include "decode_wgmma.cuh"
+#include "launch_sm90.h"
+
+namespace jax_flashmla {
+namespace {
+
+// The driver's cuTensorMapEncodeTiled, found through the runtime so that we need not link libcuda.
+PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      ptr = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+}  // namespace
+
+// k_cache [num_blocks, 64, h_kv, 576] bf16 viewed as a 4-D tensor, innermost first:
+// (576 columns, h_kv, 64 tokens, num_blocks); one box is 64 columns x 1 head x 64 tokens x 1
+// page, i.e. one 64x64 tile of a page, written to shared memory with the 128-byte swizzle.
+// Coordinates past num_blocks (never issued by the kernel) would read as zeros.
+cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p) {
+  auto encode = get_encode_fn();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(kHeadDimK) * 2;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDimK),
+                              static_cast<cuuint64_t>(p.h_kv),
+                              static_cast<cuuint64_t>(kPageSize),
+                              static_cast<cuuint64_t>(p.num_blocks > 0 ? p.num_blocks : 1)};
+  // strides[i] is the byte stride of dimension i + 1.
+  const cuuint64_t strides[3] = {row_bytes, row_bytes * p.h_kv,
+                                       row_bytes * p.h_kv * kPageSize};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(kPageSize), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(p.k_cache),
+                      dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+int decode_main_sm90_smem_bytes() { return sm90::DecodeWgmmaTraits::kSmemBytes; }
+
+cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream) {
+  if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
+    return cudaSuccess;  // nothing to do
+  }
+  CUtensorMap map;
+  cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
+  if (err != cudaSuccess) return err;
+
+  const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;
+  err = cudaFuncSetAttribute(sm90::decode_main_sm90_kernel,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
+  cfg.blockDim = dim3(sm90::DecodeWgmmaTraits::kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, sm90::decode_main_sm90_kernel, map, params);
+}
+
+}  // namespace jax_flashmla

@@ -1,0 +1,336 @@
+// The sm90 paged MLA decode kernel: TMA-fed, wgmma-based, two consumer warpgroups.
+//
+// One CTA per (m block, kv head, sm part) walks the (request, page range) chunks of its
+// SchedRecord. Pages are consumed in pairs: page a sits in buffer 0, page b in buffer 1.
+// Warpgroup 0 (WG0) owns output columns 0..255 and computes S_a = Q K_a^T; warpgroup 1 (WG1)
+// owns columns 256..511 and computes S_b = Q K_b^T. Both need both P tiles, so P is passed
+// through shared memory, and both must rescale their half of O by the same running row max, which
+// lives in shared memory. Per pair (log2 domain, m = running max before the pair):
+//
+//   WG0: m0 = max(m, rowmax S_a), s0 = 2^(m - m0), P_a = 2^(S_a - m0)         -> smem, arrive P0
+//        O_L = O_L * s0 + P_a V_a[:, :256]            (P_a from registers)
+//   WG1: (sync P0)  O_R = O_R * s0 + P_a V_a[:, 256:]  (P_a from smem; runs while WG1 does:)
+//        m1 = max(m0, rowmax S_b), s1 = 2^(m0 - m1), P_b = 2^(S_b - m1)        -> smem, arrive P1
+//        O_R = O_R * s1 + P_b V_b[:, 256:]            (P_b from registers)
+//   WG0: (sync P1)  O_L = O_L * s1 + P_b V_b[:, :256]  (P_b from smem)
+//
+// so each warpgroup does one 64x64x576 QK^T and two 64x256x64 P.V per pair, and one group's
+// softmax runs on the CUDA cores while the other's wgmmas run (the "seesaw" idea of FlashMLA's
+// 2025 Hopper kernel, see docs/20250422-new-kernel-deep-dive.md there). Each warpgroup keeps its
+// own partial row sum; they are added in the epilogue.
+//
+// Buffer reuse. Each K page is 9 TMA tiles of 64x64, each tile on its own mbarrier. V is tiles
+// 0..7 read MN-major; tile 8 (RoPE) is free once the page's QK^T is done and holds that page's P.
+// A tile is refilled (with the next pair's page) by the warpgroup that reads it last:
+//   buffer 0: tiles 0..3 by WG0 after O_L += P_a V_a; tiles 4..8 by WG1 after O_R += P_a V_a
+//   buffer 1: tiles 0..3, 8 by WG0 after O_L += P_b V_b; tiles 4..7 by WG1 after O_R += P_b V_b
+// Pages of the next pair may belong to the next request of the chunk list, so loads run ahead
+// across request boundaries.
+//
+// Masking: a page is loaded only if its id is in [0, num_blocks) and some row of the m block can
+// see one of its keys; otherwise it is skipped by both groups (P = 0). Scores are masked (selected
+// to -inf) only on pages that reach past the first row's visible length; V rows past the length
+// are zeroed in shared memory before P.V (unused cache slots may hold NaN, and 0 * NaN = NaN).
+#pragma once
+
+#include "decode_wgmma_blocks.cuh"
+
+namespace jax_flashmla {
+namespace sm90 {
+
+// ------------------------------------------------------------------ the kernel
+
+__global__ void __launch_bounds__(T::kThreads, 1)
+    decode_main_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
+                            const __grid_constant__ DecodeParams p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t sQ = base + T::kOffQ;
+  const uint32_t sK[2] = {base + T::kOffK0, base + T::kOffK1};
+  const uint32_t bars[2] = {base + T::kOffBars, base + T::kOffBars + 8 * T::kNumKTiles};
+  float* s_row_max = reinterpret_cast<float*>(smem + T::kOffRowMax);
+  float* s_scale0 = reinterpret_cast<float*>(smem + T::kOffScale0);
+  float* s_scale1 = reinterpret_cast<float*>(smem + T::kOffScale1);
+  float* s_row_sum = reinterpret_cast<float*>(smem + T::kOffRowSum);
+
+  const int m_block = blockIdx.x;
+  const int hk = blockIdx.y;
+  const int part = blockIdx.z;
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+  const int tid_wg = threadIdx.x % 128;
+  const int warp_wg = tid_wg / 32;
+  const int lane = threadIdx.x % 32;
+  const int r0 = warp_wg * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
+  const int q4 = lane % 4;                 // column pair within each 8-column chunk
+  const bool leader = tid_wg == 0;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(base + T::kOffBars + 8 * i, 1);
+    fence_mbar_init();
+    prefetch_tensormap(&tmap_k);
+  }
+  __syncthreads();
+
+  // Everything above may overlap the previous kernel (PDL); reads of its outputs may not.
+  grid_dependency_wait();
+
+  const SchedRecord rec = p.sched[part];
+  if (rec.begin_req >= p.b) return;
+
+  uint64_t policy = 0;
+  if (leader) policy = l2_evict_first_policy();
+
+  // Prologue: start the loads of the first pair.
+  {
+    ReqCtx c;
+    if (first_pair_from(p, rec, m_block, rec.begin_req, c) && leader) {
+      const PageInfo pa = make_page(p, c, c.pb);
+      const PageInfo pb = make_page(p, c, c.pb + 1);
+      if (wg == 0) {
+        load_page_tiles(&tmap_k, sK[0], bars[0], pa, hk, 0, 4, -1, policy);
+        load_page_tiles(&tmap_k, sK[1], bars[1], pb, hk, 0, 4, T::kPTile, policy);
+      } else {
+        load_page_tiles(&tmap_k, sK[0], bars[0], pa, hk, 4, 9, -1, policy);
+        load_page_tiles(&tmap_k, sK[1], bars[1], pb, hk, 4, 8, -1, policy);
+      }
+    }
+  }
+
+  uint32_t phase[2] = {0, 0};
+  const int last_req = min(rec.end_req, p.b - 1);
+
+  for (int req = rec.begin_req; req <= last_req; ++req) {
+    const ReqCtx c = make_req(p, rec, req, m_block);
+    const int vis_r0 = visible_keys(p, c.len, m_block * kBlockM + r0);
+    const int vis_r1 = visible_keys(p, c.len, m_block * kBlockM + r0 + 8);
+
+    load_q(p, sQ, c.bi, hk, m_block);
+    if (threadIdx.x < kBlockM) s_row_max[threadIdx.x] = T::kRowMaxInit;
+    fence_proxy_async_smem();
+    __syncthreads();
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float row_sum[2] = {0.f, 0.f};
+
+    for (int page = c.pb; page < c.pe; page += 2) {
+      const PageInfo pa = make_page(p, c, page);
+      const PageInfo pb = make_page(p, c, page + 1);  // not loaded if page + 1 >= pe
+      // The pair after this one (maybe in a later request): refilled into the buffers below.
+      PageInfo na, nb;
+      na.loaded = false;
+      nb.loaded = false;
+      if (page + 2 < c.pe) {
+        na = make_page(p, c, page + 2);
+        nb = make_page(p, c, page + 3);
+      } else {
+        ReqCtx nc;
+        if (first_pair_from(p, rec, m_block, req + 1, nc)) {
+          na = make_page(p, nc, nc.pb);
+          nb = make_page(p, nc, nc.pb + 1);
+        }
+      }
+
+      float s[32];
+      uint32_t a[16];
+      if (wg == 0) {
+        // ---------------- WG0: page a ----------------
+        float m_old[2] = {s_row_max[r0], s_row_max[r0 + 8]};
+        float m_new[2], sc0[2], psum[2] = {0.f, 0.f};
+        if (pa.loaded) {
+          qk_page(s, sQ, sK[0], bars[0], phase[0]);
+          wgmma_wait<0>();
+          reg_fence(s);
+          scale_and_mask(s, p.scale_log2, pa.need_mask, page * kPageSize + 2 * q4, vis_r0, vis_r1);
+          float mx[2];
+          row_max(s, mx);
+          m_new[0] = fmaxf(m_old[0], mx[0]);
+          m_new[1] = fmaxf(m_old[1], mx[1]);
+          exp_rows(s, m_new, psum);
+          pack_p(s, a);
+          store_p(sK[0] + T::kPTile * T::kTileBytes, a, r0, q4);
+          fence_proxy_async_smem();
+        } else {
+          m_new[0] = m_old[0];
+          m_new[1] = m_old[1];
+        }
+        sc0[0] = fast_exp2(m_old[0] - m_new[0]);
+        sc0[1] = fast_exp2(m_old[1] - m_new[1]);
+        if (q4 == 0) {
+          s_row_max[r0] = m_new[0];
+          s_row_max[r0 + 8] = m_new[1];
+          s_scale0[r0] = sc0[0];
+          s_scale0[r0 + 8] = sc0[1];
+        }
+        named_bar_arrive(T::kBarP0Ready, T::kThreads);
+
+        rescale_o(o, sc0);
+        row_sum[0] = row_sum[0] * sc0[0] + psum[0];
+        row_sum[1] = row_sum[1] * sc0[1] + psum[1];
+        if (pa.loaded) {
+          if (pa.n_valid < kPageSize) {
+            zero_v_rows(sK[0], 0, pa.n_valid, tid_wg);
+            fence_proxy_async_smem();
+            named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
+          }
+          reg_fence(o);
+          pv_rs(o, a, sK[0], 0);
+        }
+
+        named_bar_sync(T::kBarP1Ready, T::kThreads);
+        const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
+        wgmma_wait<0>();
+        reg_fence(o);
+        // wait_group covers only the calling warp's share: all four warps must be done reading
+        // before the leader lets TMA overwrite the tiles.
+        named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
+        if (leader) load_page_tiles(&tmap_k, sK[0], bars[0], na, hk, 0, 4, -1, policy);
+        rescale_o(o, sc1);
+        row_sum[0] *= sc1[0];
+        row_sum[1] *= sc1[1];
+        if (pb.loaded) {
+          for (int t = 0; t < 4; ++t) mbar_wait(bars[1] + 8 * t, phase[1]);
+          if (pb.n_valid < kPageSize) {
+            zero_v_rows(sK[1], 0, pb.n_valid, tid_wg);
+            fence_proxy_async_smem();
+            named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
+          }
+          reg_fence(o);
+          pv_ss(o, sK[1] + T::kPTile * T::kTileBytes, sK[1], 0);
+          wgmma_wait<0>();
+          reg_fence(o);
+        }
+        named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
+        if (leader) load_page_tiles(&tmap_k, sK[1], bars[1], nb, hk, 0, 4, T::kPTile, policy);
+      } else {
+        // ---------------- WG1: page b ----------------
+        float mx[2] = {-INFINITY, -INFINITY};
+        if (pb.loaded) {
+          qk_page(s, sQ, sK[1], bars[1], phase[1]);
+          wgmma_wait<0>();
+          reg_fence(s);
+          scale_and_mask(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
+                         vis_r1);
+          row_max(s, mx);
+        }
+        named_bar_sync(T::kBarP0Ready, T::kThreads);
+        const float m0[2] = {s_row_max[r0], s_row_max[r0 + 8]};
+        const float sc0[2] = {s_scale0[r0], s_scale0[r0 + 8]};
+        rescale_o(o, sc0);
+        row_sum[0] *= sc0[0];
+        row_sum[1] *= sc0[1];
+        if (pa.loaded) {
+          for (int t = 4; t < 8; ++t) mbar_wait(bars[0] + 8 * t, phase[0]);
+          if (pa.n_valid < kPageSize) {
+            zero_v_rows(sK[0], 4, pa.n_valid, tid_wg);
+            fence_proxy_async_smem();
+            named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
+          }
+          reg_fence(o);
+          pv_ss(o, sK[0] + T::kPTile * T::kTileBytes, sK[0], 4);
+        }
+        // softmax of page b while P_a V_a runs
+        const float m1[2] = {fmaxf(m0[0], mx[0]), fmaxf(m0[1], mx[1])};
+        const float sc1[2] = {fast_exp2(m0[0] - m1[0]), fast_exp2(m0[1] - m1[1])};
+        float psum[2] = {0.f, 0.f};
+        if (pb.loaded) {
+          exp_rows(s, m1, psum);
+          pack_p(s, a);
+          store_p(sK[1] + T::kPTile * T::kTileBytes, a, r0, q4);
+          fence_proxy_async_smem();
+        }
+        if (q4 == 0) {
+          s_row_max[r0] = m1[0];
+          s_row_max[r0 + 8] = m1[1];
+          s_scale1[r0] = sc1[0];
+          s_scale1[r0 + 8] = sc1[1];
+        }
+        named_bar_arrive(T::kBarP1Ready, T::kThreads);
+        wgmma_wait<0>();
+        reg_fence(o);
+        named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
+        if (leader) load_page_tiles(&tmap_k, sK[0], bars[0], na, hk, 4, 9, -1, policy);
+        rescale_o(o, sc1);
+        row_sum[0] = row_sum[0] * sc1[0] + psum[0];
+        row_sum[1] = row_sum[1] * sc1[1] + psum[1];
+        if (pb.loaded) {
+          if (pb.n_valid < kPageSize) {
+            zero_v_rows(sK[1], 4, pb.n_valid, tid_wg);
+            fence_proxy_async_smem();
+            named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
+          }
+          reg_fence(o);
+          pv_rs(o, a, sK[1], 4);
+          wgmma_wait<0>();
+          reg_fence(o);
+        }
+        named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
+        if (leader) load_page_tiles(&tmap_k, sK[1], bars[1], nb, hk, 4, 8, -1, policy);
+      }
+      if (pa.loaded) phase[0] ^= 1u;
+      if (pb.loaded) phase[1] ^= 1u;
+    }
+
+    if (req == last_req) grid_launch_dependents();
+
+    // ---------------- epilogue: combine the two groups' row sums, write this request ----------
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row_sum[i] += __shfl_xor_sync(0xffffffffu, row_sum[i], 1);
+      row_sum[i] += __shfl_xor_sync(0xffffffffu, row_sum[i], 2);
+    }
+    if (q4 == 0) {
+      s_row_sum[wg * kBlockM + r0] = row_sum[0];
+      s_row_sum[wg * kBlockM + r0 + 8] = row_sum[1];
+    }
+    __syncthreads();
+
+    const int n_splits = __ldg(p.num_splits + c.bi + 1) - __ldg(p.num_splits + c.bi);
+    const bool split = n_splits > 1;
+    const int split_idx = (req == rec.begin_req) ? rec.begin_split : 0;
+    const int col0 = wg * T::kVColsPerWarpgroup + 2 * q4;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = r0 + 8 * i;
+      const int row = m_block * kBlockM + r;
+      const float l = s_row_sum[r] + s_row_sum[kBlockM + r];
+      const float m = s_row_max[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      if (row < p.q_rows) {
+        if (!split) {
+          const int s_tok = row / p.g;
+          const int head = hk * p.g + (row - s_tok * p.g);
+          __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) +
+                               ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) *
+                                   kHeadDimV;
+#pragma unroll
+          for (int k = 0; k < 32; ++k) {
+            const uint32_t v = pack_bf16x2(o[4 * k + 2 * i] * inv, o[4 * k + 2 * i + 1] * inv);
+            *reinterpret_cast<uint32_t*>(out + col0 + 8 * k) = v;
+          }
+          if (wg == 0 && q4 == 0) {
+            p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
+                l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+          }
+        } else {
+          const size_t idx =
+              (static_cast<size_t>(__ldg(p.num_splits + c.bi) + split_idx) * p.h_kv + hk) *
+                  p.q_rows + row;
+          float* oacc = p.o_accum + idx * kHeadDimV;
+#pragma unroll
+          for (int k = 0; k < 32; ++k) {
+            *reinterpret_cast<float2*>(oacc + col0 + 8 * k) =
+                make_float2(o[4 * k + 2 * i] * inv, o[4 * k + 2 * i + 1] * inv);
+          }
+          if (wg == 0 && q4 == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
+  }
+}
+
+}  // namespace sm90
+}  // namespace jax_flashmla

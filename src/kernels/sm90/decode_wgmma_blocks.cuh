@@ -1,0 +1,286 @@
+// Building blocks of the sm90 decode kernel (work description, loads, softmax pieces, the
+// wgmma sequences), kept apart from the kernel so tests can exercise them one at a time.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include "../params.h"
+#include "decode_wgmma_traits.h"
+#include "ptx.cuh"
+#include "wgmma_ops.cuh"
+
+namespace jax_flashmla {
+namespace sm90 {
+
+using T = DecodeWgmmaTraits;
+
+// ------------------------------------------------------------------ work description
+
+// One request's chunk as seen by this CTA's m block.
+struct ReqCtx {
+  int bi;        // request index
+  int len;       // effective length
+  int vis_min;   // keys visible to the m block's first row (the smallest)
+  int vis_max;   // keys visible to the m block's last real row (the largest)
+  int pb, pe;    // page range [pb, pe) of this chunk
+};
+
+struct PageInfo {
+  int kv_id;       // physical page
+  bool loaded;     // fetched and used (valid id, some key visible)
+  bool need_mask;  // some (row, key) of the page is masked
+  int n_valid;     // keys of the page below the length (rows n_valid.. of V are zeroed)
+};
+
+__device__ __forceinline__ int visible_keys(const DecodeParams& p, int len, int row) {
+  // Row r = s * g + j belongs to query token s; causal rows see keys [0, len - s_q + s].
+  int vis = len;
+  if (p.causal) {
+    const int s = row / p.g;
+    vis = min(len, len - p.s_q + s + 1);
+  }
+  return max(vis, 0);
+}
+
+__device__ __forceinline__ ReqCtx make_req(const DecodeParams& p, const SchedRecord& rec, int req,
+                                           int m_block) {
+  ReqCtx c;
+  c.bi = req;
+  c.len = effective_len(__ldg(p.seqlens + req), p.max_blocks);
+  const int first_row = m_block * kBlockM;
+  const int last_row = min(p.q_rows, first_row + kBlockM) - 1;
+  c.vis_min = visible_keys(p, c.len, first_row);
+  c.vis_max = visible_keys(p, c.len, last_row);
+  // The scheduler charges unclamped lengths, so its page ranges may reach past the effective
+  // length: clamp them (pages there would be fully masked anyway).
+  const int pages = max((c.len + kPageSize - 1) / kPageSize, 1);
+  c.pb = (req == rec.begin_req) ? min(max(rec.begin_block, 0), pages) : 0;
+  c.pe = (req == rec.end_req) ? min(rec.end_block, pages) : pages;
+  return c;
+}
+
+__device__ __forceinline__ PageInfo make_page(const DecodeParams& p, const ReqCtx& c, int page) {
+  PageInfo pi;
+  pi.kv_id = -1;
+  if (page >= 0 && page < c.pe && page < p.max_blocks) {
+    pi.kv_id = __ldg(p.block_table + static_cast<size_t>(c.bi) * p.max_blocks + page);
+  }
+  const int start = page * kPageSize;
+  pi.loaded = page >= 0 && page < c.pe && pi.kv_id >= 0 && pi.kv_id < p.num_blocks &&
+              start < c.vis_max;
+  pi.need_mask = start + kPageSize > c.vis_min;
+  pi.n_valid = min(kPageSize, c.len - start);
+  return pi;
+}
+
+// The first non-empty chunk at or after request `req`; returns false if none.
+__device__ __forceinline__ bool first_pair_from(const DecodeParams& p, const SchedRecord& rec,
+                                                int m_block, int req, ReqCtx& out) {
+  const int last = min(rec.end_req, p.b - 1);
+  for (int r = req; r <= last; ++r) {
+    ReqCtx c = make_req(p, rec, r, m_block);
+    if (c.pb < c.pe) {
+      out = c;
+      return true;
+    }
+  }
+  return false;
+}
+
+// ------------------------------------------------------------------ loads
+
+// Issues the TMA loads of K tiles [t0, t1) (and tile `extra` if >= 0) of one page into a buffer.
+__device__ __forceinline__ void load_page_tiles(const CUtensorMap* tmap, uint32_t s_buf,
+                                                uint32_t bars, const PageInfo& pi, int hk, int t0,
+                                                int t1, int extra, uint64_t policy) {
+  if (!pi.loaded) return;
+  for (int t = t0; t < t1; ++t) {
+    const uint32_t bar = bars + 8 * t;
+    mbar_arrive_expect_tx(bar, T::kTileBytes);
+    tma_load_4d(s_buf + t * T::kTileBytes, tmap, bar, t * T::kTileCols, hk, 0, pi.kv_id, policy);
+  }
+  if (extra >= 0) {
+    const uint32_t bar = bars + 8 * extra;
+    mbar_arrive_expect_tx(bar, T::kTileBytes);
+    tma_load_4d(s_buf + extra * T::kTileBytes, tmap, bar, extra * T::kTileCols, hk, 0, pi.kv_id,
+                policy);
+  }
+}
+
+// All 256 threads copy the 64 x 576 query block of (request, kv head, m block) into sQ in the
+// swizzled tile layout; rows past q_rows are zero.
+__device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sQ, int bi, int hk,
+                                       int m_block) {
+  constexpr int kChunksPerRow = kHeadDimK / 8;                      // 72 x 16 bytes
+  constexpr int kIters = kBlockM * kChunksPerRow / T::kThreads;     // 18
+  static_assert(kBlockM * kChunksPerRow % T::kThreads == 0, "");
+  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint4 v[kIters / 2];
+#pragma unroll
+    for (int it = 0; it < kIters / 2; ++it) {
+      const int i = threadIdx.x + (half * (kIters / 2) + it) * T::kThreads;
+      const int row = i / kChunksPerRow;
+      const int c = i % kChunksPerRow;
+      const int r = m_block * kBlockM + row;
+      v[it] = make_uint4(0, 0, 0, 0);
+      if (r < p.q_rows) {
+        const int s = r / p.g;
+        const int j = r - s * p.g;
+        const size_t off =
+            ((static_cast<size_t>(bi) * p.s_q + s) * p.h_q + hk * p.g + j) * kHeadDimK + c * 8;
+        v[it] = __ldg(reinterpret_cast<const uint4*>(q + off));
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < kIters / 2; ++it) {
+      const int i = threadIdx.x + (half * (kIters / 2) + it) * T::kThreads;
+      const int row = i / kChunksPerRow;
+      const int c = i % kChunksPerRow;
+      const uint32_t dst = sQ + (c / 8) * T::kTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4);
+      st_shared_v4(dst, v[it]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ math pieces
+
+// S (fp32 QK^T fragment) -> scaled log2-domain logits, masked keys selected to -inf.
+__device__ __forceinline__ void scale_and_mask(float (&s)[32], float scale_log2, bool need_mask,
+                                               int tok0, int vis0, int vis1) {
+  if (!need_mask) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] *= scale_log2;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = tok0 + 8 * k + j;
+        s[4 * k + j] = t < vis0 ? s[4 * k + j] * scale_log2 : -INFINITY;
+        s[4 * k + 2 + j] = t < vis1 ? s[4 * k + 2 + j] * scale_log2 : -INFINITY;
+      }
+    }
+  }
+}
+
+// Row max of the thread's two rows, reduced over the quad that shares them.
+__device__ __forceinline__ void row_max(const float (&s)[32], float (&mx)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) m = fmaxf(m, fmaxf(s[4 * k + 2 * i], s[4 * k + 2 * i + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    mx[i] = m;
+  }
+}
+
+// s <- 2^(s - m) in place; returns this thread's partial row sums.
+__device__ __forceinline__ void exp_rows(float (&s)[32], const float (&m)[2], float (&sum)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float e = fast_exp2(s[4 * k + 2 * i + j] - m[i]);
+        s[4 * k + 2 * i + j] = e;
+        acc += e;
+      }
+    }
+    sum[i] = acc;
+  }
+}
+
+__device__ __forceinline__ void rescale_o(float (&o)[128], const float (&sc)[2]) {
+#pragma unroll
+  for (int k = 0; k < 32; ++k) {
+    o[4 * k + 0] *= sc[0];
+    o[4 * k + 1] *= sc[0];
+    o[4 * k + 2] *= sc[1];
+    o[4 * k + 3] *= sc[1];
+  }
+}
+
+// The QK^T accumulator layout is the A-operand register layout of the next wgmma: k-step kk
+// (keys 16kk..16kk+15) uses accumulator chunks 2kk and 2kk+1.
+__device__ __forceinline__ void pack_p(const float (&s)[32], uint32_t (&a)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) a[i] = pack_bf16x2(s[2 * i], s[2 * i + 1]);
+}
+
+// Writes P (bf16) into a swizzled 64x64 tile: the K-major A operand of an SS wgmma.
+__device__ __forceinline__ void store_p(uint32_t s_tile, const uint32_t (&a)[16], int r0, int q4) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t chunk = static_cast<uint32_t>(k ^ (r0 & 7)) << 4;
+    st_shared_u32(s_tile + r0 * 128 + chunk + q4 * 4, a[2 * k]);
+    st_shared_u32(s_tile + (r0 + 8) * 128 + chunk + q4 * 4, a[2 * k + 1]);
+  }
+}
+
+// Zeroes rows n_valid..63 of four V tiles [tile0, tile0 + 4) of a page buffer (one warpgroup).
+__device__ __forceinline__ void zero_v_rows(uint32_t s_buf, int tile0, int n_valid, int tid_wg) {
+  const int rows = kPageSize - n_valid;
+  const int total = rows * 4 * 8;
+  for (int i = tid_wg; i < total; i += T::kWarpgroupThreads) {
+    const int ch = i & 7;
+    const int rest = i >> 3;
+    const int row = n_valid + rest % rows;
+    const int tile = tile0 + rest / rows;
+    st_shared_zero16(s_buf + tile * T::kTileBytes + row * 128 + ch * 16);
+  }
+}
+
+// S = Q K^T for one page buffer (9 tiles x 4 k-steps), waiting on each tile's barrier.
+__device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
+                                        uint32_t bars, uint32_t phase) {
+  wgmma_fence();
+#pragma unroll
+  for (int t = 0; t < T::kNumKTiles; ++t) {
+    mbar_wait(bars + 8 * t, phase);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t da = make_desc_sw128(sQ + t * T::kTileBytes + kk * 32, 16, 1024);
+      const uint64_t db = make_desc_sw128(s_buf + t * T::kTileBytes + kk * 32, 16, 1024);
+      wgmma_m64n64k16_ss(s, da, db, (t | kk) != 0 ? 1 : 0);
+    }
+  }
+  wgmma_commit();
+}
+
+// O[:, half] += P V[:, half] with P from registers; V = tiles [tile0, tile0 + 4) read MN-major.
+__device__ __forceinline__ void pv_rs(float (&o)[128], const uint32_t (&a)[16], uint32_t s_buf,
+                                      int tile0) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t ak[4] = {a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3]};
+    const uint64_t db =
+        make_desc_sw128(s_buf + tile0 * T::kTileBytes + kk * 2048, T::kTileBytes, 1024);
+    wgmma_m64n256k16_rs_tb(o, ak, db);
+  }
+  wgmma_commit();
+}
+
+// O[:, half] += P V[:, half] with P from the swizzled smem tile s_p.
+__device__ __forceinline__ void pv_ss(float (&o)[128], uint32_t s_p, uint32_t s_buf, int tile0) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t da = make_desc_sw128(s_p + kk * 32, 16, 1024);
+    const uint64_t db =
+        make_desc_sw128(s_buf + tile0 * T::kTileBytes + kk * 2048, T::kTileBytes, 1024);
+    wgmma_m64n256k16_ss_tb(o, da, db, 1);
+  }
+  wgmma_commit();
+}
+
+}  // namespace sm90
+}  // namespace jax_flashmla

@@ -1,0 +1,25 @@
+// Host entry of the sm90 (wgmma + TMA) main decode kernel. It writes the final output of unsplit
+// requests and the fp32 partials of split ones; the combine kernel must run after it for those.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "../params.h"
+
+namespace jax_flashmla {
+
+// Launches the main kernel on `stream` with grid (num_m_blocks, h_kv, num_sm_parts), 256 threads
+// and DecodeWgmmaTraits::kSmemBytes of dynamic shared memory (the attribute is set here). Builds
+// the TMA descriptor of k_cache on the host (no device sync, safe under graph capture). Launched
+// with programmatic stream serialization: it waits (griddepcontrol.wait) before reading any input,
+// and lets its dependents launch once every CTA has finished its last main loop.
+cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream);
+
+// The TMA descriptor of k_cache the kernel takes (exposed for tests of the building blocks).
+cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
+
+// Dynamic shared memory the kernel needs, in bytes.
+int decode_main_sm90_smem_bytes();
+
+}  // namespace jax_flashmla
