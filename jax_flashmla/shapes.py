@@ -14,6 +14,7 @@ import numpy as np
 from jax_flashmla.reference import HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, SCHED_RECORD_INTS
 
 _INT32_MAX = 2**31 - 1
+MAX_SM_PARTS = 160  # kMaxSplits in params.h: the combine merges at most this many splits
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16),)
 REFERENCE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -64,8 +65,9 @@ def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
   if _shape(cache_seqlens)[0] < 1:
     raise ValueError(f"cache_seqlens: expected a batch of at least 1, got shape "
                      f"{_shape(cache_seqlens)}")
-  if not isinstance(num_sm_parts, (int, np.integer)) or num_sm_parts < 1:
-    raise ValueError(f"num_sm_parts: expected a positive int, got {num_sm_parts!r}")
+  if not isinstance(num_sm_parts, (int, np.integer)) or not 1 <= num_sm_parts <= MAX_SM_PARTS:
+    raise ValueError(f"num_sm_parts: expected an int in [1, {MAX_SM_PARTS}], got "
+                     f"{num_sm_parts!r}")
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
@@ -80,8 +82,9 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_met
   _expect_rank("tile_scheduler_metadata", tile_scheduler_metadata, 2, "[num_sm_parts, 8]")
   _expect_dtype("tile_scheduler_metadata", tile_scheduler_metadata, (jnp.int32,))
   if _shape(tile_scheduler_metadata)[1] != SCHED_RECORD_INTS or \
-      _shape(tile_scheduler_metadata)[0] < 1:
-    raise ValueError(f"tile_scheduler_metadata: expected shape [num_sm_parts >= 1, 8], got "
+      not 1 <= _shape(tile_scheduler_metadata)[0] <= MAX_SM_PARTS:
+    raise ValueError(f"tile_scheduler_metadata: expected shape [num_sm_parts, 8] with "
+                     f"1 <= num_sm_parts <= {MAX_SM_PARTS}, got "
                      f"{_shape(tile_scheduler_metadata)}")
   _expect_dtype("num_splits", num_splits, (jnp.int32,))
   if _shape(num_splits) != (b + 1,):
@@ -152,4 +155,4 @@ def decode_output_shapes(q, k_cache, num_sm_parts: int):
 def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
   """CTAs along the split axis so that m_blocks * h_kv * parts fills the SMs once."""
   m_blocks = -(-num_q_tokens_per_head_k // 64)
-  return max(num_sms // num_heads_k // m_blocks, 1)
+  return min(max(num_sms // num_heads_k // m_blocks, 1), MAX_SM_PARTS)

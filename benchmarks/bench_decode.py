@@ -1,0 +1,202 @@
+"""Decode benchmark: jax_flashmla's kernel beside the plain-XLA reference, counted as DESIGN.md §6.
+
+    python benchmarks/bench_decode.py                      # the §6 grid
+    python benchmarks/bench_decode.py --b 128 --s-q 1 --h-q 16 --len 8192   # one config
+    python benchmarks/bench_decode.py --json out.json --plot out.png
+
+What is timed: the decode call inside one jitted program that runs it `--iters` times in a loop
+(so per-call Python dispatch is not counted and, as in a model, the scheduler records are computed
+once outside and reused), combine kernel included; per-call time = loop time / iters; the figure
+is the median over `--repeats` timed runs after a warm-up run. The block table is perturbed by a
+run-time zero each iteration so XLA cannot hoist loop-invariant work (the reference's page gather)
+out of the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_flashmla
+
+PAGE = 64
+HBM_TBPS = 4.8
+PEAK_TFLOPS = 990.0
+
+
+def make_inputs(key, b: int, mean_len: int, s_q: int, h_kv: int = 1):
+  """Lengths ~ N(L, L/2) clipped at >= s_q, pages permuted at random over one pool."""
+  rng = np.random.default_rng(mean_len)
+  lens = np.maximum(rng.normal(mean_len, mean_len / 2, b).round(), s_q).astype(np.int32)
+  pages_per_row = -(-lens // PAGE)
+  max_blocks = int(pages_per_row.max())
+  num_blocks = int(pages_per_row.sum())
+  perm = rng.permutation(num_blocks)
+  block_table = np.zeros((b, max_blocks), np.int32)
+  start = 0
+  for i, n in enumerate(pages_per_row):
+    block_table[i, :n] = perm[start:start + n]
+    start += n
+  k_cache = (jax.random.normal(key, (num_blocks, PAGE, h_kv, 576), jnp.float32) / 10).astype(
+      jnp.bfloat16)
+  return k_cache, jnp.asarray(block_table), jnp.asarray(lens), float(lens.mean())
+
+
+def counts(b, s_q, h_q, h_kv, mean_len):
+  flops = b * h_q * s_q * (2 * 576 * mean_len + 2 * 512 * mean_len)
+  nbytes = b * (s_q * h_q * 576 * 2 + mean_len * h_kv * 576 * 2 + s_q * h_q * 512 * 2)
+  return flops, nbytes
+
+
+def time_decode(q, k_cache, block_table, lens, *, causal, implementation, iters, repeats):
+  s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
+  md = jax_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv,
+                                     implementation=implementation)
+
+  @jax.jit
+  def loop(q, k_cache, block_table, lens, md, never):
+    def body(_, carry):
+      # `never` is a run-time +inf: the perturbation is zero, but XLA cannot prove it.
+      bt = block_table + (carry > never).astype(jnp.int32)
+      out, lse = jax_flashmla.flash_mla_with_kvcache(
+          q, k_cache, bt, lens, metadata=md, causal=causal, implementation=implementation)
+      return out[0, 0, 0, 0].astype(jnp.float32) + lse[0, 0, 0]
+
+    return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+  never = jnp.float32(np.inf)
+  jax.block_until_ready(loop(q, k_cache, block_table, lens, md, never))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(q, k_cache, block_table, lens, md, never))
+    times.append((time.perf_counter() - t0) / iters)
+  return statistics.median(times)
+
+
+def grid(args):
+  if args.len is not None:
+    causal = [args.causal] if args.causal is not None else [False]
+    return [(args.len, args.s_q, args.h_q, c) for c in causal]
+  configs = []
+  for mean_len, h_q in itertools.product((4096, 8192, 16384, 32768), (16, 64, 128)):
+    configs.append((mean_len, 1, h_q, False))
+    configs += [(mean_len, 2, h_q, False), (mean_len, 2, h_q, True)]
+  return configs
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--b", type=int, default=128)
+  p.add_argument("--s-q", type=int, default=1)
+  p.add_argument("--h-q", type=int, default=16)
+  p.add_argument("--len", type=int, default=None, help="one mean length (default: the grid)")
+  p.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+  p.add_argument("--implementations", default="cuda,xla")
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--xla-max-len", type=int, default=32768,
+                 help="skip the XLA reference above this mean length (its memory grows fast)")
+  p.add_argument("--json", default=None)
+  p.add_argument("--plot", default=None)
+  args = p.parse_args(argv)
+  impls = args.implementations.split(",")
+
+  device = jax.devices()[0]
+  print(f"# {device.device_kind}, jax {jax.__version__}, jax_flashmla build "
+        f"{jax_flashmla.build_info()}", flush=True)
+  configs = grid(args)
+  rows = []
+  key = jax.random.PRNGKey(0)
+  cache_key = None
+  header = (f"{'b':>4} {'s_q':>3} {'h_q':>4} {'len':>6} {'causal':>6} {'impl':>5} {'ms':>9} "
+            f"{'TB/s':>6} {'TFLOPS':>7} {'%BW':>5} {'%PEAK':>5} {'vs XLA':>7}")
+  print(header, flush=True)
+  for n, (mean_len, s_q, h_q, causal) in enumerate(configs, 1):
+    if cache_key != mean_len:  # one pool per length, reused by the head/s_q variants
+      k_cache = block_table = lens = None
+      k_cache, block_table, lens, real_mean = make_inputs(key, args.b, mean_len, 2)
+      cache_key = mean_len
+    q = (jax.random.normal(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576)) / 10).astype(
+        jnp.bfloat16)
+    flops, nbytes = counts(args.b, s_q, h_q, 1, real_mean)
+    result = {"b": args.b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "mean_len": mean_len,
+              "actual_mean_len": real_mean, "causal": causal, "flops": flops, "bytes": nbytes}
+    for impl in impls:
+      if impl == "xla" and mean_len > args.xla_max_len:
+        continue
+      try:
+        sec = time_decode(q, k_cache, block_table, lens, causal=causal, implementation=impl,
+                          iters=args.iters if impl != "xla" else max(2, args.iters // 4),
+                          repeats=args.repeats)
+      except Exception as e:  # e.g. the reference running out of memory at long lengths
+        print(f"  [{n}/{len(configs)}] {impl} failed: {type(e).__name__}: {str(e)[:200]}",
+              flush=True)
+        continue
+      result[impl] = {"ms": sec * 1e3, "tbps": nbytes / sec / 1e12,
+                      "tflops": flops / sec / 1e12}
+    if "cuda" in result and "xla" in result:
+      result["speedup_vs_xla"] = result["xla"]["ms"] / result["cuda"]["ms"]
+    rows.append(result)
+    for impl in impls:
+      if impl not in result:
+        continue
+      r = result[impl]
+      speed = f"{result['speedup_vs_xla']:6.1f}x" if impl == "cuda" and "xla" in result else ""
+      print(f"{args.b:>4} {s_q:>3} {h_q:>4} {mean_len:>6} {str(causal):>6} {impl:>5} "
+            f"{r['ms']:9.3f} {r['tbps']:6.2f} {r['tflops']:7.1f} "
+            f"{100 * r['tbps'] / HBM_TBPS:5.1f} {100 * r['tflops'] / PEAK_TFLOPS:5.1f} {speed:>7}"
+            f"   [{n}/{len(configs)}]", flush=True)
+
+  meta = {"device": device.device_kind, "jax": jax.__version__,
+          "build": jax_flashmla.build_info(), "command": " ".join(sys.argv),
+          "iters": args.iters, "repeats": args.repeats}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
+  if args.plot:
+    plot(rows, args.plot, meta)
+
+
+def plot(rows, path, meta):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  series = sorted({(r["s_q"], r["h_q"], r["causal"]) for r in rows})
+  for s_q, h_q, causal in series:
+    pts = [r for r in rows if (r["s_q"], r["h_q"], r["causal"]) == (s_q, h_q, causal)]
+    lens = [r["mean_len"] for r in pts]
+    label = f"h_q={h_q} s_q={s_q}{' causal' if causal else ''}"
+    for ax, key in zip(axes, ("tbps", "tflops")):
+      ys = [r["cuda"][key] if "cuda" in r else math.nan for r in pts]
+      line, = ax.plot(lens, ys, marker="o", label=label)
+      xs = [r["xla"][key] if "xla" in r else math.nan for r in pts]
+      ax.plot(lens, xs, marker="x", linestyle=":", color=line.get_color())
+  axes[0].axhline(HBM_TBPS, color="gray", linestyle="--", label="4.8 TB/s datasheet")
+  axes[1].axhline(PEAK_TFLOPS, color="gray", linestyle="--", label="990 TFLOPS datasheet")
+  for ax, title in zip(axes, ("memory throughput (TB/s)", "compute (TFLOPS)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean cache length")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7)
+  fig.suptitle(f"jax_flashmla decode (solid) vs XLA reference (dotted), b=128, "
+               f"{meta['device']}, jax {meta['jax']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()
