@@ -1,5 +1,6 @@
 """The CUDA lowering, produced on any machine (no GPU needed), and jax.export round trips."""
 
+import os
 import re
 
 import jax
@@ -91,6 +92,14 @@ def test_export_for_cpu_runs_the_reference():
   exp = export.deserialize(export.export(fn, platforms=["cpu"])(*case.args()).serialize())
   out, lse = exp.call(*case.args())
   check_decode(out, lse, *oracle(case))
+
+
+@pytest.mark.skipif(os.environ.get("JAX_FLASHMLA_EXPECT_CUDA_BUILD") != "1",
+                    reason="set JAX_FLASHMLA_EXPECT_CUDA_BUILD=1 where nvcc was present at build")
+def test_cuda_kernels_were_built():
+  from jax_flashmla import _extension
+
+  assert _extension.has_cuda_kernels(), jax_flashmla.build_info()
 
 
 def test_build_info_describes_the_build():
