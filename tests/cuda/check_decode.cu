@@ -96,9 +96,9 @@ static void parallel_for(int n, F f) {
 // sched_cost_pages(len) + kFixedOverheadBlocks per request, payload ceil(total / parts) + overhead,
 // requests filled in order, the last part takes whatever is left.
 static void host_sched(const std::vector<int>& lens, int parts, std::vector<SchedRecord>& recs,
-                       std::vector<int>& num_splits) {
+                       std::vector<int>& num_splits, int overhead = kFixedOverheadBlocks) {
   const int b = static_cast<int>(lens.size());
-  const int64_t ov = kFixedOverheadBlocks;
+  const int64_t ov = overhead;
   int64_t total = 0;
   for (int i = 0; i < b; ++i) total += sched_cost_pages(lens[i], b) + ov;
   const int64_t payload = (total + parts - 1) / parts + ov;
@@ -474,10 +474,11 @@ static bool run_case(const Case& c, bool verbose) {
   const bool ok = co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6;
   int nsplit = 0;
   for (char s : split) nsplit += s;
-  std::printf("%-4s %-34s b=%d s_q=%d h_q=%3d h_kv=%d causal=%d parts=%3d split_reqs=%d | out "
-              "maxabs %.2e fails %zu cos %.1e | lse maxabs %.2e fails %zu\n",
+  std::printf("%-4s %-30s b=%d s_q=%d h_q=%3d h_kv=%d causal=%d parts=%3d cl=%d split_reqs=%d | "
+              "out maxabs %.2e fails %zu cos %.1e | lse maxabs %.2e fails %zu\n",
               ok ? "PASS" : "FAIL", c.name.c_str(), c.b, c.s_q, c.h_q, c.h_kv, c.causal, P.parts,
-              nsplit, co.max_abs, co.fails, co.cos_diff, cl.max_abs, cl.fails);
+              decode_main_sm90_uses_clusters(P.params) ? 2 : 1, nsplit, co.max_abs, co.fails,
+              co.cos_diff, cl.max_abs, cl.fails);
   if (!ok && verbose) {
     // Where it fails: per request, per (token, head) row, first few elements.
     int shown = 0;
@@ -890,12 +891,23 @@ __global__ void read_bw_kernel(const uint4* x, size_t n, uint32_t* sink) {
   if (acc == 0x12345678u) *sink = acc;
 }
 
+static bool g_skip_bw = false;
+
 static float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
-static int run_bench(const char* json_path) {
+struct BenchOpts {
+  const char* json = nullptr;
+  bool corners = false;      // only h_q=16/s_q=1 and h_q=128/s_q=2 (non-causal)
+  int only[4] = {0, 0, 0, -1};  // s_q, L, h_q, causal of a single config (ncu)
+  int overhead = kFixedOverheadBlocks;
+  int reps = 20;
+};
+
+static int run_bench(const BenchOpts& o) {
+  const char* json_path = o.json;
   const int b = 128, h_kv = 1;
   const int Ls[] = {4096, 8192, 16384, 32768};
   // Capacity for the largest mean length (lengths ~ N(L, L/2) -> ~1.02 L on average after
@@ -919,7 +931,7 @@ static int run_bench(const char* json_path) {
   CK(cudaEventCreate(&e1));
   CK(cudaEventCreate(&e2));
 
-  {  // read bandwidth of this card on the same buffer: the memory ceiling for the figures below
+  if (!g_skip_bw) {  // read bandwidth of this card on the same buffer: the memory ceiling
     uint32_t* sink;
     CK(cudaMalloc(&sink, 4));
     const size_t n = cap_pages * 64 * row * 2 / 16;
@@ -941,14 +953,20 @@ static int run_bench(const char* json_path) {
   FILE* js = json_path ? std::fopen(json_path, "w") : nullptr;
   if (js) std::fprintf(js, "[\n");
   bool first_json = true;
-  std::printf("%-5s %-6s %-5s %-6s %-8s %-7s %-10s %-10s %-8s %-8s\n", "s_q", "L", "h_q",
-              "causal", "meanlen", "splits", "call_us", "main_us", "TB/s", "TFLOPS");
+  std::printf("sched overhead %d pages/chunk, %d timed calls per config\n", o.overhead, o.reps);
+  std::printf("%-5s %-6s %-5s %-6s %-8s %-7s %-10s %-10s %-8s %-8s %s\n", "s_q", "L", "h_q",
+              "causal", "meanlen", "splits", "call_us", "main_us", "TB/s", "TFLOPS", "cluster");
   std::mt19937_64 rng(2024);
   for (int s_q : {1, 2}) {
     for (int L : Ls) {
       for (int h_q : {16, 64, 128}) {
         for (int causal : {0, 1}) {
           if (causal && s_q == 1) continue;
+          if (o.only[3] >= 0 &&
+              (s_q != o.only[0] || L != o.only[1] || h_q != o.only[2] || causal != o.only[3]))
+            continue;
+          if (o.corners && !((h_q == 16 && s_q == 1) || (h_q == 128 && s_q == 2 && !causal)))
+            continue;
           // lengths ~ N(L, L/2) clipped >= s_q
           std::normal_distribution<double> nd(L, L / 2.0);
           std::vector<int> lens(b);
@@ -978,7 +996,7 @@ static int run_bench(const char* json_path) {
           const int parts = std::max(num_sms() / h_kv / mb, 1);
           std::vector<SchedRecord> recs;
           std::vector<int> ns;
-          host_sched(lens, parts, recs, ns);
+          host_sched(lens, parts, recs, ns, o.overhead);
           int *d_bt, *d_lens, *d_ns;
           SchedRecord* d_recs;
           void* d_out;
@@ -1021,7 +1039,7 @@ static int run_bench(const char* json_path) {
           p.scale_log2 = p.scale * 1.4426950408889634f;
           p.causal = causal;
           std::vector<float> t_call, t_main;
-          for (int it = 0; it < 23; ++it) {
+          for (int it = 0; it < o.reps + 3; ++it) {
             CK(cudaEventRecord(e0, st));
             CK(launch_decode_main_sm90(p, st));
             CK(cudaEventRecord(e1, st));
@@ -1039,16 +1057,17 @@ static int run_bench(const char* json_path) {
           const double tc = median(t_call) * 1e-3, tm = median(t_main) * 1e-3;
           const double bytes = b * (s_q * h_q * 576.0 * 2 + mean * h_kv * 576.0 * 2 + s_q * h_q * 512.0 * 2);
           const double flops = static_cast<double>(b) * h_q * s_q * (2.0 * 576 + 2.0 * 512) * mean;
-          std::printf("%-5d %-6d %-5d %-6d %-8.0f %-7d %-10.1f %-10.1f %-8.3f %-8.1f\n", s_q, L, h_q,
-                      causal, mean, ns[b] - b, tc * 1e6, tm * 1e6, bytes / tc / 1e12,
-                      flops / tc / 1e12);
+          std::printf("%-5d %-6d %-5d %-6d %-8.0f %-7d %-10.1f %-10.1f %-8.3f %-8.1f %d\n", s_q, L,
+                      h_q, causal, mean, ns[b] - b, tc * 1e6, tm * 1e6, bytes / tc / 1e12,
+                      flops / tc / 1e12, decode_main_sm90_uses_clusters(p) ? 2 : 1);
           if (js) {
             std::fprintf(js,
                          "%s  {\"s_q\": %d, \"L\": %d, \"h_q\": %d, \"causal\": %d, \"mean_len\": "
                          "%.1f, \"extra_splits\": %d, \"call_us\": %.2f, \"main_us\": %.2f, "
-                         "\"TBps\": %.4f, \"TFLOPS\": %.2f}",
+                         "\"TBps\": %.4f, \"TFLOPS\": %.2f, \"cluster\": %d, \"overhead\": %d}",
                          first_json ? "" : ",\n", s_q, L, h_q, causal, mean, ns[b] - b, tc * 1e6,
-                         tm * 1e6, bytes / tc / 1e12, flops / tc / 1e12);
+                         tm * 1e6, bytes / tc / 1e12, flops / tc / 1e12,
+                         decode_main_sm90_uses_clusters(p) ? 2 : 1, o.overhead);
             first_json = false;
           }
           cudaFree(d_bt);
@@ -1074,19 +1093,31 @@ static int run_bench(const char* json_path) {
 
 int main(int argc, char** argv) {
   if (argc > 1 && !std::strcmp(argv[1], "--noop")) return 0;  // "does this binary run here?"
-  bool prims = false, bench = false, quick = false;
-  const char* json = nullptr;
+  bool prims = false, bench = false, quick = false, skip_bw = false;
+  BenchOpts bo;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--prims")) prims = true;
     else if (!std::strcmp(argv[i], "--bench")) bench = true;
     else if (!std::strcmp(argv[i], "--quick")) quick = true;
-    else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+    else if (!std::strcmp(argv[i], "--corners")) bo.corners = true;
+    else if (!std::strcmp(argv[i], "--no-bw")) skip_bw = true;
+    else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) bo.json = argv[++i];
+    else if (!std::strcmp(argv[i], "--overhead") && i + 1 < argc) bo.overhead = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) bo.reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%d,%d,%d,%d", &bo.only[0], &bo.only[1], &bo.only[2],
+                      &bo.only[3]) != 4) {
+        std::printf("--only takes s_q,L,h_q,causal\n");
+        return 2;
+      }
+    }
   }
+  g_skip_bw = skip_bw;
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, sm_%d%d\n", prop.name, prop.multiProcessorCount, prop.major,
               prop.minor);
   if (prims) return run_prims();
-  if (bench) return run_bench(json);
+  if (bench) return run_bench(bo);
   return run_correctness(quick);
 }

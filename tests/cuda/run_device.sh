@@ -1,25 +1,55 @@
 #!/usr/bin/env bash
-# One device call: (re)build if the carried binaries do not run there, then building blocks,
-# correctness, SASS check and the benchmark. Logs go to $OUT (or ./_out). Never touches clocks.
+# One device call: (re)build if the carried binaries do not run there, then the steps named in
+# STEPS (default: all). Logs go to $OUT (or ./_out). Never touches clocks or GPU settings.
+#   prims  building blocks;  check  correctness (clusters where they apply);
+#   check_nomc  quick correctness with clusters off;  sass  instruction summary;
+#   bench  full DESIGN §6 grid;  ab  corner configs with each experiment switch;
+#   ncu  Nsight Compute sections for the compute corner, clusters on and off.
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-_out}
+STEPS=${STEPS:-"prims check check_nomc sass bench ab ncu"}
 mkdir -p "$OUT"
 B=tests/cuda/build
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 if ! $B/check_decode --noop >/dev/null 2>&1; then
   echo "carried binary does not run here; rebuilding"; bash tests/cuda/build.sh
 fi
-timeout 60 $B/check_decode --prims 2>&1 | tee "$OUT/prims.log"
-timeout 240 $B/check_decode ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log"
-rc=${PIPESTATUS[0]}
-if [ "$rc" = 3 ] || [ "$rc" = 124 ]; then
-  echo "== hang: rerunning with the watchdog build"
-  timeout 120 $B/check_decode_wd ${CHECK_ARGS:-} 2>&1 | tail -40 | tee "$OUT/check_wd.log"
+if has prims; then timeout 60 $B/check_decode --prims 2>&1 | tee "$OUT/prims.log"; fi
+if has check; then
+  timeout 240 $B/check_decode 2>&1 | tee "$OUT/check.log"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" = 3 ] || [ "$rc" = 124 ]; then
+    echo "== hang: rerunning with the watchdog build"
+    timeout 120 $B/check_decode_wd 2>&1 | tail -40 | tee "$OUT/check_wd.log"
+  fi
 fi
-cuobjdump --dump-sass $B/check_decode 2>/dev/null | grep -o "HGMMA[.0-9A-Zx]*\|UTMALDG[.0-9A-Z]*" | sort | uniq -c > "$OUT/sass_summary.txt"
-cat "$OUT/sass_summary.txt"
-if [ -z "${SKIP_BENCH:-}" ]; then
+if has check_nomc; then
+  JFM_SM90_NO_MULTICAST=1 timeout 120 $B/check_decode --quick 2>&1 | tail -3 | tee "$OUT/check_nomc.log"
+fi
+if has sass; then
+  cuobjdump --dump-sass $B/check_decode 2>/dev/null | grep -o "HGMMA[.0-9A-Zx]*\|UTMALDG[.0-9A-Z]*" | sort | uniq -c > "$OUT/sass_summary.txt"
+  cat "$OUT/sass_summary.txt"
+fi
+if has bench; then
   timeout 240 $B/check_decode --bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+fi
+if has ab; then
+  {
+    echo "== clusters off"; JFM_SM90_NO_MULTICAST=1 timeout 60 $B/check_decode --bench --corners --no-bw
+    echo "== evict_normal"; JFM_SM90_EVICT_NORMAL=1 timeout 60 $B/check_decode --bench --corners --no-bw
+    echo "== scheduler overhead 2"; timeout 60 $B/check_decode --bench --corners --no-bw --overhead 2
+    echo "== default again (spread)"; timeout 60 $B/check_decode --bench --corners --no-bw
+  } 2>&1 | grep -v "^device" | tee "$OUT/ab.log"
+fi
+if has ncu; then
+  for mc in 0 1; do
+    JFM_SM90_NO_MULTICAST=$mc timeout 150 ncu --clock-control none -k regex:decode_main -c 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      $B/check_decode --bench --no-bw --reps 1 --only 2,8192,128,0 > "$OUT/ncu_mc$((1-mc)).txt" 2>&1
+    echo "== ncu compute corner, clusters $((1-mc))"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|Warp Cycles Per Issued|Issued Warp|ERROR" "$OUT/ncu_mc$((1-mc)).txt" | head -30
+  done
 fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/gpu.txt" 2>&1

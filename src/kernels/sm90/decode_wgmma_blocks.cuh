@@ -23,7 +23,9 @@ struct ReqCtx {
   int bi;        // request index
   int len;       // effective length
   int vis_min;   // keys visible to the m block's first row (the smallest)
-  int vis_max;   // keys visible to the m block's last real row (the largest)
+  int vis_req;   // keys visible to the request's last row (the largest over all m blocks): the
+                 // load decision uses it, so every m block (and both CTAs of a cluster) loads
+                 // the same pages
   int pb, pe;    // page range [pb, pe) of this chunk
 };
 
@@ -49,10 +51,8 @@ __device__ __forceinline__ ReqCtx make_req(const DecodeParams& p, const SchedRec
   ReqCtx c;
   c.bi = req;
   c.len = effective_len(__ldg(p.seqlens + req), p.max_blocks);
-  const int first_row = m_block * kBlockM;
-  const int last_row = min(p.q_rows, first_row + kBlockM) - 1;
-  c.vis_min = visible_keys(p, c.len, first_row);
-  c.vis_max = visible_keys(p, c.len, last_row);
+  c.vis_min = visible_keys(p, c.len, m_block * kBlockM);
+  c.vis_req = visible_keys(p, c.len, p.q_rows - 1);
   // The scheduler charges unclamped lengths, so its page ranges may reach past the effective
   // length: clamp them (pages there would be fully masked anyway).
   const int pages = max((c.len + kPageSize - 1) / kPageSize, 1);
@@ -69,7 +69,7 @@ __device__ __forceinline__ PageInfo make_page(const DecodeParams& p, const ReqCt
   }
   const int start = page * kPageSize;
   pi.loaded = page >= 0 && page < c.pe && pi.kv_id >= 0 && pi.kv_id < p.num_blocks &&
-              start < c.vis_max;
+              start < c.vis_req;
   pi.need_mask = start + kPageSize > c.vis_min;
   pi.n_valid = min(kPageSize, c.len - start);
   return pi;
@@ -91,22 +91,52 @@ __device__ __forceinline__ bool first_pair_from(const DecodeParams& p, const Sch
 
 // ------------------------------------------------------------------ loads
 
-// Issues the TMA loads of K tiles [t0, t1) (and tile `extra` if >= 0) of one page into a buffer.
+// Starts the loads of the K tiles in `tile_mask` of one page into a buffer: expects their bytes
+// on this CTA's tile barriers and issues the copies. With kMcast the cluster is a pair of CTAs
+// that both need the tiles: each issues every other tile of the group, multicast to both.
+template <bool kMcast>
+__device__ __forceinline__ void expect_group(uint32_t bars, const PageInfo& pi,
+                                             uint32_t tile_mask) {
+  if (!pi.loaded) return;
+#pragma unroll
+  for (int t = 0; t < T::kNumKTiles; ++t) {
+    if ((tile_mask >> t) & 1u) mbar_arrive_expect_tx(bars + 8 * t, T::kTileBytes);
+  }
+}
+
+template <bool kMcast>
+__device__ __forceinline__ void issue_group(const CUtensorMap* tmap, uint32_t s_buf,
+                                            uint32_t bars, const PageInfo& pi, int hk,
+                                            uint32_t tile_mask, uint32_t cta_rank,
+                                            uint64_t policy) {
+  if (!pi.loaded) return;
+  int i = 0;
+#pragma unroll
+  for (int t = 0; t < T::kNumKTiles; ++t) {
+    if ((tile_mask >> t) & 1u) {
+      const uint32_t dst = s_buf + t * T::kTileBytes;
+      const uint32_t bar = bars + 8 * t;
+      if constexpr (kMcast) {
+        if (static_cast<uint32_t>(i & 1) == cta_rank) {
+          tma_load_4d_multicast(dst, tmap, bar, t * T::kTileCols, hk, 0, pi.kv_id, 0x3, policy);
+        }
+      } else {
+        tma_load_4d(dst, tmap, bar, t * T::kTileCols, hk, 0, pi.kv_id, policy);
+      }
+      ++i;
+    }
+  }
+}
+
+// Used by the building-block test: all nine tiles of one page, no cluster.
 __device__ __forceinline__ void load_page_tiles(const CUtensorMap* tmap, uint32_t s_buf,
                                                 uint32_t bars, const PageInfo& pi, int hk, int t0,
                                                 int t1, int extra, uint64_t policy) {
-  if (!pi.loaded) return;
-  for (int t = t0; t < t1; ++t) {
-    const uint32_t bar = bars + 8 * t;
-    mbar_arrive_expect_tx(bar, T::kTileBytes);
-    tma_load_4d(s_buf + t * T::kTileBytes, tmap, bar, t * T::kTileCols, hk, 0, pi.kv_id, policy);
-  }
-  if (extra >= 0) {
-    const uint32_t bar = bars + 8 * extra;
-    mbar_arrive_expect_tx(bar, T::kTileBytes);
-    tma_load_4d(s_buf + extra * T::kTileBytes, tmap, bar, extra * T::kTileCols, hk, 0, pi.kv_id,
-                policy);
-  }
+  uint32_t mask = 0;
+  for (int t = t0; t < t1; ++t) mask |= 1u << t;
+  if (extra >= 0) mask |= 1u << extra;
+  expect_group<false>(bars, pi, mask);
+  issue_group<false>(tmap, s_buf, bars, pi, hk, mask, 0, policy);
 }
 
 // All 256 threads copy the 64 x 576 query block of (request, kv head, m block) into sQ in the
@@ -199,6 +229,9 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], const float (&m)[2], fl
 }
 
 __device__ __forceinline__ void rescale_o(float (&o)[128], const float (&sc)[2]) {
+  // Once the running max settles, most pairs change no row max: skip the 128 multiplies then
+  // (the test is per warp, whose rows share nothing with other warps).
+  if (!__any_sync(0xffffffffu, sc[0] != 1.f || sc[1] != 1.f)) return;
 #pragma unroll
   for (int k = 0; k < 32; ++k) {
     o[4 * k + 0] *= sc[0];
