@@ -1,0 +1,211 @@
+"""`PagedKVCache`: the paged latent cache of one MLA layer as a pytree, and decode on top of it.
+
+    cache = PagedKVCache.create(batch_size=8, max_seq_len=4096)       # one per layer
+    write = jax.jit(PagedKVCache.write, donate_argnums=0)             # in place under donation
+    cache = write(cache, kv_rows)                                     # [b, s_new, 1, 576]
+    out, lse = mla_decode(q, cache, metadata=metadata, softmax_scale=scale)
+
+A cache row is the 576-wide MLA latent of one token: the 512 normalised `c_kv` values followed by
+the 64 RoPE'd `k_pe` values (V is the first 512 columns of the same row). Rows live in a pool of
+64-token pages; `block_table[i]` lists the pages of sequence `i` in order and `lengths[i]` counts
+its tokens. Page size and dims are the array shapes, hence static under `jax.jit`.
+
+Pages can be laid out once per sequence (`create` without `num_blocks`) or handed out from a
+shared pool as sequences grow (`create(..., num_blocks=n)` plus `jax_flashmla.allocator`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flashmla.decode import flash_mla_with_kvcache
+from jax_flashmla.metadata import MLAMetadata
+from jax_flashmla.reference import HEAD_DIM_K, PAGE_SIZE
+
+# Block-table entry of a page that is not assigned. Any id outside [0, num_blocks) is never read
+# by the decode nor written by `write`; -1 says "none" most plainly.
+NO_PAGE = -1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+  """The paged latent cache of one layer (a pytree of three arrays).
+
+  Attributes:
+    pages: `[num_blocks, 64, h_kv, 576]` cache rows (bfloat16 for the CUDA kernels).
+    block_table: `[b, max_blocks]` int32 page ids of each sequence; `NO_PAGE` (or any id outside
+      `[0, num_blocks)`) where no page is assigned.
+    lengths: `[b]` int32 tokens stored per sequence.
+  """
+
+  pages: jax.Array
+  block_table: jax.Array
+  lengths: jax.Array
+
+  @classmethod
+  def create(cls, batch_size: int, max_seq_len: int, *, num_blocks: int | None = None,
+             num_kv_heads: int = 1, head_dim: int = HEAD_DIM_K,
+             dtype=jnp.bfloat16) -> PagedKVCache:
+    """An empty cache (all lengths 0, pages zeroed).
+
+    Args:
+      batch_size: sequences (rows of the block table).
+      max_seq_len: tokens one sequence may hold; the block table gets
+        `ceil(max_seq_len / 64)` columns.
+      num_blocks: pages in the pool. None gives every sequence its own `max_blocks` pages,
+        assigned in order (no allocator needed). An int creates a shared pool with every
+        block-table entry `NO_PAGE`: assign pages with `jax_flashmla.allocator.PageAllocator`.
+      num_kv_heads: `h_kv` (1 for MLA).
+      head_dim: 576 for MLA (512 latent + 64 RoPE).
+      dtype: of the pages (the CUDA kernels take bfloat16).
+    """
+    for name, v in (("batch_size", batch_size), ("max_seq_len", max_seq_len),
+                    ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+      if not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    max_blocks = -(-int(max_seq_len) // PAGE_SIZE)
+    if num_blocks is None:
+      num_blocks = batch_size * max_blocks
+      block_table = jnp.arange(num_blocks, dtype=jnp.int32).reshape(batch_size, max_blocks)
+    else:
+      if not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+        raise ValueError(f"num_blocks: expected a positive int or None, got {num_blocks!r}")
+      block_table = jnp.full((batch_size, max_blocks), NO_PAGE, jnp.int32)
+    pages = jnp.zeros((num_blocks, PAGE_SIZE, num_kv_heads, head_dim), dtype)
+    return cls(pages, block_table, jnp.zeros((batch_size,), jnp.int32))
+
+  # Static facts, read from the shapes.
+  @property
+  def num_blocks(self) -> int:
+    return self.pages.shape[0]
+
+  @property
+  def page_size(self) -> int:
+    return self.pages.shape[1]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.pages.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.pages.shape[3]
+
+  @property
+  def batch_size(self) -> int:
+    return self.block_table.shape[0]
+
+  @property
+  def max_blocks_per_seq(self) -> int:
+    return self.block_table.shape[1]
+
+  @property
+  def max_seq_len(self) -> int:
+    return self.max_blocks_per_seq * self.page_size
+
+  def replace(self, **changes) -> PagedKVCache:
+    """A copy with some arrays replaced, e.g. `cache.replace(block_table=allocator_table)`."""
+    return dataclasses.replace(self, **changes)
+
+  def reset(self, rows: jax.Array) -> PagedKVCache:
+    """Sets `lengths` to 0 where `rows` (`[b]` bool) is set: those sequences start over.
+
+    Their old rows stay in the pages but sit past the new length, so nothing reads them.
+    """
+    return self.replace(lengths=jnp.where(rows, 0, self.lengths).astype(jnp.int32))
+
+  def write(self, kv: jax.Array, num_new: jax.Array | None = None) -> PagedKVCache:
+    """Stores new rows at each sequence's current length and advances the lengths.
+
+    Jit it with the cache donated (`jax.jit(PagedKVCache.write, donate_argnums=0)`, or donate
+    the cache of a whole decode step) and XLA updates the pages in place.
+
+    Args:
+      kv: `[b, s_new, h_kv, head_dim]` new rows (cast to the pages' dtype).
+      num_new: `[b]` int32 rows to store per sequence, in `[0, s_new]`; default all `s_new`.
+        Sequence `i` stores the *last* `num_new[i]` rows of `kv[i]`: a ragged step is
+        left-padded, which is the alignment the causal decode uses (the last query of a
+        block is the newest token), so queries and keys of a padded block line up.
+
+    Returns:
+      The cache with `lengths + num_new`. A row is dropped (and nothing else touched) where its
+      position is past `max_seq_len` or its block-table entry is not a page of the pool: the
+      pages a sequence grows into must be assigned before the write.
+    """
+    b, nb, ps = self.batch_size, self.num_blocks, self.page_size
+    _check_rows(kv, self)
+    s_new = kv.shape[1]
+    if num_new is None:
+      num_new = jnp.full((b,), s_new, jnp.int32)
+    elif tuple(num_new.shape) != (b,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
+      raise ValueError(f"num_new: expected an integer array of shape ({b},), got "
+                       f"{num_new.dtype}{list(num_new.shape)}")
+    num_new = jnp.clip(num_new.astype(jnp.int32), 0, s_new)
+
+    # Row j of sequence i is token k = j - (s_new - num_new[i]) of this step (valid if k >= 0).
+    k = jnp.arange(s_new, dtype=jnp.int32)[None, :] - (s_new - num_new)[:, None]
+    pos = self.lengths[:, None] + k                               # [b, s_new]
+    logical = pos // ps
+    in_table = (k >= 0) & (pos >= 0) & (logical < self.max_blocks_per_seq)
+    page = jnp.take_along_axis(self.block_table,
+                               jnp.clip(logical, 0, self.max_blocks_per_seq - 1), axis=1)
+    ok = in_table & (page >= 0) & (page < nb)
+    # Rows that must not land get distinct page ids past the pool: the scatter drops them and the
+    # (page, slot) pairs stay unique. (Negative ids would wrap around, so none are used.)
+    dropped = nb + jnp.arange(b * s_new, dtype=jnp.int32).reshape(b, s_new)
+    page = jnp.where(ok, page, dropped).reshape(-1)
+    slot = jnp.where(ok, pos % ps, 0).reshape(-1)
+    # Index the 4-D pages directly: reshaping them to rows would make XLA copy the pool.
+    pages = self.pages.at[page, slot].set(
+        kv.reshape((b * s_new,) + kv.shape[2:]).astype(self.pages.dtype),
+        mode="drop", unique_indices=True)
+    return self.replace(pages=pages, lengths=self.lengths + num_new)
+
+
+def _check_rows(kv, cache: PagedKVCache) -> None:
+  want = (cache.batch_size, cache.num_kv_heads, cache.head_dim)
+  if not hasattr(kv, "shape") or kv.ndim != 4 or \
+      (kv.shape[0], kv.shape[2], kv.shape[3]) != want:
+    raise ValueError(f"kv: expected shape [b={want[0]}, s_new, h_kv={want[1]}, "
+                     f"head_dim={want[2]}] for this cache, got "
+                     f"{getattr(kv, 'shape', type(kv).__name__)}")
+  if kv.shape[1] < 1:
+    raise ValueError(f"kv: expected s_new >= 1, got shape {kv.shape}")
+
+
+def mla_decode(
+    q: jax.Array,
+    cache: PagedKVCache,
+    metadata: MLAMetadata | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    *,
+    implementation: str | None = None,
+    num_sms: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`flash_mla_with_kvcache` over a `PagedKVCache` (write the step's rows first).
+
+  Args:
+    q: `[b, s_q, h_q, 576]` absorbed queries, in the pages' dtype.
+    cache: the layer's cache, already holding this step's `s_q` tokens.
+    metadata: `get_mla_metadata(cache.lengths, s_q * h_q // h_kv, h_kv)` of the step, computed
+      once and shared by every layer; None computes it here.
+    softmax_scale: static float; DeepSeek models pass `192 ** -0.5` times the YaRN mscale².
+    causal: default True: the step's tokens are the last `s_q` of each sequence and token `s`
+      sees keys up to itself (nothing changes for `s_q == 1`).
+    implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
+    num_sms: for `metadata=None`, the SM count to schedule for.
+
+  Returns:
+    `out [b, s_q, h_q, 512]` in q's dtype and `lse [b, h_q, s_q]` float32.
+  """
+  if not isinstance(cache, PagedKVCache):
+    raise TypeError(f"cache: expected a PagedKVCache, got {type(cache).__name__}")
+  return flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.lengths,
+                                metadata=metadata, softmax_scale=softmax_scale, causal=causal,
+                                implementation=implementation, num_sms=num_sms)
