@@ -10,6 +10,8 @@ else they run the same computation in plain JAX (`implementation="xla"`).
 
 from jax_flashmla import _extension
 from jax_flashmla._extension import build_info as build_info
+from jax_flashmla.allocator import PageAllocator as PageAllocator
+from jax_flashmla.allocator import PagePoolExhausted as PagePoolExhausted
 from jax_flashmla.cache import PagedKVCache as PagedKVCache
 from jax_flashmla.cache import mla_decode as mla_decode
 from jax_flashmla.decode import flash_mla_with_kvcache as flash_mla_with_kvcache
@@ -29,6 +31,8 @@ DISABLE_JAX_EXPORT_CHECKS = _extension.disable_export_checks()
 __all__ = [
     "DISABLE_JAX_EXPORT_CHECKS",
     "MLAMetadata",
+    "PageAllocator",
+    "PagePoolExhausted",
     "PagedKVCache",
     "build_info",
     "flash_mla_reference",
