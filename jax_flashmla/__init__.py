@@ -6,6 +6,9 @@
 
 On a Hopper GPU with the extension built with CUDA the calls run our sm_90a kernels; anywhere
 else they run the same computation in plain JAX (`implementation="xla"`).
+
+Model code works on `PagedKVCache` (per layer) and `mla_decode`; `PageAllocator` hands out pages
+for serving; `jax_flashmla.layers` has a Flax NNX MLA layer (needs flax, not imported here).
 """
 
 from jax_flashmla import _extension
