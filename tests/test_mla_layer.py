@@ -181,5 +181,8 @@ def test_importing_jax_flashmla_does_not_import_flax():
 
   code = "import sys, jax_flashmla, jax_flashmla.cache, jax_flashmla.allocator; " \
          "print('flax' in sys.modules)"
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  # Import the same jax_flashmla as this run (`python -P` tests the installed package).
+  flags = ["-P"] if getattr(sys.flags, "safe_path", False) else []
+  out = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
+                       check=True)
   assert out.stdout.strip() == "False"
