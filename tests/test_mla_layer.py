@@ -20,7 +20,7 @@ from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention  # noqa: E40
 SMALL = dict(hidden_size=64, num_heads=4, qk_nope_head_dim=16, v_head_dim=24,
              rope_scaling=rope.YarnScaling(factor=4.0, original_max_position_embeddings=32))
 LENGTHS = (21, 70, 5)  # row 1 crosses a page boundary while decoding one token at a time
-STEPS = (8, 16, 16, 16, 1)  # tokens per step (a ragged prefill, chunks, then decode)
+STEPS = (16, 16, 16, 16, 1)  # tokens per step: ragged left-padded chunks, then decode
 
 
 def _rms_norm(x, scale, eps):
