@@ -125,8 +125,10 @@ def _check_against_plain(q_lora_rank, dtype, implementation, shared_metadata, re
 
 def test_absorbed_layer_equals_plain_mla_float32_cache():
   # A float32 cache (reference path only) isolates the algebra: absorption, paging, RoPE
-  # positions, ragged left-padded steps. Errors are float32 rounding.
-  _check_against_plain(None, jnp.float32, "xla", False, rel=1e-5, cos=1e-7)
+  # positions, ragged left-padded steps. Errors are float32 rounding (GPUs would otherwise run
+  # float32 matmuls in TF32).
+  with jax.default_matmul_precision("float32"):
+    _check_against_plain(None, jnp.float32, "xla", False, rel=1e-5, cos=1e-7)
 
 
 @pytest.mark.parametrize("implementation", [
