@@ -31,6 +31,7 @@ fi
 if has sass; then
   cuobjdump --dump-sass $B/check_decode 2>/dev/null | grep -o "HGMMA[.0-9A-Zx]*\|UTMALDG[.0-9A-Z]*" | sort | uniq -c > "$OUT/sass_summary.txt"
   cat "$OUT/sass_summary.txt"
+  bash tests/cuda/check_sass.sh $B/check_decode 2>&1 | tee -a "$OUT/sass_summary.txt"
 fi
 if has bench; then
   timeout 240 $B/check_decode --bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
@@ -47,9 +48,10 @@ if has ncu; then
   for mc in 0 1; do
     JFM_SM90_NO_MULTICAST=$mc timeout 150 ncu --clock-control none -k regex:decode_main -c 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section ComputeWorkloadAnalysis \
       $B/check_decode --bench --no-bw --reps 1 --only 2,8192,128,0 > "$OUT/ncu_mc$((1-mc)).txt" 2>&1
     echo "== ncu compute corner, clusters $((1-mc))"
-    grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|Warp Cycles Per Issued|Issued Warp|ERROR" "$OUT/ncu_mc$((1-mc)).txt" | head -30
+    grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|ERROR" "$OUT/ncu_mc$((1-mc)).txt" | cut -c1-220 | head -30
   done
 fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/gpu.txt" 2>&1

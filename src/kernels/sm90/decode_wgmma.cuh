@@ -49,23 +49,27 @@ namespace sm90 {
 // Kernel flags (launch-time experiment switches).
 constexpr int kFlagEvictNormal = 1;  // KV loads with the evict_normal L2 policy, not evict_first
 
-// Run by a warpgroup leader once all warps of its group have finished with tile group
-// (buffer, warpgroup) of the current pair: frees the group and starts the next page's tiles of it.
+// Run by a whole warpgroup once all its warps have finished with tile group (buffer, warpgroup)
+// of the current pair: frees the group and (leader only) starts the next page's tiles of it. All
+// threads wait on the empty barrier: a spin-wait inside leader-only code made ptxas serialize
+// every wgmma of the kernel.
 // With clusters every pair frees and waits on every group, loaded or not, so the empty barriers
 // complete exactly once per pair and neither CTA can run a phase ahead of its peer. A CTA arrives
 // on its own barrier before its peer's: once the peer sees our arrival, our own has landed.
 template <bool kMcast>
-__device__ __forceinline__ void refill(const CUtensorMap* tmap, uint32_t s_buf, uint32_t bars,
-                                       uint32_t empty_bar, uint32_t empty_parity,
+__device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uint32_t s_buf,
+                                       uint32_t bars, uint32_t empty_bar, uint32_t empty_parity,
                                        const PageInfo& next, int hk, uint32_t mask,
                                        uint32_t rank, uint64_t policy) {
-  if constexpr (kMcast) {
-    mbar_arrive_cluster(empty_bar, rank);
-    mbar_arrive_cluster(empty_bar, rank ^ 1u);
+  if (leader) {
+    if constexpr (kMcast) {
+      mbar_arrive_cluster(empty_bar, rank);
+      mbar_arrive_cluster(empty_bar, rank ^ 1u);
+    }
+    expect_group<kMcast>(bars, next, mask);
   }
-  expect_group<kMcast>(bars, next, mask);  // no-op unless next.loaded (same in both CTAs)
   if constexpr (kMcast) mbar_wait_cluster(empty_bar, empty_parity);
-  issue_group<kMcast>(tmap, s_buf, bars, next, hk, mask, rank, policy);
+  if (leader) issue_group<kMcast>(tmap, s_buf, bars, next, hk, mask, rank, policy);
 }
 
 template <bool kMcast>
@@ -225,10 +229,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         // wait_group covers only the calling warp's share: all four warps must be done reading
         // before the leader lets TMA overwrite the tiles.
         named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        if (leader) {
-          refill<kMcast>(&tmap_k, sK[0], bars[0], empty_bars + 8 * 0, empty_parity, na, hk,
+        refill<kMcast>(leader, &tmap_k, sK[0], bars[0], empty_bars + 8 * 0, empty_parity, na, hk,
                          T::group_tiles(0, 0), rank, policy);
-        }
         rescale_o(o, sc1);
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
@@ -245,10 +247,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           reg_fence(o);
         }
         named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        if (leader) {
-          refill<kMcast>(&tmap_k, sK[1], bars[1], empty_bars + 8 * 2, empty_parity, nb, hk,
+        refill<kMcast>(leader, &tmap_k, sK[1], bars[1], empty_bars + 8 * 2, empty_parity, nb, hk,
                          T::group_tiles(1, 0), rank, policy);
-        }
       } else {
         // ---------------- WG1: page b ----------------
         float mx[2] = {-INFINITY, -INFINITY};
@@ -296,10 +296,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         wgmma_wait<0>();
         reg_fence(o);
         named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        if (leader) {
-          refill<kMcast>(&tmap_k, sK[0], bars[0], empty_bars + 8 * 1, empty_parity, na, hk,
+        refill<kMcast>(leader, &tmap_k, sK[0], bars[0], empty_bars + 8 * 1, empty_parity, na, hk,
                          T::group_tiles(0, 1), rank, policy);
-        }
         rescale_o(o, sc1);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
@@ -315,10 +313,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           reg_fence(o);
         }
         named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        if (leader) {
-          refill<kMcast>(&tmap_k, sK[1], bars[1], empty_bars + 8 * 3, empty_parity, nb, hk,
+        refill<kMcast>(leader, &tmap_k, sK[1], bars[1], empty_bars + 8 * 3, empty_parity, nb, hk,
                          T::group_tiles(1, 1), rank, policy);
-        }
       }
       if (pa.loaded) phase[0] ^= 1u;
       if (pb.loaded) phase[1] ^= 1u;

@@ -229,9 +229,8 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], const float (&m)[2], fl
 }
 
 __device__ __forceinline__ void rescale_o(float (&o)[128], const float (&sc)[2]) {
-  // Once the running max settles, most pairs change no row max: skip the 128 multiplies then
-  // (the test is per warp, whose rows share nothing with other warps).
-  if (!__any_sync(0xffffffffu, sc[0] != 1.f || sc[1] != 1.f)) return;
+  // Always multiply: skipping when no row max moved (a warp vote and a branch) made ptxas
+  // serialize every wgmma of the kernel (seen as a WARPGROUP.DEPBAR after each HGMMA).
 #pragma unroll
   for (int k = 0; k < 32; ++k) {
     o[4 * k + 0] *= sc[0];

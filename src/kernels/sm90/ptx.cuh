@@ -122,8 +122,15 @@ __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity)
     }
   }
 #else
-  while (!mbar_try_wait_cluster(bar, parity)) {
-  }
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAITC_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAITC_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
 #endif
 }
 
