@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Guards against ptxas silently serializing the wgmmas of the main kernel (it inserts a
-# WARPGROUP.DEPBAR after each HGMMA and says nothing): each instantiation must have exactly the
-# 6 waits the source asks for (QK^T, P.V x2 per warpgroup). Usage: check_sass.sh BINARY [CUOBJDUMP]
+# Guards against ptxas silently serializing the wgmmas of the main kernel: it then closes every
+# HGMMA's group and waits on it (WARPGROUP.DEPBAR) before the next, and says nothing.
+# The kernel issues six wgmma batches per pair (QK^T and two P.V per warpgroup), 88 HGMMAs in
+# all, so a healthy build has a handful of DEPBAR (one per batch, a few duplicated paths),
+# a serialized one has ~88. Usage: check_sass.sh BINARY [CUOBJDUMP]
 set -euo pipefail
 bin=$1
 cu=${2:-cuobjdump}
 "$cu" --dump-sass "$bin" | awk '
   /Function :/ { f = $3 }
-  /WARPGROUP.DEPBAR/ { if (f ~ /decode_main_sm90/) dep[f]++ }
-  /HGMMA/ { if (f ~ /decode_main_sm90/) mma[f]++ }
+  f ~ /decode_main_sm90/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
+  f ~ /decode_main_sm90/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
   END {
     bad = 0
     for (k in mma) {
-      printf "%-90s HGMMA %3d  WARPGROUP.DEPBAR %3d\n", k, mma[k], dep[k]
-      if (dep[k] != 6) bad = 1
+      printf "%-90s HGMMA %3d  closing %3d  WARPGROUP.DEPBAR %3d\n", k, mma[k], closed[k], dep[k]
+      if (dep[k] > 16) bad = 1
     }
-    if (bad) { print "FAIL: wgmma serialized (expected 6 DEPBAR per kernel)"; exit 1 }
+    if (bad) { print "FAIL: wgmma serialized (a wait after (nearly) every HGMMA)"; exit 1 }
+    print "ok: wgmma batches are not serialized"
   }'

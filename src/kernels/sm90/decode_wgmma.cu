@@ -56,8 +56,9 @@ int decode_main_sm90_smem_bytes() { return sm90::DecodeWgmmaTraits::kSmemBytes; 
 
 namespace {
 
-// Experiment switches, read once: JFM_SM90_NO_MULTICAST=1 runs every shape without clusters,
-// JFM_SM90_EVICT_NORMAL=1 loads KV with the evict_normal L2 policy.
+// Experiment switches, read once: JFM_SM90_MULTICAST=1 runs shapes with an even number of m
+// blocks as 2-CTA clusters with multicast KV loads (correct, but slower on the H200: see
+// benchmarks/NOTES.md), JFM_SM90_EVICT_NORMAL=1 loads KV with the evict_normal L2 policy.
 bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && v[0] != '0';
@@ -93,12 +94,12 @@ cudaError_t launch(const DecodeParams& params, const CUtensorMap& map, int flags
   return cudaLaunchKernelEx(&cfg, kernel, map, params, flags);
 }
 
-// Clusters of two pay off only if every cluster of the grid is resident at once (one CTA per
+// Clusters (opt-in) are used only if every cluster of the grid is resident at once (one CTA per
 // SM): otherwise a second wave would double the time of its parts.
 bool multicast_fits(const DecodeParams& params) {
   if (params.num_m_blocks % sm90::DecodeWgmmaTraits::kClusterSize != 0) return false;
-  static const bool disabled = env_flag("JFM_SM90_NO_MULTICAST");
-  if (disabled) return false;
+  static const bool enabled = env_flag("JFM_SM90_MULTICAST");
+  if (!enabled) return false;
   static const int max_clusters = [] {
     auto kernel = sm90::decode_main_sm90_kernel<true>;
     const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;

@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
 
   uint32_t phase[2] = {0, 0};
+  bool q_prefetched = false;  // sQ already holds (copies in flight of) this request's Q
   uint32_t empty_parity = 0;  // phase of the empty barriers: one completion per pair
   const int last_req = min(rec.end_req, p.b - 1);
 
@@ -148,7 +149,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int vis_r0 = visible_keys(p, c.len, m_block * kBlockM + r0);
     const int vis_r1 = visible_keys(p, c.len, m_block * kBlockM + r0 + 8);
 
-    load_q(p, sQ, c.bi, hk, m_block);
+    if (q_prefetched) {
+      if (wg == 1) cp_async_wait_all();  // WG1 started these copies in the last pair
+    } else {
+      load_q(p, sQ, c.bi, hk, m_block);
+    }
     if (threadIdx.x < kBlockM) s_row_max[threadIdx.x] = T::kRowMaxInit;
     fence_proxy_async_smem();
     __syncthreads();
@@ -159,6 +164,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     float row_sum[2] = {0.f, 0.f};
 
     for (int page = c.pb; page < c.pe; page += 2) {
+      const bool prefetch_next_q = page + 2 >= c.pe && req < last_req;
       const PageInfo pa = make_page(p, c, page);
       const PageInfo pb = make_page(p, c, page + 1);  // not loaded if page + 1 >= pe
       // The pair after this one (maybe in a later request): refilled into the buffers below.
@@ -221,16 +227,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           reg_fence(o);
           pv_rs(o, a, sK[0], 0);
         }
-
-        named_bar_sync(T::kBarP1Ready, T::kThreads);
-        const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
+        // That was WG0's last read of buffer 0 (tiles 0..3). WG0 has nothing to do until WG1's
+        // P1 arrives, so wait for it here and refill those tiles as early as possible.
         wgmma_wait<0>();
         reg_fence(o);
         // wait_group covers only the calling warp's share: all four warps must be done reading
         // before the leader lets TMA overwrite the tiles.
         named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
         refill<kMcast>(leader, &tmap_k, sK[0], bars[0], empty_bars + 8 * 0, empty_parity, na, hk,
-                         T::group_tiles(0, 0), rank, policy);
+                       T::group_tiles(0, 0), rank, policy);
+
+        named_bar_sync(T::kBarP1Ready, T::kThreads);
+        const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
         rescale_o(o, sc1);
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
@@ -309,6 +317,11 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           }
           reg_fence(o);
           pv_rs(o, a, sK[1], 4);
+        }
+        // Both QK^T of the request's last pair are done (WG0's before P0, ours before that):
+        // start copying the next request's Q into sQ while the last P.V runs.
+        if (prefetch_next_q) prefetch_q_async(p, sQ, req + 1, hk, m_block, tid_wg);
+        if (pb.loaded) {
           wgmma_wait<0>();
           reg_fence(o);
         }
@@ -377,6 +390,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       }
     }
     __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
+    q_prefetched = c.pb < c.pe && req < last_req;
   }
   // No CTA of a cluster leaves while its peer may still arrive on its barriers.
   if constexpr (kMcast) cluster_sync();

@@ -176,6 +176,35 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sQ, int b
   }
 }
 
+// One warpgroup starts copying the query block of request `bi` into sQ with cp.async (zeros
+// for rows past q_rows); the same layout as load_q. The caller later runs cp_async_wait_all()
+// and fence_proxy_async_smem() in the same threads, then a CTA barrier, before wgmma reads sQ.
+__device__ __forceinline__ void prefetch_q_async(const DecodeParams& p, uint32_t sQ, int bi,
+                                                 int hk, int m_block, int tid_wg) {
+  constexpr int kChunksPerRow = kHeadDimK / 8;
+  constexpr int kIters = kBlockM * kChunksPerRow / T::kWarpgroupThreads;  // 36
+  static_assert(kBlockM * kChunksPerRow % T::kWarpgroupThreads == 0, "");
+  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+#pragma unroll 4
+  for (int it = 0; it < kIters; ++it) {
+    const int i = tid_wg + it * T::kWarpgroupThreads;
+    const int row = i / kChunksPerRow;
+    const int c = i % kChunksPerRow;
+    const int r = m_block * kBlockM + row;
+    const __nv_bfloat16* src = q;
+    uint32_t bytes = 0;
+    if (r < p.q_rows) {
+      const int s = r / p.g;
+      const int j = r - s * p.g;
+      src = q + ((static_cast<size_t>(bi) * p.s_q + s) * p.h_q + hk * p.g + j) * kHeadDimK + c * 8;
+      bytes = 16;
+    }
+    cp_async_16(sQ + (c / 8) * T::kTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4), src,
+                bytes);
+  }
+  cp_async_commit();
+}
+
 // ------------------------------------------------------------------ math pieces
 
 // S (fp32 QK^T fragment) -> scaled log2-domain logits, masked keys selected to -inf.
