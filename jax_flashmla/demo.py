@@ -314,21 +314,21 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m jax_flashmla.demo", description=__doc__.split(
       "\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--implementation", choices=sorted(IMPLEMENTATIONS), default="auto",
-                 help="attention: CUDA kernels on Hopper / pure-JAX reference elsewhere (auto)")
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--hidden", type=int, default=1024)
-  p.add_argument("--heads", type=int, default=16)
-  p.add_argument("--vocab", type=int, default=4096)
+                 help="attention; auto: CUDA kernels on Hopper, pure-JAX reference elsewhere")
+  p.add_argument("--layers", type=int, default=4, help="decoder blocks")
+  p.add_argument("--hidden", type=int, default=1024, help="model width")
+  p.add_argument("--heads", type=int, default=16, help="query heads")
+  p.add_argument("--vocab", type=int, default=4096, help="vocabulary size")
   p.add_argument("--batch-size", type=int, default=8, help="slots decoded together")
-  p.add_argument("--requests", type=int, default=16)
-  p.add_argument("--max-prompt-len", type=int, default=100)
-  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--requests", type=int, default=16, help="prompts in the queue")
+  p.add_argument("--max-prompt-len", type=int, default=100, help="longest prompt (tokens)")
+  p.add_argument("--max-new-tokens", type=int, default=64, help="largest generation budget")
   p.add_argument("--chunk", type=int, default=32, help="prompt tokens read per step")
   p.add_argument("--num-blocks", type=int, default=None,
-                 help="pages in the pool (default: 2/3 of every slot's worst case)")
+                 help="pages in the pool; None: 2/3 of every slot's worst case")
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                 help="weights and activations (auto: bfloat16 on GPU, float32 elsewhere)")
-  p.add_argument("--seed", type=int, default=0)
+                 help="weights and activations; auto: bfloat16 on GPU, float32 elsewhere")
+  p.add_argument("--seed", type=int, default=0, help="weights and prompts")
   p.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
   return p
 
