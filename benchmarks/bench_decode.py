@@ -147,6 +147,7 @@ def main(argv=None):
     if "cuda" in result and "xla" in result:
       result["speedup_vs_xla"] = result["xla"]["ms"] / result["cuda"]["ms"]
     rows.append(result)
+    save(args, rows)  # after every config, so a sweep cut short still leaves its figures
     for impl in impls:
       if impl not in result:
         continue
@@ -157,14 +158,18 @@ def main(argv=None):
             f"{100 * r['tbps'] / HBM_TBPS:5.1f} {100 * r['tflops'] / PEAK_TFLOPS:5.1f} {speed:>7}"
             f"   [{n}/{len(configs)}]", flush=True)
 
-  meta = {"device": device.device_kind, "jax": jax.__version__,
+  if args.plot:
+    plot(rows, args.plot, save(args, rows))
+
+
+def save(args, rows):
+  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "build": jax_flashmla.build_info(), "command": " ".join(sys.argv),
           "iters": args.iters, "repeats": args.repeats}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
-  if args.plot:
-    plot(rows, args.plot, meta)
+  return meta
 
 
 def plot(rows, path, meta):

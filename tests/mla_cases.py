@@ -48,28 +48,30 @@ def make_case(rng: np.random.Generator, b: int, s_q: int, mean_len: int, h_q: in
     lens = np.full(b, mean_len, np.int64)
   if zero_rows:
     lens[rng.random(b) < zero_rows] = 0
-  max_blocks = max(1, int(-(-lens.max() // PAGE)))
-  num_blocks = b * max_blocks + spare_pages
-  perm = rng.permutation(num_blocks)[: b * max_blocks].reshape(b, max_blocks)
-  block_table = perm.astype(np.int32)
+  pages = -(-lens // PAGE)
+  max_blocks = max(1, int(pages.max()))
+  num_blocks = int(pages.sum()) + spare_pages
+  perm = rng.permutation(num_blocks).astype(np.int32)
+  block_table = np.full((b, max_blocks), INVALID_PAGE, np.int32)
+  starts = np.concatenate([[0], np.cumsum(pages)])
+  for i in range(b):
+    block_table[i, : pages[i]] = perm[starts[i]: starts[i + 1]]
 
   def rand(shape):
     return np.clip(rng.standard_normal(shape, dtype=np.float32) / 10, -1, 1)
 
   q = rand((b, s_q, h_q, D)).astype(dtype)
-  k = np.full((num_blocks, PAGE, h_kv, D), np.nan, np.float32)
-  for i in range(b):
-    pages = -(-lens[i] // PAGE)
-    for j in range(pages):
-      n = min(PAGE, lens[i] - j * PAGE)
-      k[block_table[i, j], :n] = rand((n, h_kv, D))
-    block_table[i, pages:] = INVALID_PAGE
+  k = rand((num_blocks, PAGE, h_kv, D))
+  k[perm[starts[-1]:]] = np.nan  # pages no row uses
+  for i in range(b):  # slots past each row's length in its last page
+    if lens[i] % PAGE:
+      k[block_table[i, pages[i] - 1], lens[i] % PAGE:] = np.nan
   return Case(q, k.astype(dtype), block_table, lens.astype(np.int32), causal,
               D**-0.5 if softmax_scale is None else softmax_scale)
 
 
 def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
-  """float64 paged MQA decode, written directly from DESIGN.md §4 (loops over rows)."""
+  """float64 paged MQA decode, written directly from DESIGN.md §4 (a loop over rows)."""
   q = case.q.astype(np.float64)
   k = case.k_cache.astype(np.float64)
   b, s_q, h_q, _ = q.shape
@@ -88,19 +90,23 @@ def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
       if 0 <= page < num_blocks:
         keys[lo:hi] = k[page, : hi - lo]
         valid[lo:hi] = True
-    for s in range(s_q):
-      visible = valid.copy()
-      if case.causal and s_q > 1:
-        visible[max(0, n - s_q + s + 1):] = False
-      if not visible.any():
-        continue
-      for h in range(h_q):
-        kk = keys[visible, h // g]
-        scores = kk @ q[i, s, h] * case.softmax_scale
-        m = scores.max()
-        p = np.exp(scores - m)
-        out[i, s, h] = p @ kk[:, :DV] / p.sum()
-        lse[i, h, s] = m + np.log(p.sum())
+    visible = np.broadcast_to(valid, (s_q, n)).copy()  # [s_q, n]
+    if case.causal and s_q > 1:
+      for s in range(s_q):
+        visible[s, max(0, n - s_q + s + 1):] = False
+    qi = q[i].reshape(s_q, h_kv, g, D)
+    scores = np.einsum("shgd,nhd->shgn", qi, np.where(valid[:, None, None], keys, 0))
+    scores = np.where(visible[:, None, None, :], scores * case.softmax_scale, -np.inf)
+    m = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    seen = np.isfinite(m)
+    p = np.exp(scores - np.where(seen, m, 0))
+    l = p.sum(axis=-1, keepdims=True)
+    o = np.einsum("shgn,nhv->shgv", p, np.where(valid[:, None, None], keys[..., :DV], 0))
+    o = np.where(seen, o / np.where(seen, l, 1), 0)
+    out[i] = o.reshape(s_q, h_q, DV)
+    lse_i = np.where(seen[..., 0], np.log(np.where(seen[..., 0], l[..., 0], 1)) + m[..., 0],
+                     np.inf)
+    lse[i] = lse_i.reshape(s_q, h_q).T
   return out, lse
 
 

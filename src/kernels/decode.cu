@@ -6,10 +6,12 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "kernel_registry.h"
 #include "launch.h"
 #include "params.h"
+#include "sm90/launch_sm90.h"
 
 namespace jax_flashmla {
 namespace {
@@ -60,9 +62,17 @@ cudaError_t launch_kernel(const KernelLaunch& k, const DecodeParams& params, cud
   return cudaLaunchKernelExC(&config, k.func, args);
 }
 
-}  // namespace
+// JAX_FLASHMLA_DECODE_KERNEL=simt selects the CUDA-core kernel, an independent implementation of
+// the same contract kept for cross-checking the tensor-core kernel.
+bool use_simt_kernel() {
+  static const bool simt = [] {
+    const char* v = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
+    return v != nullptr && std::string(v) == "simt";
+  }();
+  return simt;
+}
 
-cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
+cudaError_t launch_simt(const DecodeParams& params, cudaStream_t stream) {
   const KernelLaunch decode = decode_simt_launch(params);
   static PerDeviceOnce decode_smem_opt_in;
   cudaError_t err = decode_smem_opt_in.run([&] {
@@ -70,8 +80,14 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
                                 decode.smem_bytes);
   });
   if (err != cudaSuccess) return err;
+  return launch_kernel(decode, params, stream, /*programmatic_dependent=*/false);
+}
 
-  err = launch_kernel(decode, params, stream, /*programmatic_dependent=*/false);
+}  // namespace
+
+cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
+  cudaError_t err = use_simt_kernel() ? launch_simt(params, stream)
+                                      : launch_decode_main_sm90(params, stream);
   if (err != cudaSuccess) return err;
   err = launch_kernel(combine_launch(params), params, stream, use_pdl());
   if (err != cudaSuccess) return err;
