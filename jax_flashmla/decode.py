@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from jax_flashmla import shapes
-from jax_flashmla.metadata import MLAMetadata, get_mla_metadata
+from jax_flashmla.metadata import MLAMetadata, get_mla_metadata, local_num_sms
 from jax_flashmla.primitives import check_implementation, mla_decode_p
 from jax_flashmla.reference import HEAD_DIM_V, default_softmax_scale
 
@@ -22,6 +23,7 @@ def flash_mla_with_kvcache(
     *,
     implementation: str | None = None,
     num_sms: int | None = None,
+    num_pools: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Multi-head latent attention decode over a paged cache (absorbed weights: MQA, d=576).
 
@@ -36,7 +38,15 @@ def flash_mla_with_kvcache(
     softmax_scale: static float, default `576 ** -0.5`; models pass their own.
     causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s`.
     implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
-    num_sms: for `metadata=None`, the SM count to schedule for (see `get_mla_metadata`).
+    num_sms: SMs of one device to schedule for: used for `metadata=None` (see
+      `get_mla_metadata`) and for the records each device recomputes when the batch or the
+      heads are sharded. Default: the local GPU's count with `metadata=None`, else the count
+      the given metadata was built for.
+    num_pools: static int. 1 (default): block-table ids index the whole `k_cache`. n > 1:
+      `k_cache` is n equal pools stacked on its page axis, the batch is n equal groups of
+      consecutive rows, and group j's ids index pool j (ids local to the pool; others read
+      nothing). With the batch and the page axis sharded over the same mesh axes, each device
+      then decodes its rows from its own pools, and the cache never moves (docs/sharding.md).
 
   Returns:
     `out [b, s_q, h_q, 512]` in q's dtype and `lse [b, h_q, s_q]` float32 (natural log; +inf
@@ -48,9 +58,11 @@ def flash_mla_with_kvcache(
   if not isinstance(head_dim_v, int) or head_dim_v != HEAD_DIM_V:
     raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
   shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
+  shapes.check_num_pools(num_pools, q, k_cache)
   b, s_q, h_q, d = q.shape
   h_kv = k_cache.shape[2]
   if metadata is None:
+    num_sms = local_num_sms() if num_sms is None else num_sms
     metadata = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms,
                                 implementation=implementation)
   elif isinstance(metadata, tuple) and len(metadata) == 2:
@@ -58,8 +70,16 @@ def flash_mla_with_kvcache(
   elif not isinstance(metadata, MLAMetadata):
     raise TypeError(f"metadata: expected MLAMetadata, a (tile_scheduler_metadata, num_splits) "
                     f"pair or None, got {type(metadata).__name__}")
+  if num_sms is None:
+    parts = getattr(metadata.tile_scheduler_metadata, "shape", ())[:1]  # checked at binding
+    num_sms = (shapes.sms_for_parts(parts[0], s_q * h_q // h_kv, h_kv) if parts
+               else local_num_sms())
+  elif isinstance(num_sms, (bool, np.bool_)) or not isinstance(num_sms, (int, np.integer)) \
+      or num_sms < 1:
+    raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
   return tuple(mla_decode_p.bind(
       q, k_cache, block_table, cache_seqlens, metadata.tile_scheduler_metadata,
       metadata.num_splits,
       softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
-      causal=causal and s_q > 1, implementation=implementation))
+      causal=causal and s_q > 1, implementation=implementation, num_pools=int(num_pools),
+      num_sms=int(num_sms)))

@@ -59,6 +59,8 @@ def get_mla_metadata(
 
   Returns:
     `MLAMetadata`, valid for every decode call of the step with the same `cache_seqlens`.
+    The records describe the whole batch; a decode whose batch or heads are sharded recomputes
+    them on each device for its own part (docs/sharding.md).
   """
   check_implementation(implementation)
   for name, v in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k),

@@ -156,3 +156,20 @@ def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: in
   """CTAs along the split axis so that m_blocks * h_kv * parts fills the SMs once."""
   m_blocks = -(-num_q_tokens_per_head_k // 64)
   return min(max(num_sms // num_heads_k // m_blocks, 1), MAX_SM_PARTS)
+
+
+def check_num_pools(num_pools, q, k_cache) -> None:
+  """`k_cache` as `num_pools` equal page pools, one per group of `b / num_pools` batch rows."""
+  if isinstance(num_pools, (bool, np.bool_)) or not isinstance(num_pools, (int, np.integer)) \
+      or num_pools < 1:
+    raise ValueError(f"num_pools: expected a positive static int, got {num_pools!r}")
+  b, num_blocks = _shape(q)[0], _shape(k_cache)[0]
+  if b % num_pools or num_blocks % num_pools:
+    raise ValueError(f"num_pools={num_pools}: the batch ({b}, from q) and the pages "
+                     f"({num_blocks}, k_cache axis 0) must both split into that many equal "
+                     f"groups")
+
+
+def sms_for_parts(num_sm_parts: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+  """The SM count that `num_sm_parts_for` turned into `num_sm_parts` (exact when it divides)."""
+  return num_sm_parts * num_heads_k * -(-num_q_tokens_per_head_k // 64)

@@ -1,0 +1,174 @@
+"""One device's scheduler and decode: the primitives that map 1:1 onto our FFI targets.
+
+These are the inner level of two (the layout of TransformerEngine's and JAX's cuDNN
+primitives). They see one device's shapes and nothing else: no vmap, no sharding. The primitives
+users bind (`primitives.py`) own those transformations and bind these on per-device shapes,
+either directly (one device) or from a partitioning rule (`partitioning.py`).
+
+Each has an abstract evaluation (all shape/dtype checks), a CUDA lowering to our XLA FFI target,
+and a lowering for every other platform that runs the pure-JAX twin from `reference.py`.
+
+`implementation` is a static parameter of both:
+  - "xla": the pure-JAX path on every platform;
+  - "cuda": the CUDA kernels; lowering for any other platform raises;
+  - None: the kernels where they can run (CUDA lowering, extension built with CUDA, GPU is
+    Hopper or no GPU is attached, as when exporting), the pure-JAX path otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from jax_flashmla import _compat, _extension, shapes
+from jax_flashmla.reference import flash_mla_reference, mla_metadata_reference
+
+IMPLEMENTATIONS = (None, "cuda", "xla")
+
+
+def check_implementation(implementation) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation: expected one of None, 'cuda', 'xla', got "
+                     f"{implementation!r}")
+
+
+def _use_kernels(implementation, platform: str) -> bool:
+  """Whether a lowering for `platform` emits our FFI calls (raises where it cannot)."""
+  if implementation == "xla":
+    return False
+  if platform != "cuda":
+    if implementation == "cuda":
+      raise ValueError(
+          "implementation='cuda' needs an NVIDIA Hopper GPU (sm_90a), but this computation is "
+          f"lowered for platform {platform!r}; use implementation=None or 'xla'")
+    return False
+  gpus = _extension.local_gpus()
+  hopper = _extension.local_hopper_gpus()
+  if implementation is None:
+    # With no GPU attached we are lowering ahead of time (export, CPU CI): emit the kernels.
+    return _extension.has_cuda_kernels() and (not gpus or bool(hopper))
+  if gpus and not _extension.has_cuda_kernels():
+    raise RuntimeError(
+        "implementation='cuda': jax_flashmla was built without its CUDA kernels "
+        f"(build_info: {_extension.build_info()}); reinstall with nvcc on the PATH")
+  if gpus and not hopper:
+    kinds = sorted({getattr(d, "device_kind", "?") for d in gpus})
+    raise ValueError(f"implementation='cuda' needs a Hopper GPU (compute capability 9.0), got "
+                     f"{kinds}; use implementation=None or 'xla'")
+  return True
+
+
+def cached_jit_bind(prim: Primitive):
+  """Eager calls run the primitive through jit, compiled once per set of parameters."""
+
+  @functools.cache
+  def jitted(items):
+    return jax.jit(functools.partial(prim.bind, **dict(items)))
+
+  def impl(*args, **params):
+    return jitted(tuple(sorted(params.items())))(*args)
+
+  return impl
+
+
+def _platform(ctx) -> str:
+  platforms = ctx.module_context.platforms
+  if len(platforms) != 1:
+    # Multi-platform export: the kernels exist for one platform only; use the portable path.
+    return "multi"
+  return platforms[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Scheduler: cache_seqlens [b] -> (tile_scheduler_metadata [P, 8], num_splits [b + 1])
+# ------------------------------------------------------------------------------------------------
+
+mla_metadata_local_p = Primitive("jax_flashmla_mla_metadata_local")
+mla_metadata_local_p.multiple_results = True
+mla_metadata_local_p.def_impl(cached_jit_bind(mla_metadata_local_p))
+
+
+def metadata_abstract_eval(cache_seqlens, *, num_sm_parts, implementation):
+  check_implementation(implementation)
+  shapes.check_metadata_args(cache_seqlens, num_sm_parts)
+  b = cache_seqlens.shape[0]
+  return (jax.core.ShapedArray((num_sm_parts, 8), jnp.int32),
+          jax.core.ShapedArray((b + 1,), jnp.int32))
+
+
+def _metadata_reference_lowering(ctx, cache_seqlens, *, num_sm_parts):
+  fn = functools.partial(mla_metadata_reference, num_sm_parts=num_sm_parts)
+  return mlir.lower_fun(lambda s: list(fn(s)), multiple_results=True)(
+      _compat.without_varying_axes(ctx), cache_seqlens)
+
+
+def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts, implementation):
+  if _use_kernels(implementation, _platform(ctx)):
+    return jax.ffi.ffi_lowering(_extension.METADATA_TARGET)(ctx, cache_seqlens)
+  return _metadata_reference_lowering(ctx, cache_seqlens, num_sm_parts=num_sm_parts)
+
+
+mla_metadata_local_p.def_abstract_eval(metadata_abstract_eval)
+mlir.register_lowering(mla_metadata_local_p, _metadata_lowering)  # every platform: _use_kernels
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode: (q, k_cache, block_table, cache_seqlens, sched, num_splits) -> (out, lse)
+# The FFI call also returns the split-KV partials (lse_accum, o_accum): XLA allocates them as
+# outputs because scratch memory would be freed before the kernels run. They are dropped here.
+# Page ids in block_table index k_cache directly (one pool).
+# ------------------------------------------------------------------------------------------------
+
+mla_decode_local_p = Primitive("jax_flashmla_mla_decode_local")
+mla_decode_local_p.multiple_results = True
+mla_decode_local_p.def_impl(cached_jit_bind(mla_decode_local_p))
+
+
+def decode_abstract_eval(q, k_cache, block_table, cache_seqlens, sched, num_splits, *,
+                         implementation, **unused_params):
+  check_implementation(implementation)
+  shapes.check_decode_args(q, k_cache, block_table, cache_seqlens, sched, num_splits,
+                           shapes.HEAD_DIM_V)
+  (out_shape, out_dtype), (lse_shape, lse_dtype), *_ = shapes.decode_output_shapes(
+      q, k_cache, sched.shape[0])
+  return (jax.core.ShapedArray(out_shape, out_dtype),
+          jax.core.ShapedArray(lse_shape, lse_dtype))
+
+
+def _decode_reference_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_splits,
+                               *, softmax_scale, causal):
+  def fn(q, k_cache, block_table, cache_seqlens, sched, num_splits):
+    del sched, num_splits  # the reference needs no schedule
+    return list(flash_mla_reference(q, k_cache, block_table, cache_seqlens,
+                                    softmax_scale=softmax_scale, causal=causal))
+
+  return mlir.lower_fun(fn, multiple_results=True)(
+      _compat.without_varying_axes(ctx), q, k_cache, block_table, cache_seqlens, sched,
+      num_splits)
+
+
+def _decode_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_splits, *,
+                     softmax_scale, causal, implementation):
+  q_aval, k_aval, *_, sched_aval, _ = ctx.avals_in
+  if _use_kernels(implementation, _platform(ctx)):
+    if jnp.dtype(q_aval.dtype) not in shapes.KERNEL_DTYPES:
+      if implementation == "cuda":
+        raise TypeError(f"q: implementation='cuda' expects dtype bfloat16, got {q_aval.dtype}")
+    else:
+      avals_out = [jax.core.ShapedArray(s, d)
+                   for s, d in shapes.decode_output_shapes(q_aval, k_aval, sched_aval.shape[0])]
+      results = jax.ffi.ffi_lowering(_extension.DECODE_TARGET)(
+          ctx.replace(avals_out=avals_out), q, k_cache, block_table, cache_seqlens, sched,
+          num_splits, softmax_scale=np.float32(softmax_scale), causal=np.bool_(causal))
+      return results[:2]
+  return _decode_reference_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched,
+                                    num_splits, softmax_scale=softmax_scale, causal=causal)
+
+
+mla_decode_local_p.def_abstract_eval(decode_abstract_eval)
+mlir.register_lowering(mla_decode_local_p, _decode_lowering)
