@@ -3,10 +3,16 @@ the CUDA extension. They skip with the reason, or fail when JAX_FLASHMLA_REQUIRE
 
 import os
 
-import pytest
+# Eight host devices for the sharding tests (test_partitioning.py). Set before JAX starts its
+# CPU backend; the other tests run on the first device as before. A flag already given wins.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
-import jax_flashmla
-from jax_flashmla import _extension
+import pytest  # noqa: E402
+
+import jax_flashmla  # noqa: E402
+from jax_flashmla import _extension  # noqa: E402
 
 
 def _gpu_unavailable_reason():
