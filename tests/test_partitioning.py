@@ -100,9 +100,8 @@ def decode_fn(case, implementation, **kw):
 def run_sharded(fn, case, mesh, specs):
   """Runs jit(fn) on operands placed with `specs`; returns (out, lse), compiled HLO text."""
   args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(case.args(), specs)]
-  jitted = jax.jit(fn)
-  hlo = jitted.lower(*args).compile().as_text()
-  return jitted(*args), hlo
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled(*args), compiled.as_text()
 
 
 def check_same(got, want):
@@ -382,6 +381,6 @@ def test_shard_map_recipes(tier, layout):
                    causal=True, zero_rows=0.2)
   run = case if layout != "pools" else to_pools(case, len(devices))
   fn = _recipe(layout, mesh, case, impl)
-  hlo = fn.lower(*run.args()).compile().as_text()
-  assert_no_collectives(hlo)
-  check_decode(*fn(*run.args()), *oracle(case))
+  compiled = fn.lower(*run.args()).compile()
+  assert_no_collectives(compiled.as_text())
+  check_decode(*compiled(*run.args()), *oracle(case))
