@@ -123,8 +123,8 @@ def test_hostile_values_stay_in_their_rows():
   out, lse, ref_out, ref_lse = _both(case)
   rows = [0, 2, 3, 4, 5]  # row 1 reads its own poisoned slots now
   check_decode(out[rows], lse[rows], ref_out[rows], ref_lse[rows])
-  np.testing.assert_array_equal(out[0], clean_out[0])
-  np.testing.assert_array_equal(lse[0], clean_lse[0])
+  # Row 0 may be split differently now (the schedule changed), so compare within tolerance.
+  check_decode(out[[0]], lse[[0]], clean_out[[0]], clean_lse[[0]])
   assert np.all(out[2] == 0) and np.all(np.isposinf(lse[2]))
 
 
@@ -153,10 +153,10 @@ def test_exported_program_runs():
   np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
 
 
-_GRAPH_SCRIPT = textwrap.dedent("""
+_GRAPH_SCRIPT = textwrap.dedent(r"""
     import sys
     import jax, jax.numpy as jnp, numpy as np
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, TESTS_DIR)
     import jax_flashmla
     from mla_cases import check_decode, make_case, oracle
     case = make_case(np.random.default_rng(9), 8, 2, 700, 64, 1, causal=True, zero_rows=0.2)
@@ -185,7 +185,7 @@ def test_inside_cuda_graphs():
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,"
                       "CUSTOM_CALL --xla_gpu_graph_min_graph_size=1")
-  script = _GRAPH_SCRIPT.format(tests=os.path.dirname(__file__))
+  script = _GRAPH_SCRIPT.replace("TESTS_DIR", repr(os.path.dirname(__file__)))
   res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
   assert res.returncode == 0 and "graph ok" in res.stdout, res.stderr[-4000:]
