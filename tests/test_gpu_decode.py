@@ -186,6 +186,7 @@ def test_inside_cuda_graphs():
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,"
                       "CUSTOM_CALL --xla_gpu_graph_min_graph_size=1")
   script = _GRAPH_SCRIPT.replace("TESTS_DIR", repr(os.path.dirname(__file__)))
-  res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+  # -P: import the installed package, not the source folder that is the working directory.
+  res = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
   assert res.returncode == 0 and "graph ok" in res.stdout, res.stderr[-4000:]
