@@ -1,5 +1,5 @@
-// Small device helpers shared by the kernels in this folder (not by the sm90/ kernel, which
-// brings its own). Device-only; include from .cu files.
+// Small device helpers shared by the kernels of this folder and sm90/ (whose PTX wrappers for
+// Hopper-only instructions live in sm90/ptx.cuh). Device-only; include from .cu files.
 #pragma once
 
 #include <cuda_bf16.h>

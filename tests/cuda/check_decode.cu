@@ -812,7 +812,7 @@ static int run_prims() {
 // Merges split rows (one warp per (request, kv head, row)); a simple stand-in for combine.cu so
 // that timed calls include the merge. Waits on the main kernel with griddepcontrol.wait (PDL).
 __global__ void __launch_bounds__(128) bench_combine_kernel(const __grid_constant__ DecodeParams p) {
-  sm90::grid_dependency_wait();
+  pdl_wait_for_primary();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = blockIdx.x * 4 + warp, hk = blockIdx.y, bi = blockIdx.z;
   if (r >= p.q_rows) return;

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
 
   // Everything above may overlap the previous kernel (PDL); reads of its outputs may not.
-  grid_dependency_wait();
+  pdl_wait_for_primary();
 
   const SchedRecord rec = p.sched[part];
   if (rec.begin_req >= p.b) return;
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       empty_parity ^= 1u;
     }
 
-    if (req == last_req) grid_launch_dependents();
+    if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: combine the two groups' row sums, write this request ----------
 #pragma unroll

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cuda.h>
 
+#include "../device_utils.cuh"  // cp_async_wait_all, PDL (pdl_*)
+
 namespace jax_flashmla {
 namespace sm90 {
 
@@ -189,10 +191,6 @@ __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
 // ---------------------------------------------------------------- fences / barriers
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads
 // (wgmma operands, TMA). Needed after st.shared of data that wgmma will read.
@@ -206,15 +204,6 @@ __device__ __forceinline__ void named_bar_sync(int id, int count) {
 
 __device__ __forceinline__ void named_bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
-// ---------------------------------------------------------------- PDL
-__device__ __forceinline__ void grid_dependency_wait() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void grid_launch_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------- wgmma control
