@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py                      # the §6 grid
     python benchmarks/bench_decode.py --b 128 --s-q 1 --h-q 16 --len 8192   # one config
     python benchmarks/bench_decode.py --json out.json --plot out.png
+    python benchmarks/bench_decode.py --devices 2 --b 256 --len 8192   # batch over two GPUs
 
 What is timed: the decode call inside one jitted program that runs it `--iters` times in a loop
 (so per-call Python dispatch is not counted and, as in a model, the scheduler records are computed
@@ -25,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jax_flashmla
 
@@ -33,21 +35,28 @@ HBM_TBPS = 4.8
 PEAK_TFLOPS = 990.0
 
 
-def make_inputs(key, b: int, mean_len: int, s_q: int, h_kv: int = 1):
-  """Lengths ~ N(L, L/2) clipped at >= s_q, pages permuted at random over one pool."""
+def make_inputs(key, b: int, mean_len: int, s_q: int, h_kv: int = 1, pools: int = 1):
+  """Lengths ~ N(L, L/2) clipped at >= s_q, pages permuted at random within each pool.
+
+  With `pools` > 1 the batch is that many groups of consecutive rows, each with its own pool of
+  pages and pool-local ids (the `num_pools` convention of batch-parallel sharding); the pools are
+  padded to one size and stacked on the page axis.
+  """
   rng = np.random.default_rng(mean_len)
   lens = np.maximum(rng.normal(mean_len, mean_len / 2, b).round(), s_q).astype(np.int32)
   pages_per_row = -(-lens // PAGE)
   max_blocks = int(pages_per_row.max())
-  num_blocks = int(pages_per_row.sum())
-  perm = rng.permutation(num_blocks)
+  groups = np.split(np.arange(b), pools)
+  pool_pages = max(int(pages_per_row[g].sum()) for g in groups)
   block_table = np.zeros((b, max_blocks), np.int32)
-  start = 0
-  for i, n in enumerate(pages_per_row):
-    block_table[i, :n] = perm[start:start + n]
-    start += n
-  k_cache = (jax.random.normal(key, (num_blocks, PAGE, h_kv, 576), jnp.float32) / 10).astype(
-      jnp.bfloat16)
+  for g in groups:
+    perm = rng.permutation(pool_pages)
+    start = 0
+    for i in g:
+      block_table[i, :pages_per_row[i]] = perm[start:start + pages_per_row[i]]
+      start += pages_per_row[i]
+  k_cache = (jax.random.normal(key, (pools * pool_pages, PAGE, h_kv, 576), jnp.float32) /
+             10).astype(jnp.bfloat16)
   return k_cache, jnp.asarray(block_table), jnp.asarray(lens), float(lens.mean())
 
 
@@ -57,10 +66,20 @@ def counts(b, s_q, h_q, h_kv, mean_len):
   return flops, nbytes
 
 
-def time_decode(q, k_cache, block_table, lens, *, causal, implementation, iters, repeats):
+def time_decode(q, k_cache, block_table, lens, *, causal, implementation, iters, repeats,
+                mesh=None):
+  """Seconds per decode call. With a mesh: batch-parallel over its "dp" axis, one page pool per
+  device, scheduler records computed per device inside each call (so they are timed too)."""
   s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
-  md = jax_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv,
-                                     implementation=implementation)
+  pools = 1
+  if mesh is None:
+    md = jax_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv,
+                                       implementation=implementation)
+  else:
+    pools = mesh.size
+    md = None
+    split = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("dp")))
+    q, k_cache, block_table, lens = (split(x) for x in (q, k_cache, block_table, lens))
 
   @jax.jit
   def loop(q, k_cache, block_table, lens, md, never):
@@ -68,7 +87,8 @@ def time_decode(q, k_cache, block_table, lens, *, causal, implementation, iters,
       # `never` is a run-time +inf: the perturbation is zero, but XLA cannot prove it.
       bt = block_table + (carry > never).astype(jnp.int32)
       out, lse = jax_flashmla.flash_mla_with_kvcache(
-          q, k_cache, bt, lens, metadata=md, causal=causal, implementation=implementation)
+          q, k_cache, bt, lens, metadata=md, causal=causal, implementation=implementation,
+          num_pools=pools)
       return out[0, 0, 0, 0].astype(jnp.float32) + lse[0, 0, 0]
 
     return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
@@ -106,10 +126,18 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--xla-max-len", type=int, default=32768,
                  help="skip the XLA reference above this mean length (its memory grows fast)")
+  p.add_argument("--devices", type=int, default=1,
+                 help="split the batch over this many local devices (batch-parallel, one page "
+                      "pool per device); figures are then for all devices together")
   p.add_argument("--json", default=None)
   p.add_argument("--plot", default=None)
   args = p.parse_args(argv)
   impls = args.implementations.split(",")
+  mesh = None
+  if args.devices > 1:
+    if args.b % args.devices:
+      p.error(f"--b {args.b} must be a multiple of --devices {args.devices}")
+    mesh = jax.make_mesh((args.devices,), ("dp",), devices=jax.devices()[:args.devices])
 
   device = jax.devices()[0]
   print(f"# {device.device_kind}, jax {jax.__version__}, jax_flashmla build "
@@ -124,12 +152,13 @@ def main(argv=None):
   for n, (mean_len, s_q, h_q, causal) in enumerate(configs, 1):
     if cache_key != mean_len:  # one pool per length, reused by the head/s_q variants
       k_cache = block_table = lens = None
-      k_cache, block_table, lens, real_mean = make_inputs(key, args.b, mean_len, 2)
+      k_cache, block_table, lens, real_mean = make_inputs(key, args.b, mean_len, 2,
+                                                          pools=args.devices)
       cache_key = mean_len
     q = (jax.random.normal(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576)) / 10).astype(
         jnp.bfloat16)
     flops, nbytes = counts(args.b, s_q, h_q, 1, real_mean)
-    result = {"b": args.b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "mean_len": mean_len,
+    result = {"devices": args.devices, "b": args.b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "mean_len": mean_len,
               "actual_mean_len": real_mean, "causal": causal, "flops": flops, "bytes": nbytes}
     for impl in impls:
       if impl == "xla" and mean_len > args.xla_max_len:
@@ -137,7 +166,7 @@ def main(argv=None):
       try:
         sec = time_decode(q, k_cache, block_table, lens, causal=causal, implementation=impl,
                           iters=args.iters if impl != "xla" else max(2, args.iters // 4),
-                          repeats=args.repeats)
+                          repeats=args.repeats, mesh=mesh)
       except Exception as e:  # e.g. the reference running out of memory at long lengths
         print(f"  [{n}/{len(configs)}] {impl} failed: {type(e).__name__}: {str(e)[:200]}",
               flush=True)
@@ -165,7 +194,7 @@ def main(argv=None):
 def save(args, rows):
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "build": jax_flashmla.build_info(), "command": " ".join(sys.argv),
-          "iters": args.iters, "repeats": args.repeats}
+          "iters": args.iters, "repeats": args.repeats, "devices": args.devices}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
