@@ -55,7 +55,8 @@ def flash_mla_with_kvcache(
   check_implementation(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
   causal = shapes.check_static_bool("causal", causal)
-  if not isinstance(head_dim_v, int) or head_dim_v != HEAD_DIM_V:
+  if isinstance(head_dim_v, (bool, np.bool_)) or not isinstance(head_dim_v, (int, np.integer)) \
+      or head_dim_v != HEAD_DIM_V:
     raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
   shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
   shapes.check_num_pools(num_pools, q, k_cache)
@@ -69,14 +70,14 @@ def flash_mla_with_kvcache(
     metadata = MLAMetadata(*metadata)
   elif not isinstance(metadata, MLAMetadata):
     raise TypeError(f"metadata: expected MLAMetadata, a (tile_scheduler_metadata, num_splits) "
-                    f"pair or None, got {type(metadata).__name__}")
+                    f"pair or None, got {type(metadata).__name__}"
+                    f"{f' of length {len(metadata)}' if isinstance(metadata, tuple) else ''}")
+  # Records built for another batch (or swapped, or hand-made) fail here, before binding.
+  shapes.check_scheduler_records(metadata.tile_scheduler_metadata, metadata.num_splits, b)
   if num_sms is None:
-    parts = getattr(metadata.tile_scheduler_metadata, "shape", ())[:1]  # checked at binding
-    num_sms = (shapes.sms_for_parts(parts[0], s_q * h_q // h_kv, h_kv) if parts
-               else local_num_sms())
-  elif isinstance(num_sms, (bool, np.bool_)) or not isinstance(num_sms, (int, np.integer)) \
-      or num_sms < 1:
-    raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
+    num_sms = shapes.sms_for_parts(metadata.num_sm_parts, s_q * h_q // h_kv, h_kv)
+  else:
+    num_sms = shapes.check_static_int("num_sms", num_sms)
   return tuple(mla_decode_p.bind(
       q, k_cache, block_table, cache_seqlens, metadata.tile_scheduler_metadata,
       metadata.num_splits,

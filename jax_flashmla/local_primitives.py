@@ -44,8 +44,9 @@ def _use_kernels(implementation, platform: str) -> bool:
   if platform != "cuda":
     if implementation == "cuda":
       raise ValueError(
-          "implementation='cuda' needs an NVIDIA Hopper GPU (sm_90a), but this computation is "
-          f"lowered for platform {platform!r}; use implementation=None or 'xla'")
+          "implementation='cuda' needs an NVIDIA Hopper GPU (sm_90a): expected a computation "
+          f"lowered for platform 'cuda', got platform {platform!r}; use implementation=None "
+          "or 'xla'")
     return False
   gpus = _extension.local_gpus()
   hopper = _extension.local_hopper_gpus()
@@ -158,7 +159,8 @@ def _decode_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_spl
   if _use_kernels(implementation, _platform(ctx)):
     if jnp.dtype(q_aval.dtype) not in shapes.KERNEL_DTYPES:
       if implementation == "cuda":
-        raise TypeError(f"q: implementation='cuda' expects dtype bfloat16, got {q_aval.dtype}")
+        raise TypeError(f"q: expected dtype bfloat16 with implementation='cuda' (the kernels' "
+                        f"only dtype), got {q_aval.dtype}")
     else:
       avals_out = [jax.core.ShapedArray(s, d)
                    for s, d in shapes.decode_output_shapes(q_aval, k_aval, sched_aval.shape[0])]

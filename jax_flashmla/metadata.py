@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
 from jax_flashmla import _extension, shapes
 from jax_flashmla.primitives import check_implementation, mla_metadata_p
@@ -63,15 +62,11 @@ def get_mla_metadata(
     them on each device for its own part (docs/sharding.md).
   """
   check_implementation(implementation)
-  for name, v in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k),
-                  ("num_heads_k", num_heads_k)):
-    if not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{name}: expected a positive static int, got {v!r}")
-  if num_sms is None:
-    num_sms = local_num_sms()
-  if not isinstance(num_sms, (int, np.integer)) or num_sms < 1:
-    raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
-  parts = shapes.num_sm_parts_for(int(num_sms), int(num_q_tokens_per_head_k), int(num_heads_k))
+  num_q_tokens_per_head_k = shapes.check_static_int("num_q_tokens_per_head_k",
+                                                     num_q_tokens_per_head_k)
+  num_heads_k = shapes.check_static_int("num_heads_k", num_heads_k)
+  num_sms = local_num_sms() if num_sms is None else shapes.check_static_int("num_sms", num_sms)
+  parts = shapes.num_sm_parts_for(num_sms, num_q_tokens_per_head_k, num_heads_k)
   sched, num_splits = mla_metadata_p.bind(cache_seqlens, num_sm_parts=parts,
                                           implementation=implementation)
   return MLAMetadata(sched, num_splits)

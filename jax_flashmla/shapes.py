@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,13 +40,21 @@ def _expect_dtype(name: str, x, dtypes) -> None:
     raise TypeError(f"{name}: expected dtype {names}, got {jnp.dtype(x.dtype)}")
 
 
+def _got(value) -> str:
+  """How a wrong static argument is described: traced values say so and say what to do."""
+  if isinstance(value, jax.core.Tracer):
+    return (f"a traced value ({type(value).__name__} {value.aval.str_short()}); static "
+            "arguments select the compiled kernel, so pass a Python value: close over it or "
+            "list it in jax.jit's static_argnames")
+  return f"{type(value).__name__} {value!r}"
+
+
 def check_static_float(name: str, value) -> float | None:
   if value is None:
     return None
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                     np.floating)):
-    raise TypeError(f"{name}: expected a static Python float or None, got {type(value).__name__}"
-                    " (traced values cannot select kernel constants; close over a float)")
+    raise TypeError(f"{name}: expected a static Python float or None, got {_got(value)}")
   value = float(value)
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"{name}: expected a finite positive float, got {value}")
@@ -54,8 +63,17 @@ def check_static_float(name: str, value) -> float | None:
 
 def check_static_bool(name: str, value) -> bool:
   if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name}: expected a static Python bool, got {type(value).__name__}")
+    raise TypeError(f"{name}: expected a static Python bool, got {_got(value)}")
   return bool(value)
+
+
+def check_static_int(name: str, value, minimum: int = 1) -> int:
+  """A static Python (or numpy) int >= minimum; bools and traced values are refused."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name}: expected a static int >= {minimum}, got {_got(value)}")
+  if value < minimum:
+    raise ValueError(f"{name}: expected a static int >= {minimum}, got {value!r}")
+  return int(value)
 
 
 def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
@@ -76,7 +94,11 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_met
   if head_dim_v != HEAD_DIM_V:
     raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v}")
   check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
-  b = _shape(q)[0]
+  check_scheduler_records(tile_scheduler_metadata, num_splits, _shape(q)[0])
+
+
+def check_scheduler_records(tile_scheduler_metadata, num_splits, b: int) -> None:
+  """The two arrays of `MLAMetadata`, for a decode of batch `b`."""
   _expect_array("tile_scheduler_metadata", tile_scheduler_metadata)
   _expect_array("num_splits", num_splits)
   _expect_rank("tile_scheduler_metadata", tile_scheduler_metadata, 2, "[num_sm_parts, 8]")
@@ -135,7 +157,8 @@ def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -
                      f"{_shape(cache_seqlens)}")
   max_blocks = _shape(block_table)[1]
   if b * (max_blocks + 5) > _INT32_MAX or max_blocks * PAGE_SIZE > _INT32_MAX:
-    raise ValueError(f"block_table: b * (max_blocks + 5) must stay below 2**31, got shape "
+    raise ValueError(f"block_table: expected b * (max_blocks + 5) and max_blocks * 64 below "
+                     f"2**31 (int32 scheduler and length arithmetic), got shape "
                      f"{_shape(block_table)}")
 
 
@@ -165,9 +188,9 @@ def check_num_pools(num_pools, q, k_cache) -> None:
     raise ValueError(f"num_pools: expected a positive static int, got {num_pools!r}")
   b, num_blocks = _shape(q)[0], _shape(k_cache)[0]
   if b % num_pools or num_blocks % num_pools:
-    raise ValueError(f"num_pools={num_pools}: the batch ({b}, from q) and the pages "
-                     f"({num_blocks}, k_cache axis 0) must both split into that many equal "
-                     f"groups")
+    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, from q) and the "
+                     f"pages ({num_blocks}, k_cache axis 0), so that both split into equal "
+                     f"groups, got num_pools={num_pools}")
 
 
 def sms_for_parts(num_sm_parts: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:

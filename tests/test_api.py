@@ -1,4 +1,4 @@
-"""Public API behaviour: jit, implementation choice, gradients, argument errors."""
+"""Public API behaviour: jit, implementation choice, gradients (errors: test_errors.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -52,50 +52,3 @@ def test_reference_is_differentiable(case):
 
   grad = jax.grad(loss)(case.args()[0].astype(jnp.float32))
   assert grad.shape == case.q.shape
-
-
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(implementation="triton"), ValueError, "implementation: expected one of"),
-    (dict(head_dim_v=576), ValueError, "head_dim_v: expected 512, got 576"),
-    (dict(softmax_scale=-1.0), ValueError, "softmax_scale: expected a finite positive float"),
-    (dict(causal=1), TypeError, "causal: expected a static Python bool, got int"),
-    (dict(metadata=[1, 2, 3]), TypeError, "metadata: expected MLAMetadata"),
-])
-def test_argument_errors(case, kwargs, exc, match):
-  with pytest.raises(exc, match=match):
-    jax_flashmla.flash_mla_with_kvcache(*case.args(), **kwargs)
-
-
-def test_traced_scale_is_rejected(case):
-  @jax.jit
-  def fn(scale):
-    return jax_flashmla.flash_mla_with_kvcache(*case.args(), softmax_scale=scale)
-
-  with pytest.raises(TypeError, match="softmax_scale: expected a static Python float"):
-    fn(0.1)
-
-
-@pytest.mark.parametrize("index,value,exc,match", [
-    (0, jnp.zeros((3, 2, 8, 512), jnp.bfloat16), ValueError, "q: expected head dim 576"),
-    (0, jnp.zeros((3, 8, 576), jnp.bfloat16), ValueError, r"q: expected rank 4"),
-    (0, jnp.zeros((3, 2, 8, 576), jnp.int32), TypeError, "q: expected dtype"),
-    (1, jnp.zeros((4, 32, 1, 576), jnp.bfloat16), ValueError, "k_cache: expected page size 64"),
-    (1, jnp.zeros((4, 64, 3, 576), jnp.bfloat16), ValueError, "multiple of h_kv=3"),
-    (1, jnp.zeros((4, 64, 1, 576), jnp.float16), TypeError, "k_cache: expected the dtype of q"),
-    (2, jnp.zeros((2, 4), jnp.int32), ValueError, "block_table: expected batch 3"),
-    (2, jnp.zeros((3, 4), jnp.int64 if jax.config.x64_enabled else jnp.float32), TypeError,
-     "block_table: expected dtype int32"),
-    (3, jnp.zeros((4,), jnp.int32), ValueError, r"cache_seqlens: expected shape \(3,\)"),
-    (3, [1, 2, 3], TypeError, "cache_seqlens: expected a jax.Array, got list"),
-])
-def test_shape_and_dtype_errors(case, index, value, exc, match):
-  args = list(case.args())
-  args[index] = value
-  with pytest.raises(exc, match=match):
-    jax_flashmla.flash_mla_with_kvcache(*args)
-
-
-def test_metadata_for_another_batch_is_rejected(case):
-  md = jax_flashmla.get_mla_metadata(jnp.zeros(5, jnp.int32), 16, 1, num_sms=4)
-  with pytest.raises(ValueError, match=r"num_splits: expected shape \(4,\) for batch 3"):
-    jax_flashmla.flash_mla_with_kvcache(*case.args(), metadata=md)

@@ -95,21 +95,3 @@ def test_metadata_is_a_pytree_usable_under_jit():
   assert isinstance(md, jax_flashmla.MLAMetadata) and md.num_sm_parts == 8
   leaves = jax.tree_util.tree_leaves(md)
   assert [x.shape for x in leaves] == [(8, 8), (4,)]
-
-
-@pytest.mark.parametrize("bad,match", [
-    (dict(num_q_tokens_per_head_k=0), "num_q_tokens_per_head_k"),
-    (dict(num_heads_k=-1), "num_heads_k"),
-    (dict(num_sms=0), "num_sms"),
-])
-def test_metadata_argument_errors(bad, match):
-  kwargs = dict(num_q_tokens_per_head_k=16, num_heads_k=1, num_sms=8) | bad
-  with pytest.raises(ValueError, match=match):
-    jax_flashmla.get_mla_metadata(jnp.zeros(3, jnp.int32), **kwargs)
-
-
-def test_metadata_rejects_bad_seqlens():
-  with pytest.raises(TypeError, match="cache_seqlens: expected dtype int32, got float32"):
-    jax_flashmla.get_mla_metadata(jnp.zeros(3, jnp.float32), 16, 1)
-  with pytest.raises(ValueError, match=r"cache_seqlens: expected rank 1"):
-    jax_flashmla.get_mla_metadata(jnp.zeros((3, 2), jnp.int32), 16, 1)
