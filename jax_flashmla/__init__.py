@@ -9,6 +9,8 @@ else they run the same computation in plain JAX (`implementation="xla"`).
 
 Model code works on `PagedKVCache` (per layer) and `mla_decode`; `PageAllocator` hands out pages
 for serving; `jax_flashmla.layers` has a Flax NNX MLA layer (needs flax, not imported here).
+`validate_decode_inputs` (eager) and `check_decode_values` (checkify) report lengths, page ids
+and scheduler records that the decode would clamp, mask or trust.
 """
 
 from jax_flashmla import _extension
@@ -21,6 +23,8 @@ from jax_flashmla.decode import flash_mla_with_kvcache as flash_mla_with_kvcache
 from jax_flashmla.metadata import MLAMetadata as MLAMetadata
 from jax_flashmla.metadata import get_mla_metadata as get_mla_metadata
 from jax_flashmla.reference import flash_mla_reference as flash_mla_reference
+from jax_flashmla.validation import check_decode_values as check_decode_values
+from jax_flashmla.validation import validate_decode_inputs as validate_decode_inputs
 
 __version__ = "0.1.0"
 
@@ -38,8 +42,10 @@ __all__ = [
     "PagePoolExhausted",
     "PagedKVCache",
     "build_info",
+    "check_decode_values",
     "flash_mla_reference",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "mla_decode",
+    "validate_decode_inputs",
 ]
