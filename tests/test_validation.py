@@ -112,8 +112,8 @@ def test_entries_past_the_used_pages_are_not_checked():
     (lambda c: c.cache_seqlens.__setitem__(0, INT32_MAX),
      rf"cache_seqlens\[0\]: expected a length <= 192 .*got {INT32_MAX}"),
     (lambda c: c.block_table.__setitem__((3, 1), -1),
-     r"block_table\[3, 1\]: expected a page id in \[0, 15\) \(a page the row's length 130 "
-     r"uses\), got -1"),
+     (r"block_table\[3, 1\]: expected a page id in \[0, 15\) \(a page the row's length 130 "
+      r"uses\), got -1")),
     (lambda c: c.block_table.__setitem__((2, 2), 15),
      r"block_table\[2, 2\]: expected a page id in \[0, 15\) .*got 15"),
     (lambda c: c.block_table.__setitem__((0, 0), INT32_MAX),
