@@ -5,6 +5,15 @@
 
 The platform allocator gives every buffer its own allocation, so an out-of-bounds access is not
 hidden inside XLA's memory pool. Exits non-zero if a kept row differs from the reference.
+
+Hand-made scheduler records (negative request indices, split indices and prefix sums past the
+partial buffers, ...) are values no trace can see too; the kernels' outputs for them are
+undefined, but they must not touch memory outside their buffers. Run them on their own (an
+out-of-bounds write without the sanitizer may corrupt the process):
+
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --kernel-name regex:'decode|combine|sched' python3 -P tests/gpu_memcheck.py \
+        --hostile-metadata
 """
 
 import os
@@ -44,5 +53,55 @@ def main():
   print("memcheck cases ok")
 
 
+def hostile_metadata_variants(lens, parts):
+  """(name, tile_scheduler_metadata, num_splits) with records no scheduler would write."""
+  md = jax_flashmla.get_mla_metadata(lens, 32, 1, num_sms=parts, implementation="xla")
+  sched0, splits0 = np.asarray(md.tile_scheduler_metadata), np.asarray(md.num_splits)
+  b = splits0.shape[0] - 1
+  int_min, int_max = -(2**31), 2**31 - 1
+  rng = np.random.default_rng(1)
+
+  def sched_with(col, value):
+    sched = sched0.copy()
+    sched[:, col] = value
+    return sched
+
+  yield "begin_req -1", sched_with(0, -1), splits0
+  yield "begin_req INT32_MIN", sched_with(0, int_min), splits0
+  yield "end_req INT32_MAX", sched_with(2, int_max), splits0
+  yield "begin_block -5", sched_with(1, -5), splits0
+  yield "begin_block INT32_MAX", sched_with(1, int_max), splits0
+  yield "end_block INT32_MAX", sched_with(3, int_max), splits0
+  # Every request "split in two", so the decode kernel writes partials (indexed by the prefix
+  # sums and begin_split) and the combine reads them.
+  two = (2 * np.arange(b + 1)).astype(np.int32)
+  yield "every request split in two", sched0, two
+  yield "begin_split 10**6", sched_with(4, 10**6), two
+  yield "begin_split -10**6", sched_with(4, -(10**6)), two
+  yield "num_splits past the partials", sched0, (splits0 * 1000).astype(np.int32)
+  yield "num_splits negative", sched0, (-(10**6) + 2 * np.arange(b + 1)).astype(np.int32)
+  yield "num_splits decreasing", sched0, splits0[::-1].copy()
+  for k in range(4):
+    yield (f"random records {k}", rng.integers(int_min, int_max, sched0.shape, np.int32),
+           rng.integers(int_min, int_max, splits0.shape, np.int32))
+
+
+def hostile_metadata():
+  rng = np.random.default_rng(2)
+  case = make_case(rng, 8, 2, 300, 16, 1, causal=True, zero_rows=0.2)
+  q, k, bt, lens = case.args()
+  for parts in (1, 8):
+    for name, sched, num_splits in hostile_metadata_variants(lens, parts):
+      out, lse = jax_flashmla.flash_mla_with_kvcache(
+          q, k, bt, lens, metadata=(jax.numpy.asarray(sched), jax.numpy.asarray(num_splits)),
+          causal=True, implementation="cuda")
+      np.asarray(out), np.asarray(lse)  # wait for the kernels
+      print(f"hostile metadata ran: {name} ({parts} parts)", flush=True)
+  print("hostile metadata cases ran (outputs undefined; the sanitizer judges memory)")
+
+
 if __name__ == "__main__":
-  main()
+  if "--hostile-metadata" in sys.argv[1:]:
+    hostile_metadata()
+  else:
+    main()
