@@ -59,6 +59,7 @@ def flash_mla_with_kvcache(
       or head_dim_v != HEAD_DIM_V:
     raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
   shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
+  shapes.check_kernel_dtype(q, implementation)
   shapes.check_num_pools(num_pools, q, k_cache)
   b, s_q, h_q, d = q.shape
   h_kv = k_cache.shape[2]

@@ -114,6 +114,13 @@ def check_scheduler_records(tile_scheduler_metadata, num_splits, b: int) -> None
                      f"{_shape(num_splits)} (metadata computed for another batch?)")
 
 
+def check_kernel_dtype(q, implementation) -> None:
+  """implementation='cuda' runs the kernels whatever the platform would allow: bfloat16 only."""
+  if implementation == "cuda" and jnp.dtype(q.dtype) not in KERNEL_DTYPES:
+    raise TypeError(f"q: expected dtype bfloat16 with implementation='cuda' (the kernels' only "
+                    f"dtype), got {jnp.dtype(q.dtype)}")
+
+
 def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -> None:
   for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table),
                   ("cache_seqlens", cache_seqlens)):

@@ -51,11 +51,10 @@ def trace_metadata(**overrides):
   return trace(jax_flashmla.get_mla_metadata, **kwargs)
 
 
-def lower_decode(platform, dtype=BF16, **kwargs):
+def lower_decode(platform, **kwargs):
   """Lowers a decode for `platform` (lowering rules run; nothing is compiled)."""
-  args = [SDS(a.shape, dtype if a.dtype == BF16 else a.dtype) for a in GOOD.values()]
   fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a, **kwargs))
-  return fn.trace(*args).lower(lowering_platforms=(platform,))
+  return fn.trace(*GOOD.values()).lower(lowering_platforms=(platform,))
 
 
 def assert_names_expected_got(exc_info, name, expected, got):
@@ -238,11 +237,14 @@ def test_cuda_implementation_lowered_for_the_cpu():
                             "'cuda'", "platform 'cpu'")
 
 
-def test_cuda_implementation_with_float32():
-  """The kernels take bfloat16 only; lowering for a GPU (possible on any host) says so."""
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_cuda_implementation_with_another_dtype(dtype):
+  """The kernels take bfloat16 only: said while tracing, whatever the platform."""
+  q, k = (SDS(GOOD[n].shape, dtype) for n in ("q", "k_cache"))
   with pytest.raises(TypeError) as info:
-    lower_decode("cuda", dtype=F32, implementation="cuda")
-  assert_names_expected_got(info, "q", "dtype bfloat16 with implementation='cuda'", "float32")
+    trace_decode(q=q, k_cache=k, implementation="cuda")
+  assert_names_expected_got(info, "q", "dtype bfloat16 with implementation='cuda'",
+                            jnp.dtype(dtype).name)
 
 
 def test_mla_decode_needs_a_cache():
