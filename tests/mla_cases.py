@@ -98,7 +98,7 @@ def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
     scores = np.einsum("shgd,nhd->shgn", qi, np.where(valid[:, None, None], keys, 0))
     scores = np.where(visible[:, None, None, :], scores * case.softmax_scale, -np.inf)
     m = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    seen = np.isfinite(m)
+    seen = ~np.isneginf(m)  # NaN in a row's own keys propagates, as in the reference
     p = np.exp(scores - np.where(seen, m, 0))
     l = p.sum(axis=-1, keepdims=True)
     o = np.einsum("shgn,nhv->shgv", p, np.where(valid[:, None, None], keys[..., :DV], 0))
