@@ -474,10 +474,10 @@ static bool run_case(const Case& c, bool verbose) {
   const bool ok = co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6;
   int nsplit = 0;
   for (char s : split) nsplit += s;
-  std::printf("%-4s %-30s b=%d s_q=%d h_q=%3d h_kv=%d causal=%d parts=%3d cl=%d split_reqs=%d | "
+  std::printf("%-4s %-30s b=%d s_q=%d h_q=%3d h_kv=%d causal=%d parts=%3d split_reqs=%d | "
               "out maxabs %.2e fails %zu cos %.1e | lse maxabs %.2e fails %zu\n",
               ok ? "PASS" : "FAIL", c.name.c_str(), c.b, c.s_q, c.h_q, c.h_kv, c.causal, P.parts,
-              decode_main_sm90_uses_clusters(P.params) ? 2 : 1, nsplit, co.max_abs, co.fails,
+              nsplit, co.max_abs, co.fails,
               co.cos_diff, cl.max_abs, cl.fails);
   if (!ok && verbose) {
     // Where it fails: per request, per (token, head) row, first few elements.
@@ -954,8 +954,8 @@ static int run_bench(const BenchOpts& o) {
   if (js) std::fprintf(js, "[\n");
   bool first_json = true;
   std::printf("sched overhead %d pages/chunk, %d timed calls per config\n", o.overhead, o.reps);
-  std::printf("%-5s %-6s %-5s %-6s %-8s %-7s %-10s %-10s %-8s %-8s %s\n", "s_q", "L", "h_q",
-              "causal", "meanlen", "splits", "call_us", "main_us", "TB/s", "TFLOPS", "cluster");
+  std::printf("%-5s %-6s %-5s %-6s %-8s %-7s %-10s %-10s %-8s %s\n", "s_q", "L", "h_q",
+              "causal", "meanlen", "splits", "call_us", "main_us", "TB/s", "TFLOPS");
   std::mt19937_64 rng(2024);
   for (int s_q : {1, 2}) {
     for (int L : Ls) {
@@ -1057,17 +1057,16 @@ static int run_bench(const BenchOpts& o) {
           const double tc = median(t_call) * 1e-3, tm = median(t_main) * 1e-3;
           const double bytes = b * (s_q * h_q * 576.0 * 2 + mean * h_kv * 576.0 * 2 + s_q * h_q * 512.0 * 2);
           const double flops = static_cast<double>(b) * h_q * s_q * (2.0 * 576 + 2.0 * 512) * mean;
-          std::printf("%-5d %-6d %-5d %-6d %-8.0f %-7d %-10.1f %-10.1f %-8.3f %-8.1f %d\n", s_q, L,
+          std::printf("%-5d %-6d %-5d %-6d %-8.0f %-7d %-10.1f %-10.1f %-8.3f %-8.1f\n", s_q, L,
                       h_q, causal, mean, ns[b] - b, tc * 1e6, tm * 1e6, bytes / tc / 1e12,
-                      flops / tc / 1e12, decode_main_sm90_uses_clusters(p) ? 2 : 1);
+                      flops / tc / 1e12);
           if (js) {
             std::fprintf(js,
                          "%s  {\"s_q\": %d, \"L\": %d, \"h_q\": %d, \"causal\": %d, \"mean_len\": "
                          "%.1f, \"extra_splits\": %d, \"call_us\": %.2f, \"main_us\": %.2f, "
-                         "\"TBps\": %.4f, \"TFLOPS\": %.2f, \"cluster\": %d, \"overhead\": %d}",
+                         "\"TBps\": %.4f, \"TFLOPS\": %.2f, \"overhead\": %d}",
                          first_json ? "" : ",\n", s_q, L, h_q, causal, mean, ns[b] - b, tc * 1e6,
-                         tm * 1e6, bytes / tc / 1e12, flops / tc / 1e12,
-                         decode_main_sm90_uses_clusters(p) ? 2 : 1, o.overhead);
+                         tm * 1e6, bytes / tc / 1e12, flops / tc / 1e12, o.overhead);
             first_json = false;
           }
           cudaFree(d_bt);

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # One device call: (re)build if the carried binaries do not run there, then the steps named in
 # STEPS (default: all). Logs go to $OUT (or ./_out). Never touches clocks or GPU settings.
-#   prims  building blocks;  check  correctness (clusters where they apply);
-#   check_mc  quick correctness with the cluster (multicast) variant;  sass  instruction summary
-#   and the serialization guard;
-#   bench  full DESIGN §6 grid;  ab  corner configs with each experiment switch;
-#   ncu  Nsight Compute sections for the compute corner, clusters on and off.
+#   prims  building blocks;  check  correctness;  sass  instruction summary and the
+#   serialization guard;  bench  full DESIGN §6 grid;  ab  corner configs with each experiment
+#   switch;  ncu  Nsight Compute sections for the compute corner.
 #   An optional earlier build at $B/check_decode_v2 is timed on the corners too (A/B in one run).
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-_out}
-STEPS=${STEPS:-"prims check check_mc sass bench ab ncu"}
+STEPS=${STEPS:-"prims check sass bench ab ncu"}
 mkdir -p "$OUT"
 B=tests/cuda/build
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -27,9 +25,6 @@ if has check; then
     timeout 120 $B/check_decode_wd 2>&1 | tail -40 | tee "$OUT/check_wd.log"
   fi
 fi
-if has check_mc; then
-  JFM_SM90_MULTICAST=1 timeout 120 $B/check_decode --quick 2>&1 | tail -3 | tee "$OUT/check_mc.log"
-fi
 if has sass; then
   cuobjdump --dump-sass $B/check_decode 2>/dev/null | grep -o "HGMMA[.0-9A-Zx]*\|UTMALDG[.0-9A-Z]*" | sort | uniq -c > "$OUT/sass_summary.txt"
   cat "$OUT/sass_summary.txt"
@@ -41,22 +36,19 @@ fi
 if has ab; then
   {
     if [ -x $B/check_decode_v2 ]; then
-      echo "== previous build (check_decode_v2, clusters off)"
-      JFM_SM90_NO_MULTICAST=1 timeout 60 $B/check_decode_v2 --bench --corners --no-bw
+      echo "== previous build (check_decode_v2)"
+      timeout 60 $B/check_decode_v2 --bench --corners --no-bw
     fi
-    echo "== clusters on"; JFM_SM90_MULTICAST=1 timeout 60 $B/check_decode --bench --corners --no-bw
     echo "== scheduler overhead 2"; timeout 60 $B/check_decode --bench --corners --no-bw --overhead 2
     echo "== default again (spread)"; timeout 60 $B/check_decode --bench --corners --no-bw
   } 2>&1 | grep -v "^device" | tee "$OUT/ab.log"
 fi
 if has ncu; then
-  for mc in 0 1; do
-    JFM_SM90_MULTICAST=$mc timeout 150 ncu --clock-control none -k regex:decode_main -c 1 \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section ComputeWorkloadAnalysis \
-      $B/check_decode --bench --no-bw --reps 1 --only 2,8192,128,0 > "$OUT/ncu_mc$mc.txt" 2>&1
-    echo "== ncu compute corner, clusters $mc"
-    grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|ERROR" "$OUT/ncu_mc$mc.txt" | cut -c1-220 | head -30
-  done
+  timeout 150 ncu --clock-control none -k regex:decode_main -c 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section ComputeWorkloadAnalysis \
+    $B/check_decode --bench --no-bw --reps 1 --only 2,8192,128,0 > "$OUT/ncu.txt" 2>&1
+  echo "== ncu compute corner"
+  grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|ERROR" "$OUT/ncu.txt" | cut -c1-220 | head -30
 fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/gpu.txt" 2>&1

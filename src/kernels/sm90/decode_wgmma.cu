@@ -3,8 +3,6 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-
 #include "decode_wgmma.cuh"
 #include "launch_sm90.h"
 
@@ -54,89 +52,6 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p)
 
 int decode_main_sm90_smem_bytes() { return sm90::DecodeWgmmaTraits::kSmemBytes; }
 
-namespace {
-
-// Experiment switches, read once: JFM_SM90_MULTICAST=1 runs shapes with an even number of m
-// blocks as 2-CTA clusters with multicast KV loads (correct, but slower on the H200: see
-// benchmarks/NOTES.md), JFM_SM90_EVICT_NORMAL=1 loads KV with the evict_normal L2 policy.
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] != '\0' && v[0] != '0';
-}
-
-template <bool kMcast>
-cudaError_t launch(const DecodeParams& params, const CUtensorMap& map, int flags,
-                   cudaStream_t stream) {
-  const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;
-  auto kernel = sm90::decode_main_sm90_kernel<kMcast>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
-  cfg.blockDim = dim3(sm90::DecodeWgmmaTraits::kThreads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[n].val.programmaticStreamSerializationAllowed = 1;
-  ++n;
-  if (kMcast) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = sm90::DecodeWgmmaTraits::kClusterSize;
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, kernel, map, params, flags);
-}
-
-// Clusters (opt-in) are used only if every cluster of the grid is resident at once (one CTA per
-// SM): otherwise a second wave would double the time of its parts.
-bool multicast_fits(const DecodeParams& params) {
-  if (params.num_m_blocks % sm90::DecodeWgmmaTraits::kClusterSize != 0) return false;
-  static const bool enabled = env_flag("JFM_SM90_MULTICAST");
-  if (!enabled) return false;
-  static const int max_clusters = [] {
-    auto kernel = sm90::decode_main_sm90_kernel<true>;
-    const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-        cudaSuccess) {
-      return 0;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(sm90::DecodeWgmmaTraits::kClusterSize, 1, 1);
-    cfg.blockDim = dim3(sm90::DecodeWgmmaTraits::kThreads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = sm90::DecodeWgmmaTraits::kClusterSize;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    return n;
-  }();
-  const long long clusters = static_cast<long long>(params.num_m_blocks) /
-                             sm90::DecodeWgmmaTraits::kClusterSize * params.h_kv *
-                             params.num_sm_parts;
-  return clusters <= max_clusters;
-}
-
-}  // namespace
-
-bool decode_main_sm90_uses_clusters(const DecodeParams& params) {
-  return multicast_fits(params);
-}
-
 cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream) {
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do
@@ -144,9 +59,21 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   CUtensorMap map;
   cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
-  static const int flags = env_flag("JFM_SM90_EVICT_NORMAL") ? sm90::kFlagEvictNormal : 0;
-  if (multicast_fits(params)) return launch<true>(params, map, flags, stream);
-  return launch<false>(params, map, flags, stream);
+  const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;
+  auto kernel = sm90::decode_main_sm90_kernel;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
+  cfg.blockDim = dim3(sm90::DecodeWgmmaTraits::kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, map, params);
 }
 
 }  // namespace jax_flashmla

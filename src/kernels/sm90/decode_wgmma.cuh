@@ -27,12 +27,6 @@
 // Pages of the next pair may belong to the next request of the chunk list, so loads run ahead
 // across request boundaries.
 //
-// Clusters (kMcast): when a (kv head, part) has an even number of m blocks, consecutive m blocks
-// run as a cluster of two CTAs that walk the same pages, so each K tile is fetched from L2 once
-// and multicast into both CTAs (half the L2->SM traffic, and the pair stays in step). A tile group
-// is overwritten only after both CTAs have freed it: each CTA's refilling warpgroup arrives on an
-// "empty" mbarrier in both CTAs, and the issuer waits for its own to collect both arrivals.
-//
 // Masking: a page is loaded only if its id is in [0, num_blocks) and some row of the m block can
 // see one of its keys; otherwise it is skipped by both groups (P = 0). Scores are masked (selected
 // to -inf) only on pages that reach past the first row's visible length; V rows past the length
@@ -46,44 +40,26 @@ namespace sm90 {
 
 // ------------------------------------------------------------------ the kernel
 
-// Kernel flags (launch-time experiment switches).
-constexpr int kFlagEvictNormal = 1;  // KV loads with the evict_normal L2 policy, not evict_first
-
 // Run by a whole warpgroup once all its warps have finished with tile group (buffer, warpgroup)
-// of the current pair: frees the group and (leader only) starts the next page's tiles of it. All
-// threads wait on the empty barrier: a spin-wait inside leader-only code made ptxas serialize
-// every wgmma of the kernel.
-// With clusters every pair frees and waits on every group, loaded or not, so the empty barriers
-// complete exactly once per pair and neither CTA can run a phase ahead of its peer. A CTA arrives
-// on its own barrier before its peer's: once the peer sees our arrival, our own has landed.
-template <bool kMcast>
+// of the current pair: the leader starts the next page's tiles of it.
 __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uint32_t s_buf,
-                                       uint32_t bars, uint32_t empty_bar, uint32_t empty_parity,
-                                       const PageInfo& next, int hk, uint32_t mask,
-                                       uint32_t rank, uint64_t policy) {
+                                       uint32_t bars, const PageInfo& next, int hk,
+                                       uint32_t mask, uint64_t policy) {
   if (leader) {
-    if constexpr (kMcast) {
-      mbar_arrive_cluster(empty_bar, rank);
-      mbar_arrive_cluster(empty_bar, rank ^ 1u);
-    }
-    expect_group<kMcast>(bars, next, mask);
+    expect_group(bars, next, mask);
+    issue_group(tmap, s_buf, bars, next, hk, mask, policy);
   }
-  if constexpr (kMcast) mbar_wait_cluster(empty_bar, empty_parity);
-  if (leader) issue_group<kMcast>(tmap, s_buf, bars, next, hk, mask, rank, policy);
 }
 
-template <bool kMcast>
 __global__ void __launch_bounds__(T::kThreads, 1)
     decode_main_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
-                            const __grid_constant__ DecodeParams p, int flags) {
+                            const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sQ = base + T::kOffQ;
   const uint32_t sK[2] = {base + T::kOffK0, base + T::kOffK1};
   const uint32_t bars[2] = {base + T::kOffBars, base + T::kOffBars + 8 * T::kNumKTiles};
-  // empty[buffer][warpgroup] at empty_bars + 8 * (2 * buffer + warpgroup)
-  const uint32_t empty_bars = base + T::kOffEmptyBars;
   float* s_row_max = reinterpret_cast<float*>(smem + T::kOffRowMax);
   float* s_scale0 = reinterpret_cast<float*>(smem + T::kOffScale0);
   float* s_scale1 = reinterpret_cast<float*>(smem + T::kOffScale1);
@@ -99,32 +75,23 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int r0 = warp_wg * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
   const int q4 = lane % 4;                 // column pair within each 8-column chunk
   const bool leader = tid_wg == 0;
-  const uint32_t rank = kMcast ? cluster_ctarank() : 0;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(base + T::kOffBars + 8 * i, 1);
-    if (kMcast) {
-      for (int i = 0; i < 4; ++i) mbar_init(empty_bars + 8 * i, T::kClusterSize);
-    }
     fence_mbar_init();
     prefetch_tensormap(&tmap_k);
   }
-  if constexpr (kMcast) {
-    cluster_sync();  // the peer's barriers exist before anyone multicasts or arrives on them
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
 
   // Everything above may overlap the previous kernel (PDL); reads of its outputs may not.
   pdl_wait_for_primary();
 
   const SchedRecord rec = p.sched[part];
-  if (rec.begin_req >= p.b) return;
+  // No work, or a record no scheduler writes (the records are a run-time input): never index
+  // the batch with a negative request.
+  if (rec.begin_req >= p.b || rec.begin_req < 0) return;
 
-  uint64_t policy = 0;
-  if (leader) {
-    policy = (flags & kFlagEvictNormal) ? l2_evict_normal_policy() : l2_evict_first_policy();
-  }
+  const uint64_t policy = leader ? l2_evict_first_policy() : 0;
 
   // Prologue: start the loads of the first pair.
   {
@@ -132,16 +99,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (first_pair_from(p, rec, m_block, rec.begin_req, c) && leader) {
       const PageInfo pa = make_page(p, c, c.pb);
       const PageInfo pb = make_page(p, c, c.pb + 1);
-      expect_group<kMcast>(bars[0], pa, T::group_tiles(0, wg));
-      expect_group<kMcast>(bars[1], pb, T::group_tiles(1, wg));
-      issue_group<kMcast>(&tmap_k, sK[0], bars[0], pa, hk, T::group_tiles(0, wg), rank, policy);
-      issue_group<kMcast>(&tmap_k, sK[1], bars[1], pb, hk, T::group_tiles(1, wg), rank, policy);
+      expect_group(bars[0], pa, T::group_tiles(0, wg));
+      expect_group(bars[1], pb, T::group_tiles(1, wg));
+      issue_group(&tmap_k, sK[0], bars[0], pa, hk, T::group_tiles(0, wg), policy);
+      issue_group(&tmap_k, sK[1], bars[1], pb, hk, T::group_tiles(1, wg), policy);
     }
   }
 
   uint32_t phase[2] = {0, 0};
   bool q_prefetched = false;  // sQ already holds (copies in flight of) this request's Q
-  uint32_t empty_parity = 0;  // phase of the empty barriers: one completion per pair
   const int last_req = min(rec.end_req, p.b - 1);
 
   for (int req = rec.begin_req; req <= last_req; ++req) {
@@ -234,8 +200,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         // wait_group covers only the calling warp's share: all four warps must be done reading
         // before the leader lets TMA overwrite the tiles.
         named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        refill<kMcast>(leader, &tmap_k, sK[0], bars[0], empty_bars + 8 * 0, empty_parity, na, hk,
-                       T::group_tiles(0, 0), rank, policy);
+        refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 0), policy);
 
         named_bar_sync(T::kBarP1Ready, T::kThreads);
         const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
@@ -255,8 +220,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           reg_fence(o);
         }
         named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        refill<kMcast>(leader, &tmap_k, sK[1], bars[1], empty_bars + 8 * 2, empty_parity, nb, hk,
-                         T::group_tiles(1, 0), rank, policy);
+        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, T::group_tiles(1, 0), policy);
       } else {
         // ---------------- WG1: page b ----------------
         float mx[2] = {-INFINITY, -INFINITY};
@@ -304,8 +268,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         wgmma_wait<0>();
         reg_fence(o);
         named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        refill<kMcast>(leader, &tmap_k, sK[0], bars[0], empty_bars + 8 * 1, empty_parity, na, hk,
-                         T::group_tiles(0, 1), rank, policy);
+        refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 1), policy);
         rescale_o(o, sc1);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
@@ -326,12 +289,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           reg_fence(o);
         }
         named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        refill<kMcast>(leader, &tmap_k, sK[1], bars[1], empty_bars + 8 * 3, empty_parity, nb, hk,
-                         T::group_tiles(1, 1), rank, policy);
+        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, T::group_tiles(1, 1), policy);
       }
       if (pa.loaded) phase[0] ^= 1u;
       if (pb.loaded) phase[1] ^= 1u;
-      empty_parity ^= 1u;
     }
 
     if (req == last_req) pdl_launch_dependents();
@@ -348,9 +309,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     }
     __syncthreads();
 
-    const int n_splits = __ldg(p.num_splits + c.bi + 1) - __ldg(p.num_splits + c.bi);
-    const bool split = n_splits > 1;
-    const int split_idx = (req == rec.begin_req) ? rec.begin_split : 0;
+    const int split_begin = __ldg(p.num_splits + c.bi);
+    const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
+    // Partial slot of this chunk; one outside [0, b + parts) only comes from hand-made records
+    // and is dropped rather than written out of bounds.
+    const int64_t slot =
+        static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
+    const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
     const int col0 = wg * T::kVColsPerWarpgroup + 2 * q4;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -375,10 +340,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
                 l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
           }
-        } else {
-          const size_t idx =
-              (static_cast<size_t>(__ldg(p.num_splits + c.bi) + split_idx) * p.h_kv + hk) *
-                  p.q_rows + row;
+        } else if (slot_ok) {
+          const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + row;
           float* oacc = p.o_accum + idx * kHeadDimV;
 #pragma unroll
           for (int k = 0; k < 32; ++k) {
@@ -392,8 +355,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
     q_prefetched = c.pb < c.pe && req < last_req;
   }
-  // No CTA of a cluster leaves while its peer may still arrive on its barriers.
-  if constexpr (kMcast) cluster_sync();
 }
 
 }  // namespace sm90

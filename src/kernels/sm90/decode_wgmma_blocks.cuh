@@ -23,9 +23,8 @@ struct ReqCtx {
   int bi;        // request index
   int len;       // effective length
   int vis_min;   // keys visible to the m block's first row (the smallest)
-  int vis_req;   // keys visible to the request's last row (the largest over all m blocks): the
-                 // load decision uses it, so every m block (and both CTAs of a cluster) loads
-                 // the same pages
+  int vis_req;   // keys visible to the request's last row (the largest over all m blocks):
+                 // the load decision uses it
   int pb, pe;    // page range [pb, pe) of this chunk
 };
 
@@ -92,9 +91,7 @@ __device__ __forceinline__ bool first_pair_from(const DecodeParams& p, const Sch
 // ------------------------------------------------------------------ loads
 
 // Starts the loads of the K tiles in `tile_mask` of one page into a buffer: expects their bytes
-// on this CTA's tile barriers and issues the copies. With kMcast the cluster is a pair of CTAs
-// that both need the tiles: each issues every other tile of the group, multicast to both.
-template <bool kMcast>
+// on the tile barriers and issues the copies.
 __device__ __forceinline__ void expect_group(uint32_t bars, const PageInfo& pi,
                                              uint32_t tile_mask) {
   if (!pi.loaded) return;
@@ -104,39 +101,28 @@ __device__ __forceinline__ void expect_group(uint32_t bars, const PageInfo& pi,
   }
 }
 
-template <bool kMcast>
 __device__ __forceinline__ void issue_group(const CUtensorMap* tmap, uint32_t s_buf,
                                             uint32_t bars, const PageInfo& pi, int hk,
-                                            uint32_t tile_mask, uint32_t cta_rank,
-                                            uint64_t policy) {
+                                            uint32_t tile_mask, uint64_t policy) {
   if (!pi.loaded) return;
-  int i = 0;
 #pragma unroll
   for (int t = 0; t < T::kNumKTiles; ++t) {
     if ((tile_mask >> t) & 1u) {
-      const uint32_t dst = s_buf + t * T::kTileBytes;
-      const uint32_t bar = bars + 8 * t;
-      if constexpr (kMcast) {
-        if (static_cast<uint32_t>(i & 1) == cta_rank) {
-          tma_load_4d_multicast(dst, tmap, bar, t * T::kTileCols, hk, 0, pi.kv_id, 0x3, policy);
-        }
-      } else {
-        tma_load_4d(dst, tmap, bar, t * T::kTileCols, hk, 0, pi.kv_id, policy);
-      }
-      ++i;
+      tma_load_4d(s_buf + t * T::kTileBytes, tmap, bars + 8 * t, t * T::kTileCols, hk, 0,
+                  pi.kv_id, policy);
     }
   }
 }
 
-// Used by the building-block test: all nine tiles of one page, no cluster.
+// Used by the building-block test: all nine tiles of one page.
 __device__ __forceinline__ void load_page_tiles(const CUtensorMap* tmap, uint32_t s_buf,
                                                 uint32_t bars, const PageInfo& pi, int hk, int t0,
                                                 int t1, int extra, uint64_t policy) {
   uint32_t mask = 0;
   for (int t = t0; t < t1; ++t) mask |= 1u << t;
   if (extra >= 0) mask |= 1u << extra;
-  expect_group<false>(bars, pi, mask);
-  issue_group<false>(tmap, s_buf, bars, pi, hk, mask, 0, policy);
+  expect_group(bars, pi, mask);
+  issue_group(tmap, s_buf, bars, pi, hk, mask, policy);
 }
 
 // All 256 threads copy the 64 x 576 query block of (request, kv head, m block) into sQ in the

@@ -35,9 +35,7 @@ struct DecodeWgmmaTraits {
   static constexpr int kOffScale1 = kOffScale0 + 256;      // float[64]
   static constexpr int kOffRowSum = kOffScale1 + 256;      // float[2][64]
   static constexpr int kOffBars = kOffRowSum + 512;        // uint64[2][9]: tile loaded ("full")
-  static constexpr int kOffEmptyBars = kOffBars + 2 * kNumKTiles * 8;  // uint64[2][2], clusters:
-                                                           // [buffer][group] freed by both CTAs
-  static constexpr int kSmemUsed = kOffEmptyBars + 4 * 8;
+  static constexpr int kSmemUsed = kOffBars + 2 * kNumKTiles * 8;
   static constexpr int kSmemBytes = kSmemUsed + 1024;      // slack to align the base to 1024
 
   // The P tile of page buffer i lives in K tile kPTile of that buffer.
@@ -48,9 +46,6 @@ struct DecodeWgmmaTraits {
   JFM_HOST_DEVICE static constexpr uint32_t group_tiles(int buffer, int wg) {
     return buffer == 0 ? (wg == 0 ? 0x00Fu : 0x1F0u) : (wg == 0 ? 0x10Fu : 0x0F0u);
   }
-
-  // With clusters, the two CTAs of a cluster are consecutive m blocks of one (kv head, part).
-  static constexpr int kClusterSize = 2;
 
   // Named barriers (0 is __syncthreads).
   static constexpr int kBarP0Ready = 1;   // WG0 -> WG1: row max m0, scale s0, P0 in smem

@@ -10,9 +10,7 @@
 namespace jax_flashmla {
 
 // Launches the main kernel on `stream` with grid (num_m_blocks, h_kv, num_sm_parts), 256 threads
-// and DecodeWgmmaTraits::kSmemBytes of dynamic shared memory (the attribute is set here). With
-// JFM_SM90_MULTICAST=1 in the environment (an experiment, off by default) an even num_m_blocks
-// runs as clusters of two CTAs along x that share (multicast) their KV loads. Builds
+// and DecodeWgmmaTraits::kSmemBytes of dynamic shared memory (the attribute is set here). Builds
 // the TMA descriptor of k_cache on the host (no device sync, safe under graph capture). Launched
 // with programmatic stream serialization: it waits (griddepcontrol.wait) before reading any input,
 // and lets its dependents launch once every CTA has finished its last main loop.
@@ -20,10 +18,6 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
 
 // The TMA descriptor of k_cache the kernel takes (exposed for tests of the building blocks).
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
-
-// Whether launch_decode_main_sm90 runs these params as clusters of two CTAs with multicast
-// KV loads (opted in, even num_m_blocks, and every cluster resident at once).
-bool decode_main_sm90_uses_clusters(const DecodeParams& params);
 
 // Dynamic shared memory the kernel needs, in bytes.
 int decode_main_sm90_smem_bytes();
