@@ -5,12 +5,12 @@
     python benchmarks/bench_decode.py --json out.json --plot out.png
     python benchmarks/bench_decode.py --devices 2 --b 256 --len 8192   # batch over two GPUs
 
-What is timed: the decode call inside one jitted program that runs it `--iters` times in a loop
-(so per-call Python dispatch is not counted and, as in a model, the scheduler records are computed
-once outside and reused), combine kernel included; per-call time = loop time / iters; the figure
-is the median over `--repeats` timed runs after a warm-up run. The block table is perturbed by a
-run-time zero each iteration so XLA cannot hoist loop-invariant work (the reference's page gather)
-out of the loop.
+What is timed: one jitted program that runs the decode call `--layers` times, as the layers of a
+model do: each "layer" has its own queries and its own block table (the same pages under another
+permutation, so XLA cannot share the reference's page gather between layers), and all of them
+reuse scheduler records computed once outside. Per-call time = program time / layers, combine
+kernel and the program's dispatch included; the figure is the median over `--repeats` timed runs
+after a warm-up run. `benchmarks/trace_decode.py` splits that time into kernels and gaps.
 """
 
 from __future__ import annotations
@@ -66,11 +66,22 @@ def counts(b, s_q, h_q, h_kv, mean_len):
   return flops, nbytes
 
 
-def time_decode(q, k_cache, block_table, lens, *, causal, implementation, iters, repeats,
-                mesh=None):
-  """Seconds per decode call. With a mesh: batch-parallel over its "dp" axis, one page pool per
-  device, scheduler records computed per device inside each call (so they are timed too)."""
-  s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
+def layer_inputs(key, q_shape, block_table, num_pages: int, layers: int):
+  """Per-layer queries, and per-layer block tables that map the same rows to the same pages
+  under a random relabelling of page ids (ids stay pool-local when the pages are pooled)."""
+  qs = [(jax.random.normal(jax.random.fold_in(key, i), q_shape) / 10).astype(jnp.bfloat16)
+        for i in range(layers)]
+  rng = np.random.default_rng(layers)
+  bt = np.asarray(block_table)
+  bts = [bt] + [rng.permutation(num_pages).astype(np.int32)[bt] for _ in range(layers - 1)]
+  return qs, [jnp.asarray(t) for t in bts]
+
+
+def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repeats, mesh=None):
+  """Seconds per decode call of a jitted program of len(qs) layer calls. With a mesh:
+  batch-parallel over its "dp" axis, one page pool per device, scheduler records computed per
+  device inside each call (so they are timed too)."""
+  s_q, h_q, h_kv = qs[0].shape[1], qs[0].shape[2], k_cache.shape[2]
   pools = 1
   if mesh is None:
     md = jax_flashmla.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv,
@@ -79,27 +90,21 @@ def time_decode(q, k_cache, block_table, lens, *, causal, implementation, iters,
     pools = mesh.size
     md = None
     split = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("dp")))
-    q, k_cache, block_table, lens = (split(x) for x in (q, k_cache, block_table, lens))
+    qs, block_tables = [split(x) for x in qs], [split(x) for x in block_tables]
+    k_cache, lens = split(k_cache), split(lens)
 
   @jax.jit
-  def loop(q, k_cache, block_table, lens, md, never):
-    def body(_, carry):
-      # `never` is a run-time +inf: the perturbation is zero, but XLA cannot prove it.
-      bt = block_table + (carry > never).astype(jnp.int32)
-      out, lse = jax_flashmla.flash_mla_with_kvcache(
-          q, k_cache, bt, lens, metadata=md, causal=causal, implementation=implementation,
-          num_pools=pools)
-      return out[0, 0, 0, 0].astype(jnp.float32) + lse[0, 0, 0]
+  def model(qs, k_cache, block_tables, lens, md):
+    return [jax_flashmla.flash_mla_with_kvcache(q, k_cache, bt, lens, metadata=md, causal=causal,
+                                                implementation=implementation, num_pools=pools)
+            for q, bt in zip(qs, block_tables)]
 
-    return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
-
-  never = jnp.float32(np.inf)
-  jax.block_until_ready(loop(q, k_cache, block_table, lens, md, never))  # compile + warm up
+  jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))  # compile + warm up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(loop(q, k_cache, block_table, lens, md, never))
-    times.append((time.perf_counter() - t0) / iters)
+    jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))
+    times.append((time.perf_counter() - t0) / len(qs))
   return statistics.median(times)
 
 
@@ -122,7 +127,8 @@ def main(argv=None):
   p.add_argument("--len", type=int, default=None, help="one mean length (default: the grid)")
   p.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
   p.add_argument("--implementations", default="cuda,xla")
-  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--layers", type=int, default=20,
+                 help="decode calls per timed program (the XLA reference runs a quarter)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--xla-max-len", type=int, default=32768,
                  help="skip the XLA reference above this mean length (its memory grows fast)")
@@ -155,8 +161,6 @@ def main(argv=None):
       k_cache, block_table, lens, real_mean = make_inputs(key, args.b, mean_len, 2,
                                                           pools=args.devices)
       cache_key = mean_len
-    q = (jax.random.normal(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576)) / 10).astype(
-        jnp.bfloat16)
     flops, nbytes = counts(args.b, s_q, h_q, 1, real_mean)
     result = {"devices": args.devices, "b": args.b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "mean_len": mean_len,
               "actual_mean_len": real_mean, "causal": causal, "flops": flops, "bytes": nbytes}
@@ -164,9 +168,12 @@ def main(argv=None):
       if impl == "xla" and mean_len > args.xla_max_len:
         continue
       try:
-        sec = time_decode(q, k_cache, block_table, lens, causal=causal, implementation=impl,
-                          iters=args.iters if impl != "xla" else max(2, args.iters // 4),
+        layers = args.layers if impl != "xla" else max(2, args.layers // 4)
+        qs, bts = layer_inputs(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576),
+                               block_table, k_cache.shape[0] // args.devices, layers)
+        sec = time_decode(qs, k_cache, bts, lens, causal=causal, implementation=impl,
                           repeats=args.repeats, mesh=mesh)
+        del qs, bts
       except Exception as e:  # e.g. the reference running out of memory at long lengths
         print(f"  [{n}/{len(configs)}] {impl} failed: {type(e).__name__}: {str(e)[:200]}",
               flush=True)
@@ -194,7 +201,7 @@ def main(argv=None):
 def save(args, rows):
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "build": jax_flashmla.build_info(), "command": " ".join(sys.argv),
-          "iters": args.iters, "repeats": args.repeats, "devices": args.devices}
+          "layers": args.layers, "repeats": args.repeats, "devices": args.devices}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)

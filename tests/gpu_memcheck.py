@@ -1,19 +1,23 @@
 """Hostile-value cases for compute-sanitizer (not a pytest module; run it under the sanitizer):
 
-    XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck \
-        --kernel-name regex:'decode|combine|sched' python3 -P tests/gpu_memcheck.py
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --kernel-name kns=_kernel python3 -P tests/gpu_memcheck.py
 
 The platform allocator gives every buffer its own allocation, so an out-of-bounds access is not
-hidden inside XLA's memory pool. Exits non-zero if a kept row differs from the reference.
+hidden inside XLA's memory pool; `kns=_kernel` instruments our kernels (decode_main_sm90_kernel,
+combine_kernel, sched_kernel) and leaves XLA's own alone. Exits non-zero if a kept row differs
+from the reference.
 
 Hand-made scheduler records (negative request indices, split indices and prefix sums past the
 partial buffers, ...) are values no trace can see too; the kernels' outputs for them are
 undefined, but they must not touch memory outside their buffers. Run them on their own (an
 out-of-bounds write without the sanitizer may corrupt the process):
 
-    XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --error-exitcode 1 \
-        --kernel-name regex:'decode|combine|sched' python3 -P tests/gpu_memcheck.py \
-        --hostile-metadata
+    ... python3 -P tests/gpu_memcheck.py --hostile-metadata
+
+For racecheck and synccheck, one decode call on a small or a large configuration:
+
+    ... compute-sanitizer --tool racecheck ... python3 -P tests/gpu_memcheck.py --config small
 """
 
 import os
@@ -100,8 +104,23 @@ def hostile_metadata():
   print("hostile metadata cases ran (outputs undefined; the sanitizer judges memory)")
 
 
+def one_config(name):
+  rng = np.random.default_rng(3)
+  if name == "small":  # splits, causal, empty rows, a partial last page
+    case = make_case(rng, 8, 2, 300, 16, 1, causal=True, zero_rows=0.2)
+    kw = {"num_sms": 16}
+  else:  # four m blocks per request, many pages, the GPU's own part count
+    case = make_case(rng, 64, 2, 4096, 128, 1, causal=False, zero_rows=0.1)
+    kw = {}
+  check_decode(*run(case, **kw))
+  print(f"config {name} ok")
+
+
 if __name__ == "__main__":
-  if "--hostile-metadata" in sys.argv[1:]:
+  argv = sys.argv[1:]
+  if "--hostile-metadata" in argv:
     hostile_metadata()
+  elif "--config" in argv:
+    one_config(argv[argv.index("--config") + 1])
   else:
     main()

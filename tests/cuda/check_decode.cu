@@ -906,6 +906,65 @@ struct BenchOpts {
   int reps = 20;
 };
 
+#if defined(JFM_TIMING)
+// Per-part timing of the last main-kernel launch (built with -DJFM_TIMING; grid x = y = 1 here):
+// start skew, how the parts' end times spread, and a least-squares fit of each part's duration
+// to its pages and chunks, i.e. what a chunk switch really costs in pages.
+static void print_cta_timing(const std::vector<int>& lens, const std::vector<SchedRecord>& recs,
+                             int max_blocks) {
+  const int parts = static_cast<int>(recs.size());
+  std::vector<unsigned long long> t(2 * parts);
+  CK(read_cta_times_sm90(t.data(), t.size()));
+  unsigned long long t0 = ~0ull, t1 = 0;
+  for (int i = 0; i < parts; ++i) t0 = std::min(t0, t[2 * i]), t1 = std::max(t1, t[2 * i + 1]);
+  std::vector<double> starts, ends;
+  double ata[3][3] = {}, atb[3] = {};
+  for (int i = 0; i < parts; ++i) {
+    const SchedRecord& r = recs[i];
+    double pages = 0, chunks = 0;
+    const int b = static_cast<int>(lens.size());
+    for (int req = std::max(r.begin_req, 0); req <= std::min(r.end_req, b - 1); ++req) {
+      const int len = effective_len(lens[req], max_blocks);
+      const int np = std::max((len + 63) / 64, 1);
+      const int pb = req == r.begin_req ? std::min(std::max(r.begin_block, 0), np) : 0;
+      const int pe = req == r.end_req ? std::min(r.end_block, np) : np;
+      if (pb < pe) pages += pe - pb, chunks += 1;
+    }
+    const double st = (t[2 * i] - t0) * 1e-3, en = (t[2 * i + 1] - t0) * 1e-3;
+    starts.push_back(st);
+    ends.push_back(en);
+    if (chunks == 0) continue;
+    const double x[3] = {pages, chunks, 1.0};
+    for (int a = 0; a < 3; ++a) {
+      for (int c = 0; c < 3; ++c) ata[a][c] += x[a] * x[c];
+      atb[a] += x[a] * (en - st);
+    }
+  }
+  // 3x3 solve by Cramer's rule.
+  auto det = [](double m[3][3]) {
+    return m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) -
+           m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]) +
+           m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+  };
+  double coef[3] = {0, 0, 0};
+  const double d = det(ata);
+  for (int k = 0; k < 3 && d != 0; ++k) {
+    double m[3][3];
+    for (int a = 0; a < 3; ++a)
+      for (int c = 0; c < 3; ++c) m[a][c] = c == k ? atb[a] : ata[a][c];
+    coef[k] = det(m) / d;
+  }
+  std::sort(starts.begin(), starts.end());
+  std::sort(ends.begin(), ends.end());
+  auto q = [](const std::vector<double>& v, double f) { return v[static_cast<size_t>(f * (v.size() - 1))]; };
+  std::printf("  timing: span %.1f us | start max %.1f us | end min %.1f p10 %.1f median %.1f "
+              "p90 %.1f max %.1f us | fit: %.3f us/page, %.2f us/chunk (%.1f pages), %.1f us fixed\n",
+              (t1 - t0) * 1e-3, starts.back(), ends.front(), q(ends, 0.1), q(ends, 0.5),
+              q(ends, 0.9), ends.back(), coef[0], coef[1], coef[0] > 0 ? coef[1] / coef[0] : 0.0,
+              coef[2]);
+}
+#endif
+
 static int run_bench(const BenchOpts& o) {
   const char* json_path = o.json;
   const int b = 128, h_kv = 1;
@@ -1054,6 +1113,9 @@ static int run_bench(const BenchOpts& o) {
               t_call.push_back(c);
             }
           }
+#if defined(JFM_TIMING)
+          print_cta_timing(lens, recs, max_blocks);
+#endif
           const double tc = median(t_call) * 1e-3, tm = median(t_main) * 1e-3;
           const double bytes = b * (s_q * h_q * 576.0 * 2 + mean * h_kv * 576.0 * 2 + s_q * h_q * 512.0 * 2);
           const double flops = static_cast<double>(b) * h_q * s_q * (2.0 * 576 + 2.0 * 512) * mean;

@@ -52,6 +52,12 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p)
 
 int decode_main_sm90_smem_bytes() { return sm90::DecodeWgmmaTraits::kSmemBytes; }
 
+#if defined(JFM_TIMING)
+cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count) {
+  return cudaMemcpyFromSymbol(host, sm90::g_cta_times, count * sizeof(unsigned long long));
+}
+#endif
+
 cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream) {
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do

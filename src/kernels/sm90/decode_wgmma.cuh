@@ -40,6 +40,24 @@ namespace sm90 {
 
 // ------------------------------------------------------------------ the kernel
 
+#if defined(JFM_TIMING)
+// Diagnostic builds of the standalone checker only: each CTA's start and end on the global
+// timer (ns), to see how evenly the scheduler's parts finish.
+__device__ unsigned long long g_cta_times[2 * 65536];
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void record_cta_time(int which) {
+  const unsigned id = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0 && id < 65536) g_cta_times[2 * id + which] = global_timer_ns();
+}
+#define JFM_RECORD_CTA_TIME(which) record_cta_time(which)
+#else
+#define JFM_RECORD_CTA_TIME(which)
+#endif
+
 // Run by a whole warpgroup once all its warps have finished with tile group (buffer, warpgroup)
 // of the current pair: the leader starts the next page's tiles of it.
 __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uint32_t s_buf,
@@ -54,6 +72,7 @@ __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uin
 __global__ void __launch_bounds__(T::kThreads, 1)
     decode_main_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
                             const __grid_constant__ DecodeParams p) {
+  JFM_RECORD_CTA_TIME(0);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
@@ -89,7 +108,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const SchedRecord rec = p.sched[part];
   // No work, or a record no scheduler writes (the records are a run-time input): never index
   // the batch with a negative request.
-  if (rec.begin_req >= p.b || rec.begin_req < 0) return;
+  if (rec.begin_req >= p.b || rec.begin_req < 0) {
+    JFM_RECORD_CTA_TIME(1);
+    return;
+  }
 
   const uint64_t policy = leader ? l2_evict_first_policy() : 0;
 
@@ -355,6 +377,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
     q_prefetched = c.pb < c.pe && req < last_req;
   }
+  JFM_RECORD_CTA_TIME(1);
 }
 
 }  // namespace sm90

@@ -22,4 +22,9 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& pa
 // Dynamic shared memory the kernel needs, in bytes.
 int decode_main_sm90_smem_bytes();
 
+#if defined(JFM_TIMING)
+// Diagnostic builds: (start, end) global-timer ns of each CTA of the last launch, CTA-linear.
+cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count);
+#endif
+
 }  // namespace jax_flashmla

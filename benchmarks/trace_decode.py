@@ -1,0 +1,138 @@
+"""Where a decode call's time goes inside a jitted program: the benchmark's layered program under
+the JAX profiler, its GPU activity split into kernels and the gaps between them.
+
+    python benchmarks/trace_decode.py --b 128 --s-q 1 --h-q 16 --len 8192
+
+Prints, per kernel name, how often it ran and its mean duration; then, per program run, the span
+from the first kernel's start to the last kernel's end, the summed kernel time and the idle time
+between kernels, each divided by the number of layers. "Over the bare kernel time" is the span
+per call minus the decode and combine kernels' own time per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_decode  # noqa: E402
+import jax_flashmla  # noqa: E402
+
+
+def gpu_kernel_events(trace_dir):
+  """(name, start_us, dur_us) of every event on a GPU stream of the perfetto trace."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                          recursive=True))[-1]
+  with gzip.open(path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  proc, thread = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      proc[e["pid"]] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      thread[(e["pid"], e["tid"])] = e["args"]["name"]
+  gpu_pids = {pid for pid, name in proc.items() if "GPU" in name or "gpu" in name}
+  lanes = collections.Counter(thread.get((e.get("pid"), e.get("tid")), "?") for e in events
+                              if e.get("ph") == "X" and e.get("pid") in gpu_pids)
+  print("GPU trace lanes (events):", dict(lanes))
+  out = []
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    if not thread.get((e["pid"], e["tid"]), "").lower().startswith("stream"):
+      continue  # "XLA Ops" / "XLA Modules" lanes repeat the stream's work at a coarser grain
+    out.append((e["name"], float(e["ts"]), float(e.get("dur", 0.0))))
+  return sorted(out, key=lambda x: x[1])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--b", type=int, default=128)
+  p.add_argument("--s-q", type=int, default=1)
+  p.add_argument("--h-q", type=int, default=16)
+  p.add_argument("--len", type=int, default=8192)
+  p.add_argument("--causal", action="store_true")
+  p.add_argument("--layers", type=int, default=20)
+  p.add_argument("--runs", type=int, default=3, help="program runs inside the trace")
+  p.add_argument("--implementation", default="cuda")
+  args = p.parse_args(argv)
+
+  key = jax.random.PRNGKey(0)
+  k_cache, block_table, lens, mean = bench_decode.make_inputs(key, args.b, args.len, 2)
+  qs, bts = bench_decode.layer_inputs(key, (args.b, args.s_q, args.h_q, 576), block_table,
+                                      k_cache.shape[0], args.layers)
+  md = jax_flashmla.get_mla_metadata(lens, args.s_q * args.h_q, 1,
+                                     implementation=args.implementation)
+
+  @jax.jit
+  def model(qs, k_cache, bts, lens, md):
+    return [jax_flashmla.flash_mla_with_kvcache(q, k_cache, bt, lens, metadata=md,
+                                                causal=args.causal,
+                                                implementation=args.implementation)
+            for q, bt in zip(qs, bts)]
+
+  run = lambda: jax.block_until_ready(model(qs, k_cache, bts, lens, md))
+  run()
+  wall = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    run()
+    wall.append((time.perf_counter() - t0) / args.layers * 1e6)
+  flops, nbytes = bench_decode.counts(args.b, args.s_q, args.h_q, 1, mean)
+  per_call = statistics.median(wall)
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; b={args.b} s_q={args.s_q} "
+        f"h_q={args.h_q} len={args.len} causal={args.causal}, {args.layers} layers")
+  print(f"wall clock per call: {per_call:.1f} us  ({nbytes / per_call / 1e6:.2f} TB/s, "
+        f"{flops / per_call / 1e6:.0f} TFLOPS)")
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(args.runs):
+        run()
+        time.sleep(0.05)  # separates the runs in the trace
+    events = gpu_kernel_events(d)
+  if not events:
+    print("no GPU kernel events in the trace (profiler unavailable?)")
+    return
+
+  by_name = collections.defaultdict(list)
+  for name, _, dur in events:
+    by_name[name].append(dur)
+  print(f"{'kernel':<60} {'count':>6} {'mean us':>9} {'min us':>8} {'max us':>8}")
+  for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+    print(f"{name[:60]:<60} {len(durs):>6} {statistics.mean(durs):9.1f} {min(durs):8.1f} "
+          f"{max(durs):8.1f}")
+
+  # Split into program runs at idle stretches longer than 20 ms (the sleeps above).
+  runs, cur = [], [events[0]]
+  for ev in events[1:]:
+    prev_end = max(e[1] + e[2] for e in cur)
+    if ev[1] - prev_end > 20_000:
+      runs.append(cur)
+      cur = []
+    cur.append(ev)
+  runs.append(cur)
+  is_ours = lambda n: "decode_main" in n or "combine_kernel" in n or "decode_simt" in n
+  for i, r in enumerate(runs):
+    span = max(e[1] + e[2] for e in r) - r[0][1]
+    busy = sum(e[2] for e in r)
+    ours = sum(e[2] for e in r if is_ours(e[0]))
+    print(f"run {i}: {len(r)} kernels; per call: span {span / args.layers:.1f} us, "
+          f"our kernels {ours / args.layers:.1f} us, other kernels "
+          f"{(busy - ours) / args.layers:.1f} us, over our kernels "
+          f"{(span - ours) / args.layers:.1f} us")
+
+
+if __name__ == "__main__":
+  main()
