@@ -195,6 +195,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
         sc0[0] = fast_exp2(m_old[0] - m_new[0]);
         sc0[1] = fast_exp2(m_old[1] - m_new[1]);
+        __syncwarp();  // the quad's other lanes have read the row max we overwrite
         if (q4 == 0) {
           s_row_max[r0] = m_new[0];
           s_row_max[r0 + 8] = m_new[1];
@@ -280,6 +281,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           store_p(sK[1] + T::kPTile * T::kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         }
+        __syncwarp();  // the quad's other lanes have read the row max we overwrite
         if (q4 == 0) {
           s_row_max[r0] = m1[0];
           s_row_max[r0 + 8] = m1[1];
