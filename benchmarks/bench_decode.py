@@ -9,18 +9,24 @@ What is timed: one jitted program that runs the decode call `--layers` times, as
 model do: each "layer" has its own queries and its own block table (the same pages under another
 permutation, so XLA cannot share the reference's page gather between layers), and all of them
 reuse scheduler records computed once outside. Per-call time = program time / layers, combine
-kernel and the program's dispatch included; the figure is the median over `--repeats` timed runs
-after a warm-up run. `benchmarks/trace_decode.py` splits that time into kernels and gaps.
+kernel and the program's launch included; the figure is the median over `--repeats` timed runs
+after a warm-up run. With `--device-time`, one more run under the JAX profiler gives the GPU time
+per call (first kernel start to last kernel end, over layers: the kernels and the gaps between
+them, not the program's launch). `benchmarks/trace_decode.py` lists the kernels of one config.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -77,10 +83,47 @@ def layer_inputs(key, q_shape, block_table, num_pages: int, layers: int):
   return qs, [jnp.asarray(t) for t in bts]
 
 
-def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repeats, mesh=None):
-  """Seconds per decode call of a jitted program of len(qs) layer calls. With a mesh:
-  batch-parallel over its "dp" axis, one page pool per device, scheduler records computed per
-  device inside each call (so they are timed too)."""
+def gpu_kernel_events(trace_dir):
+  """(name, start_us, dur_us) of every kernel on a GPU stream of a JAX perfetto trace."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                          recursive=True))[-1]
+  with gzip.open(path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  proc, thread = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      proc[e["pid"]] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      thread[(e["pid"], e["tid"])] = e["args"]["name"]
+  gpu_pids = {pid for pid, name in proc.items() if "gpu" in name.lower()}
+  out = []
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    if not thread.get((e["pid"], e["tid"]), "").lower().startswith("stream"):
+      continue  # "XLA Ops" / "XLA Modules" lanes repeat the stream's work at a coarser grain
+    out.append((e["name"], float(e["ts"]), float(e.get("dur", 0.0))))
+  return sorted(out, key=lambda x: x[1])
+
+
+def device_seconds(run, calls):
+  """GPU time per call of one run of `run` under the profiler: first kernel start to last kernel
+  end, over `calls` (the program's launch and the host's wait for it are not in it)."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      run()
+    events = gpu_kernel_events(d)
+  if not events:
+    return None
+  return (max(t + dur for _, t, dur in events) - events[0][1]) * 1e-6 / calls
+
+
+def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repeats, mesh=None,
+                device_time=False):
+  """(wall seconds, GPU seconds or None) per decode call of a jitted program of len(qs) layer
+  calls. With a mesh: batch-parallel over its "dp" axis, one page pool per device, scheduler
+  records computed per device inside each call (so they are timed too)."""
   s_q, h_q, h_kv = qs[0].shape[1], qs[0].shape[2], k_cache.shape[2]
   pools = 1
   if mesh is None:
@@ -99,13 +142,15 @@ def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repe
                                                 implementation=implementation, num_pools=pools)
             for q, bt in zip(qs, block_tables)]
 
-  jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))  # compile + warm up
+  run = lambda: jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))
+  run()  # compile + warm up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))
+    run()
     times.append((time.perf_counter() - t0) / len(qs))
-  return statistics.median(times)
+  gpu = device_seconds(run, len(qs)) if device_time else None
+  return statistics.median(times), gpu
 
 
 def grid(args):
@@ -135,6 +180,9 @@ def main(argv=None):
   p.add_argument("--devices", type=int, default=1,
                  help="split the batch over this many local devices (batch-parallel, one page "
                       "pool per device); figures are then for all devices together")
+  p.add_argument("--device-time", action="store_true",
+                 help="also report GPU time per call from one profiled run (kernels and the gaps "
+                      "between them, without the program's launch and the host's wait)")
   p.add_argument("--json", default=None)
   p.add_argument("--plot", default=None)
   args = p.parse_args(argv)
@@ -153,7 +201,8 @@ def main(argv=None):
   key = jax.random.PRNGKey(0)
   cache_key = None
   header = (f"{'b':>4} {'s_q':>3} {'h_q':>4} {'len':>6} {'causal':>6} {'impl':>5} {'ms':>9} "
-            f"{'TB/s':>6} {'TFLOPS':>7} {'%BW':>5} {'%PEAK':>5} {'vs XLA':>7}")
+            f"{'TB/s':>6} {'TFLOPS':>7} {'%BW':>5} {'%PEAK':>5} {'vs XLA':>7}"
+            + (f" {'gpu ms':>9} {'TB/s':>6} {'TFLOPS':>7}" if args.device_time else ""))
   print(header, flush=True)
   for n, (mean_len, s_q, h_q, causal) in enumerate(configs, 1):
     if cache_key != mean_len:  # one pool per length, reused by the head/s_q variants
@@ -171,8 +220,9 @@ def main(argv=None):
         layers = args.layers if impl != "xla" else max(2, args.layers // 4)
         qs, bts = layer_inputs(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576),
                                block_table, k_cache.shape[0] // args.devices, layers)
-        sec = time_decode(qs, k_cache, bts, lens, causal=causal, implementation=impl,
-                          repeats=args.repeats, mesh=mesh)
+        sec, gpu_sec = time_decode(qs, k_cache, bts, lens, causal=causal, implementation=impl,
+                                   repeats=args.repeats, mesh=mesh,
+                                   device_time=args.device_time)
         del qs, bts
       except Exception as e:  # e.g. the reference running out of memory at long lengths
         print(f"  [{n}/{len(configs)}] {impl} failed: {type(e).__name__}: {str(e)[:200]}",
@@ -180,6 +230,9 @@ def main(argv=None):
         continue
       result[impl] = {"ms": sec * 1e3, "tbps": nbytes / sec / 1e12,
                       "tflops": flops / sec / 1e12}
+      if gpu_sec:
+        result[impl].update({"gpu_ms": gpu_sec * 1e3, "gpu_tbps": nbytes / gpu_sec / 1e12,
+                             "gpu_tflops": flops / gpu_sec / 1e12})
     if "cuda" in result and "xla" in result:
       result["speedup_vs_xla"] = result["xla"]["ms"] / result["cuda"]["ms"]
     rows.append(result)
@@ -189,10 +242,12 @@ def main(argv=None):
         continue
       r = result[impl]
       speed = f"{result['speedup_vs_xla']:6.1f}x" if impl == "cuda" and "xla" in result else ""
+      gpu = (f" {r['gpu_ms']:9.3f} {r['gpu_tbps']:6.2f} {r['gpu_tflops']:7.1f}"
+             if "gpu_ms" in r else "")
       print(f"{args.b:>4} {s_q:>3} {h_q:>4} {mean_len:>6} {str(causal):>6} {impl:>5} "
             f"{r['ms']:9.3f} {r['tbps']:6.2f} {r['tflops']:7.1f} "
             f"{100 * r['tbps'] / HBM_TBPS:5.1f} {100 * r['tflops'] / PEAK_TFLOPS:5.1f} {speed:>7}"
-            f"   [{n}/{len(configs)}]", flush=True)
+            f"{gpu}   [{n}/{len(configs)}]", flush=True)
 
   if args.plot:
     plot(rows, args.plot, save(args, rows))

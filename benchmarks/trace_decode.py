@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import statistics
 import sys
@@ -27,33 +24,6 @@ import jax
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_decode  # noqa: E402
 import jax_flashmla  # noqa: E402
-
-
-def gpu_kernel_events(trace_dir):
-  """(name, start_us, dur_us) of every event on a GPU stream of the perfetto trace."""
-  path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                          recursive=True))[-1]
-  with gzip.open(path) as f:
-    data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
-  proc, thread = {}, {}
-  for e in events:
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      proc[e["pid"]] = e["args"]["name"]
-    elif e.get("ph") == "M" and e.get("name") == "thread_name":
-      thread[(e["pid"], e["tid"])] = e["args"]["name"]
-  gpu_pids = {pid for pid, name in proc.items() if "GPU" in name or "gpu" in name}
-  lanes = collections.Counter(thread.get((e.get("pid"), e.get("tid")), "?") for e in events
-                              if e.get("ph") == "X" and e.get("pid") in gpu_pids)
-  print("GPU trace lanes (events):", dict(lanes))
-  out = []
-  for e in events:
-    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
-      continue
-    if not thread.get((e["pid"], e["tid"]), "").lower().startswith("stream"):
-      continue  # "XLA Ops" / "XLA Modules" lanes repeat the stream's work at a coarser grain
-    out.append((e["name"], float(e["ts"]), float(e.get("dur", 0.0))))
-  return sorted(out, key=lambda x: x[1])
 
 
 def main(argv=None):
@@ -101,7 +71,7 @@ def main(argv=None):
       for _ in range(args.runs):
         run()
         time.sleep(0.05)  # separates the runs in the trace
-    events = gpu_kernel_events(d)
+    events = bench_decode.gpu_kernel_events(d)
   if not events:
     print("no GPU kernel events in the trace (profiler unavailable?)")
     return
