@@ -37,8 +37,8 @@ class PerDeviceOnce {
   cudaError_t results_[kMaxDevices] = {};
 };
 
-// PDL can be switched off (JAX_FLASHMLA_DISABLE_PDL=1) to rule it out when debugging; the
-// combine kernel is correct either way.
+// PDL (on both launches) can be switched off (JAX_FLASHMLA_DISABLE_PDL=1) to rule it out when
+// debugging or timing; the kernels are correct either way.
 bool use_pdl() {
   static const bool enabled = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
   return enabled;
@@ -87,7 +87,7 @@ cudaError_t launch_simt(const DecodeParams& params, cudaStream_t stream) {
 
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   cudaError_t err = use_simt_kernel() ? launch_simt(params, stream)
-                                      : launch_decode_main_sm90(params, stream);
+                                      : launch_decode_main_sm90(params, stream, use_pdl());
   if (err != cudaSuccess) return err;
   err = launch_kernel(combine_launch(params), params, stream, use_pdl());
   if (err != cudaSuccess) return err;

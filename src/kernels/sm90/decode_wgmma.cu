@@ -58,7 +58,8 @@ cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count) {
 }
 #endif
 
-cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream) {
+cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream,
+                                    bool programmatic_dependent) {
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do
   }
@@ -78,7 +79,7 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = programmatic_dependent ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, map, params);
 }
 
