@@ -110,8 +110,11 @@ def gpu_kernel_events(trace_dir):
 def device_seconds(run, calls):
   """GPU time per call of one run of `run` under the profiler: first kernel start to last kernel
   end, over `calls` (the program's launch and the host's wait for it are not in it)."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # GPU activity is all we read; keep the trace small
+  options.enable_hlo_proto = False
   with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
+    with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=options):
       run()
     events = gpu_kernel_events(d)
   if not events:

@@ -904,6 +904,7 @@ struct BenchOpts {
   int only[4] = {0, 0, 0, -1};  // s_q, L, h_q, causal of a single config (ncu)
   int overhead = kFixedOverheadBlocks;
   int reps = 20;
+  int batch = 0;  // also time this many calls launched back to back
 };
 
 #if defined(JFM_TIMING)
@@ -1116,6 +1117,23 @@ static int run_bench(const BenchOpts& o) {
 #if defined(JFM_TIMING)
           print_cta_timing(lens, recs, max_blocks);
 #endif
+          if (o.batch > 0) {  // back to back, as the layers of a model: no host sync in between
+            std::vector<float> t_batch;
+            for (int rep = 0; rep < 4; ++rep) {
+              CK(cudaEventRecord(e0, st));
+              for (int it = 0; it < o.batch; ++it) {
+                CK(launch_decode_main_sm90(p, st));
+                CK(launch_bench_combine(p, st));
+              }
+              CK(cudaEventRecord(e2, st));
+              wait_or_die(st, 60.0, "bench batch");
+              float c;
+              CK(cudaEventElapsedTime(&c, e0, e2));
+              if (rep > 0) t_batch.push_back(c / o.batch);
+            }
+            std::printf("  %d calls back to back: %.1f us per call\n", o.batch,
+                        median(t_batch) * 1e3);
+          }
           const double tc = median(t_call) * 1e-3, tm = median(t_main) * 1e-3;
           const double bytes = b * (s_q * h_q * 576.0 * 2 + mean * h_kv * 576.0 * 2 + s_q * h_q * 512.0 * 2);
           const double flops = static_cast<double>(b) * h_q * s_q * (2.0 * 576 + 2.0 * 512) * mean;
@@ -1165,6 +1183,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) bo.json = argv[++i];
     else if (!std::strcmp(argv[i], "--overhead") && i + 1 < argc) bo.overhead = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) bo.reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) bo.batch = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d,%d,%d", &bo.only[0], &bo.only[1], &bo.only[2],
                       &bo.only[3]) != 4) {
