@@ -1,0 +1,66 @@
+"""The benchmark scripts on the CPU: tiny configs through the XLA path, and the trace parser on a
+hand-written perfetto trace (the GPU runs are recorded in benchmarks/NOTES.md)."""
+
+import gzip
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_decode  # noqa: E402
+
+
+def test_layer_inputs_relabel_pages_per_layer():
+  key = jax.random.PRNGKey(0)
+  k_cache, block_table, lens, _ = bench_decode.make_inputs(key, 4, 200, 1)
+  qs, bts = bench_decode.layer_inputs(key, (4, 1, 16, 576), block_table, k_cache.shape[0], 3)
+  assert len(qs) == len(bts) == 3
+  assert not np.array_equal(np.asarray(qs[0]), np.asarray(qs[1]))
+  base = np.asarray(block_table)
+  np.testing.assert_array_equal(np.asarray(bts[0]), base)
+  used = -(-np.asarray(lens) // 64)
+  for bt in bts[1:]:
+    bt = np.asarray(bt)
+    assert not np.array_equal(bt, base)
+    # A relabelling: equal ids stay equal, different ids stay different, all stay in the pool.
+    for i in range(4):
+      for j in range(4):
+        a, b = base[i, :used[i]], base[j, :used[j]]
+        ra, rb = bt[i, :used[i]], bt[j, :used[j]]
+        np.testing.assert_array_equal(a[:, None] == b[None, :], ra[:, None] == rb[None, :])
+    assert bt.min() >= 0 and bt.max() < k_cache.shape[0]
+
+
+def test_bench_one_config_writes_json(tmp_path):
+  out = tmp_path / "b.json"
+  bench_decode.main(["--b", "2", "--len", "100", "--s-q", "2", "--h-q", "16", "--layers", "2",
+                     "--repeats", "1", "--implementations", "xla", "--causal", "true",
+                     "--json", str(out)])
+  data = json.loads(out.read_text())
+  assert data["meta"]["layers"] == 2
+  (row,) = data["results"]
+  assert (row["b"], row["s_q"], row["h_q"], row["causal"]) == (2, 2, 16, True)
+  assert row["xla"]["ms"] > 0 and row["xla"]["tbps"] > 0
+  assert "cuda" not in row and "gpu_ms" not in row["xla"]
+
+
+def test_gpu_kernel_events_reads_only_gpu_streams(tmp_path):
+  events = [
+      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+      {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "pid": 2, "tid": 10, "name": "thread_name", "args": {"name": "Stream #14(Compute)"}},
+      {"ph": "M", "pid": 2, "tid": 11, "name": "thread_name", "args": {"name": "XLA Ops"}},
+      {"ph": "X", "pid": 1, "tid": 5, "name": "host work", "ts": 0, "dur": 1000},
+      {"ph": "X", "pid": 2, "tid": 11, "name": "custom-call", "ts": 100, "dur": 400},
+      {"ph": "X", "pid": 2, "tid": 10, "name": "combine_kernel", "ts": 300, "dur": 5},
+      {"ph": "X", "pid": 2, "tid": 10, "name": "decode_main_sm90_kernel", "ts": 100, "dur": 200},
+  ]
+  d = tmp_path / "plugins" / "profile" / "run"
+  d.mkdir(parents=True)
+  with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  assert bench_decode.gpu_kernel_events(str(tmp_path)) == [
+      ("decode_main_sm90_kernel", 100.0, 200.0), ("combine_kernel", 300.0, 5.0)]
