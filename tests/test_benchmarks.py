@@ -47,6 +47,14 @@ def test_bench_one_config_writes_json(tmp_path):
   assert "cuda" not in row and "gpu_ms" not in row["xla"]
 
 
+def test_bench_batch_parallel_over_two_devices(tmp_path):
+  out = tmp_path / "b.json"
+  bench_decode.main(["--b", "4", "--len", "100", "--h-q", "16", "--layers", "2", "--repeats", "1",
+                     "--implementations", "xla", "--devices", "2", "--json", str(out)])
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["devices"] == 2 and row["xla"]["ms"] > 0
+
+
 def test_gpu_kernel_events_reads_only_gpu_streams(tmp_path):
   events = [
       {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
