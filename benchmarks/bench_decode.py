@@ -83,13 +83,19 @@ def layer_inputs(key, q_shape, block_table, num_pages: int, layers: int):
   return qs, [jnp.asarray(t) for t in bts]
 
 
-def gpu_kernel_events(trace_dir):
-  """(name, start_us, dur_us) of every kernel on a GPU stream of a JAX perfetto trace."""
+def trace_events(trace_dir):
+  """The events of the perfetto trace that `jax.profiler.trace(create_perfetto_trace=True)` wrote
+  (host and device events share one microsecond timeline)."""
   path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                           recursive=True))[-1]
   with gzip.open(path) as f:
     data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def gpu_kernel_events(trace_dir):
+  """(name, start_us, dur_us) of every kernel on a GPU stream of a JAX perfetto trace."""
+  events = trace_events(trace_dir)
   proc, thread = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":

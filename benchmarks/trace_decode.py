@@ -76,10 +76,13 @@ def main(argv=None):
     options.python_tracer_level = 0
     options.enable_hlo_proto = False
     with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=options):
-      for _ in range(args.runs):
-        run()
+      for i in range(args.runs):
+        with jax.profiler.TraceAnnotation(f"decode-program-{i}"):
+          run()
         time.sleep(0.05)  # separates the runs in the trace
     events = bench_decode.gpu_kernel_events(d)
+    calls = sorted(((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in bench_decode.trace_events(d)
+                    if e.get("ph") == "X" and str(e.get("name", "")).startswith("decode-program-")))
   if not events:
     print("no GPU kernel events in the trace (profiler unavailable?)")
     return
@@ -103,13 +106,19 @@ def main(argv=None):
   runs.append(cur)
   is_ours = lambda n: "decode_main" in n or "combine_kernel" in n or "decode_simt" in n
   for i, r in enumerate(runs):
-    span = max(e[1] + e[2] for e in r) - r[0][1]
+    start, end = r[0][1], max(e[1] + e[2] for e in r)
+    span = end - start
     busy = sum(e[2] for e in r)
     ours = sum(e[2] for e in r if is_ours(e[0]))
     print(f"run {i}: {len(r)} kernels; per call: span {span / args.layers:.1f} us, "
           f"our kernels {ours / args.layers:.1f} us, other kernels "
           f"{(busy - ours) / args.layers:.1f} us, over our kernels "
           f"{(span - ours) / args.layers:.1f} us")
+    # The host's view of the same run (profiler on, so its waits are somewhat longer).
+    call = [c for c in calls if c[0] <= start <= c[1]]
+    if call:
+      print(f"        the first kernel starts {start - call[0][0]:.0f} us after the program is "
+            f"called; the host sees the result {call[0][1] - end:.0f} us after the last ends")
 
 
 if __name__ == "__main__":
