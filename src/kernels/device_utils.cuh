@@ -53,16 +53,24 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// 16-byte global -> shared copy that bypasses registers. With `valid` false nothing is read from
-// global memory and the 16 shared bytes are zero-filled (src-size 0), which is how rows past a
-// sequence end become zeros without touching the cache slots that hold them.
-__device__ __forceinline__ void cp_async_16_or_zero(void* smem_dst, const void* gmem_src,
-                                                    bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+// 16-byte global -> shared copy that bypasses registers, to a shared-memory address. With
+// src_bytes = 0 nothing is read from global memory and the 16 shared bytes are zero-filled, which
+// is how rows past a sequence end become zeros without touching the cache slots that hold them.
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src,
+                                            uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
                "r"(src_bytes)
                : "memory");
+}
+
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem_dst, const void* gmem_src,
+                                                    bool valid) {
+  cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst)), gmem_src,
+              valid ? 16u : 0u);
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void cp_async_wait_all() {

@@ -7,7 +7,7 @@
 #include <cstdio>
 #include <cuda.h>
 
-#include "../device_utils.cuh"  // cp_async_wait_all, PDL (pdl_*)
+#include "../device_utils.cuh"  // cp.async (cp_async_*), PDL (pdl_*)
 
 namespace jax_flashmla {
 namespace sm90 {
@@ -93,18 +93,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
-
-// ---------------------------------------------------------------- cp.async (16-byte)
-// Copies 16 bytes global -> shared without blocking; src_bytes = 0 writes zeros instead.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------- fences / barriers
