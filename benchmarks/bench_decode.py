@@ -113,14 +113,20 @@ def gpu_kernel_events(trace_dir):
   return sorted(out, key=lambda x: x[1])
 
 
+def profiler_options():
+  """GPU activity and annotations are all we read: no python tracer or HLO protos, which keeps
+  the trace small (a 20-layer trace with them once passed protobuf's 2 GB limit)."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  options.enable_hlo_proto = False
+  return options
+
+
 def device_seconds(run, calls):
   """GPU time per call of one run of `run` under the profiler: first kernel start to last kernel
   end, over `calls` (the program's launch and the host's wait for it are not in it)."""
-  options = jax.profiler.ProfileOptions()
-  options.python_tracer_level = 0  # GPU activity is all we read; keep the trace small
-  options.enable_hlo_proto = False
   with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=options):
+    with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=profiler_options()):
       run()
     events = gpu_kernel_events(d)
   if not events:

@@ -72,10 +72,8 @@ def main(argv=None):
         f"{statistics.median(dispatch):.0f} us")
 
   with tempfile.TemporaryDirectory() as d:
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
-    options.enable_hlo_proto = False
-    with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=options):
+    with jax.profiler.trace(d, create_perfetto_trace=True,
+                            profiler_options=bench_decode.profiler_options()):
       for i in range(args.runs):
         with jax.profiler.TraceAnnotation(f"decode-program-{i}"):
           run()
