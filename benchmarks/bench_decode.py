@@ -134,6 +134,17 @@ def device_seconds(run, calls):
   return (max(t + dur for _, t, dur in events) - events[0][1]) * 1e-6 / calls
 
 
+def layered_program(*, causal, implementation, pools=1):
+  """The timed program: one decode call per layer, each with its own queries and block table,
+  all with the same cache, lengths and scheduler records."""
+  @jax.jit
+  def model(qs, k_cache, block_tables, lens, md):
+    return [jax_flashmla.flash_mla_with_kvcache(q, k_cache, bt, lens, metadata=md, causal=causal,
+                                                implementation=implementation, num_pools=pools)
+            for q, bt in zip(qs, block_tables)]
+  return model
+
+
 def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repeats, mesh=None,
                 device_time=False):
   """(wall seconds, GPU seconds or None) per decode call of a jitted program of len(qs) layer
@@ -151,12 +162,7 @@ def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repe
     qs, block_tables = [split(x) for x in qs], [split(x) for x in block_tables]
     k_cache, lens = split(k_cache), split(lens)
 
-  @jax.jit
-  def model(qs, k_cache, block_tables, lens, md):
-    return [jax_flashmla.flash_mla_with_kvcache(q, k_cache, bt, lens, metadata=md, causal=causal,
-                                                implementation=implementation, num_pools=pools)
-            for q, bt in zip(qs, block_tables)]
-
+  model = layered_program(causal=causal, implementation=implementation, pools=pools)
   run = lambda: jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))
   run()  # compile + warm up
   times = []

@@ -46,12 +46,7 @@ def main(argv=None):
   md = jax_flashmla.get_mla_metadata(lens, args.s_q * args.h_q, 1,
                                      implementation=args.implementation)
 
-  @jax.jit
-  def model(qs, k_cache, bts, lens, md):
-    return [jax_flashmla.flash_mla_with_kvcache(q, k_cache, bt, lens, metadata=md,
-                                                causal=args.causal,
-                                                implementation=args.implementation)
-            for q, bt in zip(qs, bts)]
+  model = bench_decode.layered_program(causal=args.causal, implementation=args.implementation)
 
   run = lambda: jax.block_until_ready(model(qs, k_cache, bts, lens, md))
   run()
