@@ -5,37 +5,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
-#include <mutex>
 #include <string>
 
 #include "kernel_registry.h"
 #include "launch.h"
 #include "params.h"
+#include "per_device_once.h"
 #include "sm90/launch_sm90.h"
 
 namespace jax_flashmla {
 namespace {
-
-// Runs a per-device setup step once per process and device, thread-safely, and remembers its
-// result. Function attributes are per device context, and XLA may run handlers for different
-// devices on different host threads; the device is the caller's current one (never switched).
-class PerDeviceOnce {
- public:
-  template <typename Fn>
-  cudaError_t run(Fn&& fn) {
-    int device = 0;
-    const cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    if (device < 0 || device >= kMaxDevices) return fn();  // unusual; just redo the step
-    std::call_once(flags_[device], [&] { results_[device] = fn(); });
-    return results_[device];
-  }
-
- private:
-  static constexpr int kMaxDevices = 64;
-  std::once_flag flags_[kMaxDevices];
-  cudaError_t results_[kMaxDevices] = {};
-};
 
 // PDL (on both launches) can be switched off (JAX_FLASHMLA_DISABLE_PDL=1) to rule it out when
 // debugging or timing; the kernels are correct either way.

@@ -5,6 +5,7 @@
 
 #include "decode_wgmma.cuh"
 #include "launch_sm90.h"
+#include "../per_device_once.h"
 
 namespace jax_flashmla {
 namespace {
@@ -68,7 +69,10 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   if (err != cudaSuccess) return err;
   const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;
   auto kernel = sm90::decode_main_sm90_kernel;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static PerDeviceOnce smem_opt_in;
+  err = smem_opt_in.run([&] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  });
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
