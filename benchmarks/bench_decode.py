@@ -8,11 +8,15 @@
 What is timed: one jitted program that runs the decode call `--layers` times, as the layers of a
 model do: each "layer" has its own queries and its own block table (the same pages under another
 permutation, so XLA cannot share the reference's page gather between layers), and all of them
-reuse scheduler records computed once outside. Per-call time = program time / layers, combine
-kernel and the program's launch included; the figure is the median over `--repeats` timed runs
-after a warm-up run. With `--device-time`, one more run under the JAX profiler gives the GPU time
-per call (first kernel start to last kernel end, over layers: the kernels and the gaps between
-them, not the program's launch). `benchmarks/trace_decode.py` lists the kernels of one config.
+reuse scheduler records computed once outside. A timed run calls that program `--steps` times in
+a row and waits once for all results, as a decode loop does that dispatches step n+1 while step n
+runs (so the host's launch work overlaps the GPU's; `--steps 1` waits for every program and
+exposes it). Per-call time = run time / (steps * layers), combine kernel and launches included;
+the figure is the median over `--repeats` timed runs after a warm-up run. With `--device-time`,
+one more timed run under the JAX profiler gives the GPU time per call (first kernel start to last
+kernel end, over steps * layers: the kernels and any gaps between them, without the first
+program's launch and the host's final wait). `benchmarks/trace_decode.py` lists the kernels of one
+config.
 """
 
 from __future__ import annotations
@@ -145,11 +149,12 @@ def layered_program(*, causal, implementation, pools=1):
   return model
 
 
-def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repeats, mesh=None,
-                device_time=False):
+def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repeats, steps=1,
+                mesh=None, device_time=False):
   """(wall seconds, GPU seconds or None) per decode call of a jitted program of len(qs) layer
-  calls. With a mesh: batch-parallel over its "dp" axis, one page pool per device, scheduler
-  records computed per device inside each call (so they are timed too)."""
+  calls, run `steps` times back to back per timed run. With a mesh: batch-parallel over its "dp"
+  axis, one page pool per device, scheduler records computed per device inside each call (so they
+  are timed too)."""
   s_q, h_q, h_kv = qs[0].shape[1], qs[0].shape[2], k_cache.shape[2]
   pools = 1
   if mesh is None:
@@ -163,14 +168,15 @@ def time_decode(qs, k_cache, block_tables, lens, *, causal, implementation, repe
     k_cache, lens = split(k_cache), split(lens)
 
   model = layered_program(causal=causal, implementation=implementation, pools=pools)
-  run = lambda: jax.block_until_ready(model(qs, k_cache, block_tables, lens, md))
+  run = lambda: jax.block_until_ready(
+      [model(qs, k_cache, block_tables, lens, md) for _ in range(steps)])
   run()  # compile + warm up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     run()
-    times.append((time.perf_counter() - t0) / len(qs))
-  gpu = device_seconds(run, len(qs)) if device_time else None
+    times.append((time.perf_counter() - t0) / (steps * len(qs)))
+  gpu = device_seconds(run, steps * len(qs)) if device_time else None
   return statistics.median(times), gpu
 
 
@@ -196,14 +202,16 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=20,
                  help="decode calls per timed program (the XLA reference runs a quarter)")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--steps", type=int, default=10,
+                 help="program calls per timed run, dispatched back to back (a decode loop)")
   p.add_argument("--xla-max-len", type=int, default=32768,
                  help="skip the XLA reference above this mean length (its memory grows fast)")
   p.add_argument("--devices", type=int, default=1,
                  help="split the batch over this many local devices (batch-parallel, one page "
                       "pool per device); figures are then for all devices together")
   p.add_argument("--device-time", action="store_true",
-                 help="also report GPU time per call from one profiled run (kernels and the gaps "
-                      "between them, without the program's launch and the host's wait)")
+                 help="also report GPU time per call from one profiled timed run (kernels and "
+                      "the gaps between them, without the first launch and the host's wait)")
   p.add_argument("--json", default=None)
   p.add_argument("--plot", default=None)
   args = p.parse_args(argv)
@@ -242,7 +250,7 @@ def main(argv=None):
         qs, bts = layer_inputs(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576),
                                block_table, k_cache.shape[0] // args.devices, layers)
         sec, gpu_sec = time_decode(qs, k_cache, bts, lens, causal=causal, implementation=impl,
-                                   repeats=args.repeats, mesh=mesh,
+                                   repeats=args.repeats, steps=args.steps, mesh=mesh,
                                    device_time=args.device_time)
         del qs, bts
       except Exception as e:  # e.g. the reference running out of memory at long lengths
@@ -277,7 +285,8 @@ def main(argv=None):
 def save(args, rows):
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "build": jax_flashmla.build_info(), "command": " ".join(sys.argv),
-          "layers": args.layers, "repeats": args.repeats, "devices": args.devices}
+          "layers": args.layers, "steps": args.steps, "repeats": args.repeats,
+          "devices": args.devices}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
