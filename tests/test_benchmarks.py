@@ -37,14 +37,37 @@ def test_layer_inputs_relabel_pages_per_layer():
 def test_bench_one_config_writes_json(tmp_path):
   out = tmp_path / "b.json"
   bench_decode.main(["--b", "2", "--len", "100", "--s-q", "2", "--h-q", "16", "--layers", "2",
-                     "--repeats", "1", "--implementations", "xla", "--causal", "true",
-                     "--json", str(out)])
+                     "--repeats", "1", "--steps", "2", "--implementations", "xla",
+                     "--causal", "true", "--json", str(out)])
   data = json.loads(out.read_text())
-  assert data["meta"]["layers"] == 2
+  assert data["meta"]["layers"] == 2 and data["meta"]["steps"] == 2
   (row,) = data["results"]
   assert (row["b"], row["s_q"], row["h_q"], row["causal"]) == (2, 2, 16, True)
   assert row["xla"]["ms"] > 0 and row["xla"]["tbps"] > 0
   assert "cuda" not in row and "gpu_ms" not in row["xla"]
+
+
+def test_time_decode_runs_steps_programs_per_timed_run(monkeypatch):
+  # A timed run is `steps` program calls dispatched back to back; the figure is per layer call.
+  calls = []
+  real = bench_decode.layered_program
+
+  def counting(**kw):
+    model = real(**kw)
+
+    def wrapped(*args):
+      calls.append(1)
+      return model(*args)
+    return wrapped
+
+  monkeypatch.setattr(bench_decode, "layered_program", counting)
+  key = jax.random.PRNGKey(1)
+  k_cache, block_table, lens, _ = bench_decode.make_inputs(key, 2, 100, 1)
+  qs, bts = bench_decode.layer_inputs(key, (2, 1, 16, 576), block_table, k_cache.shape[0], 2)
+  wall, gpu = bench_decode.time_decode(qs, k_cache, bts, lens, causal=False, implementation="xla",
+                                       repeats=2, steps=3)
+  assert len(calls) == 3 * (1 + 2)  # warm-up run + 2 timed runs
+  assert wall > 0 and gpu is None
 
 
 def test_bench_batch_parallel_over_two_devices(tmp_path):
