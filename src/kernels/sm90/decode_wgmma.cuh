@@ -180,12 +180,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           qk_page(s, sQ, sK[0], bars[0], phase[0]);
           wgmma_wait<0>();
           reg_fence(s);
-          scale_and_mask(s, p.scale_log2, pa.need_mask, page * kPageSize + 2 * q4, vis_r0, vis_r1);
           float mx[2];
-          row_max(s, mx);
+          mask_and_row_max(s, p.scale_log2, pa.need_mask, page * kPageSize + 2 * q4, vis_r0, vis_r1,
+                           mx);
           m_new[0] = fmaxf(m_old[0], mx[0]);
           m_new[1] = fmaxf(m_old[1], mx[1]);
-          exp_rows(s, m_new, psum);
+          exp_rows(s, p.scale_log2, m_new, psum);
           pack_p(s, a);
           store_p(sK[0] + T::kPTile * T::kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
@@ -248,12 +248,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         // ---------------- WG1: page b ----------------
         float mx[2] = {-INFINITY, -INFINITY};
         if (pb.loaded) {
-          qk_page(s, sQ, sK[1], bars[1], phase[1]);
+          // Tiles 4..7 first: WG1 refilled them (after its P_b V_b) before WG0 refilled the rest.
+          qk_page<4>(s, sQ, sK[1], bars[1], phase[1]);
           wgmma_wait<0>();
           reg_fence(s);
-          scale_and_mask(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
-                         vis_r1);
-          row_max(s, mx);
+          mask_and_row_max(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
+                           vis_r1, mx);
         }
         named_bar_sync(T::kBarP0Ready, T::kThreads);
         const float m0[2] = {s_row_max[r0], s_row_max[r0 + 8]};
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         const float sc1[2] = {fast_exp2(m0[0] - m1[0]), fast_exp2(m0[1] - m1[1])};
         float psum[2] = {0.f, 0.f};
         if (pb.loaded) {
-          exp_rows(s, m1, psum);
+          exp_rows(s, p.scale_log2, m1, psum);
           pack_p(s, a);
           store_p(sK[1] + T::kPTile * T::kTileBytes, a, r0, q4);
           fence_proxy_async_smem();

@@ -193,25 +193,6 @@ __device__ __forceinline__ void prefetch_q_async(const DecodeParams& p, uint32_t
 
 // ------------------------------------------------------------------ math pieces
 
-// S (fp32 QK^T fragment) -> scaled log2-domain logits, masked keys selected to -inf.
-__device__ __forceinline__ void scale_and_mask(float (&s)[32], float scale_log2, bool need_mask,
-                                               int tok0, int vis0, int vis1) {
-  if (!need_mask) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) s[i] *= scale_log2;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int t = tok0 + 8 * k + j;
-        s[4 * k + j] = t < vis0 ? s[4 * k + j] * scale_log2 : -INFINITY;
-        s[4 * k + 2 + j] = t < vis1 ? s[4 * k + 2 + j] * scale_log2 : -INFINITY;
-      }
-    }
-  }
-}
-
 // Row max of the thread's two rows, reduced over the quad that shares them.
 __device__ __forceinline__ void row_max(const float (&s)[32], float (&mx)[2]) {
 #pragma unroll
@@ -225,8 +206,30 @@ __device__ __forceinline__ void row_max(const float (&s)[32], float (&mx)[2]) {
   }
 }
 
-// s <- 2^(s - m) in place; returns this thread's partial row sums.
-__device__ __forceinline__ void exp_rows(float (&s)[32], const float (&m)[2], float (&sum)[2]) {
+// Raw scores S (fp32 QK^T fragment): masked keys selected to -inf, and the row maxima in the
+// log2 domain. The scale is left to exp_rows' FMA (scale > 0, so the scaled max is the max of
+// the scaled scores); a separate scaling pass cost 3% at the compute corner.
+__device__ __forceinline__ void mask_and_row_max(float (&s)[32], float scale_log2, bool need_mask,
+                                                 int tok0, int vis0, int vis1, float (&mx)[2]) {
+  if (need_mask) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = tok0 + 8 * k + j;
+        s[4 * k + j] = t < vis0 ? s[4 * k + j] : -INFINITY;
+        s[4 * k + 2 + j] = t < vis1 ? s[4 * k + 2 + j] : -INFINITY;
+      }
+    }
+  }
+  row_max(s, mx);
+  mx[0] *= scale_log2;
+  mx[1] *= scale_log2;
+}
+
+// s <- 2^(s * scale_log2 - m) in place; returns this thread's partial row sums.
+__device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, const float (&m)[2],
+                                         float (&sum)[2]) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float acc = 0.f;
@@ -234,7 +237,7 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], const float (&m)[2], fl
     for (int k = 0; k < 8; ++k) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const float e = fast_exp2(s[4 * k + 2 * i + j] - m[i]);
+        const float e = fast_exp2(fmaf(s[4 * k + 2 * i + j], scale_log2, -m[i]));
         s[4 * k + 2 * i + j] = e;
         acc += e;
       }
@@ -285,18 +288,23 @@ __device__ __forceinline__ void zero_v_rows(uint32_t s_buf, int tile0, int n_val
   }
 }
 
-// S = Q K^T for one page buffer (9 tiles x 4 k-steps), waiting on each tile's barrier.
+// S = Q K^T for one page buffer (9 tiles x 4 k-steps), waiting on each tile's barrier. The V
+// tiles are taken from kFirstTile on (wrapping), the RoPE tile last: the order in which the
+// warpgroups refilled them.
+template <int kFirstTile = 0>
 __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
                                         uint32_t bars, uint32_t phase) {
+  const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
+  const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
   wgmma_fence();
 #pragma unroll
-  for (int t = 0; t < T::kNumKTiles; ++t) {
+  for (int i = 0; i < T::kNumKTiles; ++i) {
+    const int t = i < T::kNumVTiles ? (i + kFirstTile) % T::kNumVTiles : i;
     mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t da = make_desc_sw128(sQ + t * T::kTileBytes + kk * 32, 16, 1024);
-      const uint64_t db = make_desc_sw128(s_buf + t * T::kTileBytes + kk * 32, 16, 1024);
-      wgmma_m64n64k16_ss(s, da, db, (t | kk) != 0 ? 1 : 0);
+      const uint32_t off = t * T::kTileBytes + kk * 32;
+      wgmma_m64n64k16_ss(s, desc_advance(dq, off), desc_advance(dk, off), (i | kk) != 0 ? 1 : 0);
     }
   }
   wgmma_commit();
@@ -305,26 +313,24 @@ __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_
 // O[:, half] += P V[:, half] with P from registers; V = tiles [tile0, tile0 + 4) read MN-major.
 __device__ __forceinline__ void pv_rs(float (&o)[128], const uint32_t (&a)[16], uint32_t s_buf,
                                       int tile0) {
+  const uint64_t dv = make_desc_sw128(s_buf + tile0 * T::kTileBytes, T::kTileBytes, 1024);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t ak[4] = {a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3]};
-    const uint64_t db =
-        make_desc_sw128(s_buf + tile0 * T::kTileBytes + kk * 2048, T::kTileBytes, 1024);
-    wgmma_m64n256k16_rs_tb(o, ak, db);
+    wgmma_m64n256k16_rs_tb(o, ak, desc_advance(dv, kk * 2048));
   }
   wgmma_commit();
 }
 
 // O[:, half] += P V[:, half] with P from the swizzled smem tile s_p.
 __device__ __forceinline__ void pv_ss(float (&o)[128], uint32_t s_p, uint32_t s_buf, int tile0) {
+  const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
+  const uint64_t dv = make_desc_sw128(s_buf + tile0 * T::kTileBytes, T::kTileBytes, 1024);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const uint64_t da = make_desc_sw128(s_p + kk * 32, 16, 1024);
-    const uint64_t db =
-        make_desc_sw128(s_buf + tile0 * T::kTileBytes + kk * 2048, T::kTileBytes, 1024);
-    wgmma_m64n256k16_ss_tb(o, da, db, 1);
+    wgmma_m64n256k16_ss_tb(o, desc_advance(dp, kk * 32), desc_advance(dv, kk * 2048), 1);
   }
   wgmma_commit();
 }
