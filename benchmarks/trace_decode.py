@@ -7,7 +7,9 @@ Prints the wall clock per call and when the program's dispatch returns; per kern
 often it ran and its mean duration; then, per program run, the span from the first kernel's start
 to the last kernel's end, the summed kernel time and the idle time between kernels, each divided
 by the number of layers. "Over our kernels" is the span per call minus the decode and combine
-kernels' own time per call.
+kernels' own time per call. With `--steps N` each traced run dispatches the program N times back
+to back before waiting, as bench_decode.py times it, so the split also shows how much of a decode
+loop's wall clock lies before its first kernel and after its last.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main(argv=None):
   p.add_argument("--causal", action="store_true")
   p.add_argument("--layers", type=int, default=20)
   p.add_argument("--runs", type=int, default=3, help="program runs inside the trace")
+  p.add_argument("--steps", type=int, default=1,
+                 help="program calls per traced run, dispatched back to back")
   p.add_argument("--implementation", default="cuda")
   args = p.parse_args(argv)
 
@@ -48,22 +52,26 @@ def main(argv=None):
 
   model = bench_decode.layered_program(causal=args.causal, implementation=args.implementation)
 
-  run = lambda: jax.block_until_ready(model(qs, k_cache, bts, lens, md))
+  run = lambda: jax.block_until_ready(
+      [model(qs, k_cache, bts, lens, md) for _ in range(args.steps)])
+  calls_per_run = args.layers * args.steps
   run()
   wall, dispatch = [], []
   for _ in range(5):
     t0 = time.perf_counter()
-    out = model(qs, k_cache, bts, lens, md)
+    out = [model(qs, k_cache, bts, lens, md)]
     dispatch.append((time.perf_counter() - t0) * 1e6)
+    out += [model(qs, k_cache, bts, lens, md) for _ in range(args.steps - 1)]
     jax.block_until_ready(out)
-    wall.append((time.perf_counter() - t0) / args.layers * 1e6)
+    wall.append((time.perf_counter() - t0) / calls_per_run * 1e6)
     del out
   flops, nbytes = bench_decode.counts(args.b, args.s_q, args.h_q, 1, mean)
   per_call = statistics.median(wall)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; b={args.b} s_q={args.s_q} "
-        f"h_q={args.h_q} len={args.len} causal={args.causal}, {args.layers} layers")
+        f"h_q={args.h_q} len={args.len} causal={args.causal}, {args.layers} layers, "
+        f"{args.steps} program call(s) per run")
   print(f"wall clock per call: {per_call:.1f} us  ({nbytes / per_call / 1e6:.2f} TB/s, "
-        f"{flops / per_call / 1e6:.0f} TFLOPS); the program's dispatch returns after "
+        f"{flops / per_call / 1e6:.0f} TFLOPS); the first program's dispatch returns after "
         f"{statistics.median(dispatch):.0f} us")
 
   with tempfile.TemporaryDirectory() as d:
@@ -103,10 +111,10 @@ def main(argv=None):
     span = end - start
     busy = sum(e[2] for e in r)
     ours = sum(e[2] for e in r if is_ours(e[0]))
-    print(f"run {i}: {len(r)} kernels; per call: span {span / args.layers:.1f} us, "
-          f"our kernels {ours / args.layers:.1f} us, other kernels "
-          f"{(busy - ours) / args.layers:.1f} us, over our kernels "
-          f"{(span - ours) / args.layers:.1f} us")
+    print(f"run {i}: {len(r)} kernels; per call: span {span / calls_per_run:.1f} us, "
+          f"our kernels {ours / calls_per_run:.1f} us, other kernels "
+          f"{(busy - ours) / calls_per_run:.1f} us, over our kernels "
+          f"{(span - ours) / calls_per_run:.1f} us")
     # The host's view of the same run (profiler on, so its waits are somewhat longer).
     call = [c for c in calls if c[0] <= start <= c[1]]
     if call:

@@ -95,3 +95,20 @@ def test_gpu_kernel_events_reads_only_gpu_streams(tmp_path):
     json.dump({"traceEvents": events}, f)
   assert bench_decode.gpu_kernel_events(str(tmp_path)) == [
       ("decode_main_sm90_kernel", 100.0, 200.0), ("combine_kernel", 300.0, 5.0)]
+
+
+def test_trace_decode_dispatches_steps_programs_per_run(monkeypatch, capsys):
+  import trace_decode
+  calls = []
+  real = bench_decode.layered_program
+
+  def counting_program(**kwargs):
+    model = real(**kwargs)
+    return lambda *args: (calls.append(1), model(*args))[1]
+
+  monkeypatch.setattr(bench_decode, "layered_program", counting_program)
+  trace_decode.main(["--b", "2", "--len", "100", "--layers", "2", "--steps", "3", "--runs", "1",
+                     "--implementation", "xla"])
+  # warm-up run, 5 timed runs, 1 traced run: each dispatches --steps programs
+  assert len(calls) == 3 * (1 + 5 + 1)
+  assert "2 layers, 3 program call(s) per run" in capsys.readouterr().out
