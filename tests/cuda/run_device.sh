@@ -3,7 +3,9 @@
 # STEPS (default: all). Logs go to $OUT (or ./_out). Never touches clocks or GPU settings.
 #   prims  building blocks;  check  correctness;  sass  instruction summary and the
 #   serialization guard;  bench  full DESIGN §6 grid;  ab  corner configs with each experiment
-#   switch;  ncu  Nsight Compute sections for the compute corner.
+#   switch;  ncu  Nsight Compute sections for the compute corner;  stalls  warp-stall samples per
+#   kernel source line at both corners (L=8192), via stalls_by_line.py (needs nvdisasm there;
+#   without it, run the script here on the returned CSVs).
 #   An optional earlier build at $B/check_decode_v2 is timed on the corners too (A/B in one run).
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-_out}
@@ -50,5 +52,18 @@ if has ncu; then
     $B/check_decode --bench --no-bw --reps 1 --only 2,8192,128,0 > "$OUT/ncu.txt" 2>&1
   echo "== ncu compute corner"
   grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|ERROR" "$OUT/ncu.txt" | cut -c1-220 | head -30
+fi
+if has stalls; then
+  for corner in "compute 2,8192,128,0" "memory 1,8192,16,0"; do
+    set -- $corner
+    timeout 200 ncu --clock-control none --section SourceCounters -k regex:decode_main \
+      --launch-skip 2 --launch-count 1 -o "$OUT/stalls_$1" -f \
+      $B/check_decode --bench --no-bw --reps 3 --only $2 > /dev/null 2>&1
+    ncu --import "$OUT/stalls_$1.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/stalls_$1.csv" 2>&1 && rm -f "$OUT/stalls_$1.ncu-rep"
+    echo "== stalls per line, $1 corner"
+    python3 tests/cuda/stalls_by_line.py "$OUT/stalls_$1.csv" $B/check_decode --top 25 \
+      2>&1 | tee "$OUT/stalls_$1.txt"
+  done
 fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/gpu.txt" 2>&1
