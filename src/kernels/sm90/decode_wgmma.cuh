@@ -208,11 +208,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         row_sum[0] = row_sum[0] * sc0[0] + psum[0];
         row_sum[1] = row_sum[1] * sc0[1] + psum[1];
         if (pa.loaded) {
-          if (pa.n_valid < kPageSize) {
-            zero_v_rows(sK[0], 0, pa.n_valid, tid_wg);
-            fence_proxy_async_smem();
-            named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-          }
+          zero_tail_v_rows(sK[0], 0, pa.n_valid, tid_wg, T::kBarWg0);
           reg_fence(o);
           pv_rs(o, a, sK[0], 0);
         }
@@ -232,11 +228,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
           for (int t = 0; t < 4; ++t) mbar_wait(bars[1] + 8 * t, phase[1]);
-          if (pb.n_valid < kPageSize) {
-            zero_v_rows(sK[1], 0, pb.n_valid, tid_wg);
-            fence_proxy_async_smem();
-            named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-          }
+          zero_tail_v_rows(sK[1], 0, pb.n_valid, tid_wg, T::kBarWg0);
           reg_fence(o);
           pv_ss(o, sK[1] + T::kPTile * T::kTileBytes, sK[1], 0);
           wgmma_wait<0>();
@@ -263,11 +255,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         row_sum[1] *= sc0[1];
         if (pa.loaded) {
           for (int t = 4; t < 8; ++t) mbar_wait(bars[0] + 8 * t, phase[0]);
-          if (pa.n_valid < kPageSize) {
-            zero_v_rows(sK[0], 4, pa.n_valid, tid_wg);
-            fence_proxy_async_smem();
-            named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-          }
+          zero_tail_v_rows(sK[0], 4, pa.n_valid, tid_wg, T::kBarWg1);
           reg_fence(o);
           pv_ss(o, sK[0] + T::kPTile * T::kTileBytes, sK[0], 4);
         }
@@ -297,11 +285,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
         if (pb.loaded) {
-          if (pb.n_valid < kPageSize) {
-            zero_v_rows(sK[1], 4, pb.n_valid, tid_wg);
-            fence_proxy_async_smem();
-            named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-          }
+          zero_tail_v_rows(sK[1], 4, pb.n_valid, tid_wg, T::kBarWg1);
           reg_fence(o);
           pv_rs(o, a, sK[1], 4);
         }

@@ -288,6 +288,17 @@ __device__ __forceinline__ void zero_v_rows(uint32_t s_buf, int tile0, int n_val
   }
 }
 
+// Before P.V reads a short page: its V rows past the length zeroed in this warpgroup's four tiles
+// (unused cache slots may hold NaN, and 0 * NaN = NaN), fenced for wgmma, and the group synced.
+__device__ __forceinline__ void zero_tail_v_rows(uint32_t s_buf, int tile0, int n_valid,
+                                                 int tid_wg, int group_bar) {
+  if (n_valid < kPageSize) {
+    zero_v_rows(s_buf, tile0, n_valid, tid_wg);
+    fence_proxy_async_smem();
+    named_bar_sync(group_bar, T::kWarpgroupThreads);
+  }
+}
+
 // S = Q K^T for one page buffer (9 tiles x 4 k-steps), waiting on each tile's barrier. The V
 // tiles are taken from kFirstTile on (wrapping), the RoPE tile last: the order in which the
 // warpgroups refilled them.
