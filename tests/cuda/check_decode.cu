@@ -3,6 +3,9 @@
 //   check_decode --prims      building blocks alone: TMA tile load, QK^T (SS), P.V (RS and SS)
 //   check_decode [--quick]    correctness against a CPU float64 reference over many shapes
 //   check_decode --bench      DESIGN §6 grid on b=128 (main kernel + this file's combine)
+//     --only s_q,L,h_q,causal  one config;  --batch N  also N calls back to back;
+//     --gap-us G [--no-pdl]     also each call of the batch timed alone after G us of idle GPU
+//                               (the card's power cap: back-to-back calls run at a lower clock)
 //
 // Data follow DESIGN §4: q and the cache ~ N(0,1)/10 clamped to [-1, 1]; cache slots past each
 // length and all unused pages hold NaN; block tables are random permutations, entries past the
@@ -905,7 +908,19 @@ struct BenchOpts {
   int overhead = kFixedOverheadBlocks;
   int reps = 20;
   int batch = 0;  // also time this many calls launched back to back
+  int gap_us = -1;    // >= 0: time each call of the batch alone, after this long an idle GPU
+  bool no_pdl = false;  // batch launches without programmatic dependent launch
 };
+
+// Occupies the stream for `us` microseconds without touching memory (an idle gap between calls).
+__global__ void idle_kernel(unsigned us) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < 1000ull * us);
+}
 
 #if defined(JFM_TIMING)
 // Per-part timing of the last main-kernel launch (built with -DJFM_TIMING; grid x = y = 1 here):
@@ -916,6 +931,36 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
   const int parts = static_cast<int>(recs.size());
   std::vector<unsigned long long> t(2 * parts);
   CK(read_cta_times_sm90(t.data(), t.size()));
+  {  // the first request switch of each CTA that has one (JFM_MARK): medians of the intervals
+    std::vector<unsigned long long> mk(16 * parts);
+    CK(read_cta_marks_sm90(mk.data(), mk.size()));
+    std::vector<double> d[8];
+    for (int i = 0; i < parts; ++i) {
+      const unsigned long long* m = &mk[16 * i];
+      bool ok = true;  // marks of this launch (inside the CTA's span) and in order
+      for (int k = 0; k < 10; ++k) {
+        ok = ok && m[k] >= t[2 * i] && m[k] <= t[2 * i + 1] && (k == 0 || m[k - 1] <= m[k]);
+      }
+      if (!ok) continue;
+      d[0].push_back((m[1] - m[0]) * 0.5e-3);  // one pair, steady state
+      d[1].push_back((m[3] - m[2]) * 1e-3);    // last pair of the first request
+      d[2].push_back((m[7] - m[3]) * 1e-3);    // epilogue, of which:
+      d[3].push_back((m[4] - m[3]) * 1e-3);    //   both groups' row sums exchanged
+      d[4].push_back((m[5] - m[4]) * 1e-3);    //   split count read
+      d[5].push_back((m[6] - m[5]) * 1e-3);    //   output written
+      d[6].push_back((m[8] - m[7]) * 1e-3);    // next request's setup (Q, row max)
+      d[7].push_back((m[9] - m[8]) * 1e-3);    // its first pair
+    }
+    auto med = [](std::vector<double> v) {
+      if (v.empty()) return -1.0;
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    std::printf("  switch (%zu CTAs, median us): pair %.2f | last pair %.2f | epilogue %.2f "
+                "(sums %.2f, split count %.2f, stores %.2f) | setup %.2f | first pair %.2f\n",
+                d[0].size(), med(d[0]), med(d[1]), med(d[2]), med(d[3]), med(d[4]), med(d[5]),
+                med(d[6]), med(d[7]));
+  }
   unsigned long long t0 = ~0ull, t1 = 0;
   for (int i = 0; i < parts; ++i) t0 = std::min(t0, t[2 * i]), t1 = std::max(t1, t[2 * i + 1]);
   std::vector<double> starts, ends;
@@ -1134,6 +1179,30 @@ static int run_bench(const BenchOpts& o) {
             std::printf("  %d calls back to back: %.1f us per call\n", o.batch,
                         median(t_batch) * 1e3);
           }
+          if (o.batch > 0 && o.gap_us >= 0) {  // each call on its own events, idle gap before
+            std::vector<cudaEvent_t> ev(2 * o.batch);
+            for (auto& e : ev) CK(cudaEventCreate(&e));
+            std::vector<float> t_each;
+            for (int rep = 0; rep < 2; ++rep) {
+              for (int it = 0; it < o.batch; ++it) {
+                if (o.gap_us > 0) idle_kernel<<<1, 32, 0, st>>>(o.gap_us);
+                CK(cudaEventRecord(ev[2 * it], st));
+                CK(launch_decode_main_sm90(p, st, !o.no_pdl));
+                CK(launch_bench_combine(p, st));
+                CK(cudaEventRecord(ev[2 * it + 1], st));
+              }
+              wait_or_die(st, 60.0, "bench each");
+              for (int it = 0; it < o.batch; ++it) {
+                float c;
+                CK(cudaEventElapsedTime(&c, ev[2 * it], ev[2 * it + 1]));
+                if (rep > 0) t_each.push_back(c);
+              }
+            }
+            std::printf("  %d calls, gap %d us, pdl %d: median %.1f us, first %.1f, last %.1f\n",
+                        o.batch, o.gap_us, !o.no_pdl, median(t_each) * 1e3, t_each[0] * 1e3,
+                        t_each.back() * 1e3);
+            for (auto& e : ev) cudaEventDestroy(e);
+          }
           const double tc = median(t_call) * 1e-3, tm = median(t_main) * 1e-3;
           const double bytes = b * (s_q * h_q * 576.0 * 2 + mean * h_kv * 576.0 * 2 + s_q * h_q * 512.0 * 2);
           const double flops = static_cast<double>(b) * h_q * s_q * (2.0 * 576 + 2.0 * 512) * mean;
@@ -1184,6 +1253,8 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--overhead") && i + 1 < argc) bo.overhead = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) bo.reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) bo.batch = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--gap-us") && i + 1 < argc) bo.gap_us = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--no-pdl")) bo.no_pdl = true;
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d,%d,%d", &bo.only[0], &bo.only[1], &bo.only[2],
                       &bo.only[3]) != 4) {

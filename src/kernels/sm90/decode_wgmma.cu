@@ -57,6 +57,9 @@ int decode_main_sm90_smem_bytes() { return sm90::DecodeWgmmaTraits::kSmemBytes; 
 cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count) {
   return cudaMemcpyFromSymbol(host, sm90::g_cta_times, count * sizeof(unsigned long long));
 }
+cudaError_t read_cta_marks_sm90(unsigned long long* host, size_t count) {
+  return cudaMemcpyFromSymbol(host, sm90::g_cta_marks, count * sizeof(unsigned long long));
+}
 #endif
 
 cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream,

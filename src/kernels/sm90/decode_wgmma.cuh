@@ -46,7 +46,7 @@ namespace sm90 {
 __device__ unsigned long long g_cta_times[2 * 65536];
 __device__ __forceinline__ unsigned long long global_timer_ns() {
   unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");  // an ordering point
   return t;
 }
 __device__ __forceinline__ void record_cta_time(int which) {
@@ -54,7 +54,17 @@ __device__ __forceinline__ void record_cta_time(int which) {
   if (threadIdx.x == 0 && id < 65536) g_cta_times[2 * id + which] = global_timer_ns();
 }
 #define JFM_RECORD_CTA_TIME(which) record_cta_time(which)
+// Timestamps (thread 0) of the CTA's first request switch, in program order: pairs 0 and 2 and
+// the last pair of the first request, its loop end, epilogue steps, the next request's setup and
+// its second pair. check_decode prints the intervals ("switch" line of --bench).
+__device__ unsigned long long g_cta_marks[16 * 65536];
+#define JFM_MARK(k, cond)                                                                      \
+  do {                                                                                         \
+    const unsigned id_ = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;        \
+    if (threadIdx.x == 0 && (cond) && id_ < 65536) g_cta_marks[16 * id_ + (k)] = global_timer_ns(); \
+  } while (0)
 #else
+#define JFM_MARK(k, cond)
 #define JFM_RECORD_CTA_TIME(which)
 #endif
 
@@ -146,12 +156,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     fence_proxy_async_smem();
     __syncthreads();
 
+    JFM_MARK(8, req == rec.begin_req + 1);
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float row_sum[2] = {0.f, 0.f};
 
     for (int page = c.pb; page < c.pe; page += 2) {
+      JFM_MARK(0, req == rec.begin_req && page == c.pb);
+      JFM_MARK(1, req == rec.begin_req && page == c.pb + 4);
+      JFM_MARK(2, req == rec.begin_req && page + 2 >= c.pe);
+      JFM_MARK(9, req == rec.begin_req + 1 && page == c.pb + 2);
       const bool prefetch_next_q = page + 2 >= c.pe && req < last_req;
       const PageInfo pa = make_page(p, c, page);
       const PageInfo pb = make_page(p, c, page + 1);  // not loaded if page + 1 >= pe
@@ -303,6 +318,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       if (pb.loaded) phase[1] ^= 1u;
     }
 
+    JFM_MARK(3, req == rec.begin_req);
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: combine the two groups' row sums, write this request ----------
@@ -316,6 +332,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       s_row_sum[wg * kBlockM + r0 + 8] = row_sum[1];
     }
     __syncthreads();
+    JFM_MARK(4, req == rec.begin_req);
 
     const int split_begin = __ldg(p.num_splits + c.bi);
     const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
@@ -324,6 +341,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
+    JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
     const int col0 = wg * T::kVColsPerWarpgroup + 2 * q4;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -360,8 +378,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       }
     }
+    JFM_MARK(6, req == rec.begin_req);
     __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
     q_prefetched = c.pb < c.pe && req < last_req;
+    JFM_MARK(7, req == rec.begin_req);
   }
   JFM_RECORD_CTA_TIME(1);
 }

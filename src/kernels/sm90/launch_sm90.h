@@ -28,6 +28,7 @@ int decode_main_sm90_smem_bytes();
 #if defined(JFM_TIMING)
 // Diagnostic builds: (start, end) global-timer ns of each CTA of the last launch, CTA-linear.
 cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count);
+cudaError_t read_cta_marks_sm90(unsigned long long* host, size_t count);
 #endif
 
 }  // namespace jax_flashmla
