@@ -51,8 +51,6 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p)
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-int decode_main_sm90_smem_bytes() { return sm90::DecodeWgmmaTraits::kSmemBytes; }
-
 #if defined(JFM_TIMING)
 cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count) {
   return cudaMemcpyFromSymbol(host, sm90::g_cta_times, count * sizeof(unsigned long long));

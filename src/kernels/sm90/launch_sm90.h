@@ -22,9 +22,6 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
 // The TMA descriptor of k_cache the kernel takes (exposed for tests of the building blocks).
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
 
-// Dynamic shared memory the kernel needs, in bytes.
-int decode_main_sm90_smem_bytes();
-
 #if defined(JFM_TIMING)
 // Diagnostic builds: (start, end) global-timer ns of each CTA of the last launch, CTA-linear.
 cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count);
