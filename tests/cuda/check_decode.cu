@@ -6,6 +6,7 @@
 //     --only s_q,L,h_q,causal  one config;  --batch N  also N calls back to back;
 //     --gap-us G [--no-pdl]     also each call of the batch timed alone after G us of idle GPU
 //                               (the card's power cap: back-to-back calls run at a lower clock)
+//     --energy N                board energy per call over N calls back to back (NVML)
 //
 // Data follow DESIGN §4: q and the cache ~ N(0,1)/10 clamped to [-1, 1]; cache slots past each
 // length and all unused pages hold NaN; block tables are random permutations, entries past the
@@ -15,6 +16,7 @@
 // directly. The scheduler records are built on the host with the semantics of params.h.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -910,7 +912,29 @@ struct BenchOpts {
   int batch = 0;  // also time this many calls launched back to back
   int gap_us = -1;    // >= 0: time each call of the batch alone, after this long an idle GPU
   bool no_pdl = false;  // batch launches without programmatic dependent launch
+  int energy_calls = 0;  // > 0: board energy per call over this many calls back to back
 };
+
+// The board's energy counter (NVML, loaded at run time so the checker needs no NVML to build):
+// under the power cap, energy per call is what sets the back-to-back speed. Returns false if
+// NVML or the counter is unavailable. Device index 0 (the checker uses the first GPU).
+static bool board_energy_mj(unsigned long long* mj) {
+  using InitFn = int (*)();
+  using HandleFn = int (*)(unsigned, void**);
+  using EnergyFn = int (*)(void*, unsigned long long*);
+  static EnergyFn energy = nullptr;
+  static void* dev = nullptr;
+  static const bool ok = [] {
+    void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    if (lib == nullptr) return false;
+    auto init = reinterpret_cast<InitFn>(dlsym(lib, "nvmlInit_v2"));
+    auto handle = reinterpret_cast<HandleFn>(dlsym(lib, "nvmlDeviceGetHandleByIndex_v2"));
+    energy = reinterpret_cast<EnergyFn>(dlsym(lib, "nvmlDeviceGetTotalEnergyConsumption"));
+    return init != nullptr && handle != nullptr && energy != nullptr && init() == 0 &&
+           handle(0, &dev) == 0;
+  }();
+  return ok && energy(dev, mj) == 0;
+}
 
 // Occupies the stream for `us` microseconds without touching memory (an idle gap between calls).
 __global__ void idle_kernel(unsigned us) {
@@ -1179,6 +1203,28 @@ static int run_bench(const BenchOpts& o) {
             std::printf("  %d calls back to back: %.1f us per call\n", o.batch,
                         median(t_batch) * 1e3);
           }
+          if (o.energy_calls > 0) {  // joules per call under sustained load (NVML counter, mJ)
+            unsigned long long mj0 = 0, mj1 = 0;
+            CK(cudaStreamSynchronize(st));
+            const bool have0 = board_energy_mj(&mj0);
+            CK(cudaEventRecord(e0, st));
+            for (int it = 0; it < o.energy_calls; ++it) {
+              CK(launch_decode_main_sm90(p, st));
+              CK(launch_bench_combine(p, st));
+            }
+            CK(cudaEventRecord(e2, st));
+            wait_or_die(st, 120.0, "bench energy");
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e2));
+            if (have0 && board_energy_mj(&mj1)) {
+              const double j = (mj1 - mj0) * 1e-3;
+              std::printf("  energy: %d calls back to back, %.1f us per call, %.2f mJ per call, "
+                          "%.0f W\n", o.energy_calls, ms * 1e3 / o.energy_calls,
+                          j * 1e3 / o.energy_calls, j / (ms * 1e-3));
+            } else {
+              std::printf("  energy: NVML energy counter unavailable\n");
+            }
+          }
           if (o.batch > 0 && o.gap_us >= 0) {  // each call on its own events, idle gap before
             std::vector<cudaEvent_t> ev(2 * o.batch);
             for (auto& e : ev) CK(cudaEventCreate(&e));
@@ -1255,6 +1301,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) bo.batch = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--gap-us") && i + 1 < argc) bo.gap_us = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--no-pdl")) bo.no_pdl = true;
+    else if (!std::strcmp(argv[i], "--energy") && i + 1 < argc) bo.energy_calls = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d,%d,%d", &bo.only[0], &bo.only[1], &bo.only[2],
                       &bo.only[3]) != 4) {
