@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Guards against ptxas silently serializing the wgmmas of the main kernel: it then closes every
+# Guards against ptxas silently serializing the wgmmas of the decode kernels: it then closes every
 # HGMMA's group and waits on it (WARPGROUP.DEPBAR) before the next, and says nothing.
-# The kernel issues six wgmma batches per pair (QK^T and two P.V per warpgroup), 88 HGMMAs in
-# all, so a healthy build has a handful of DEPBAR (one per batch, a few duplicated paths),
-# a serialized one has ~88. Usage: check_sass.sh BINARY [CUOBJDUMP]
+# The wide kernel issues six wgmma batches per pair (QK^T and two P.V per warpgroup), 88 HGMMAs
+# in all; the narrow one three per page, 68 HGMMAs. A healthy build has a handful of DEPBAR (one
+# per batch, a few duplicated paths), a serialized one one per HGMMA.
+# Usage: check_sass.sh BINARY [CUOBJDUMP]
 set -euo pipefail
 bin=$1
 cu=${2:-cuobjdump}
 "$cu" --dump-sass "$bin" | awk '
   /Function :/ { f = $3 }
-  f ~ /decode_main_sm90/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
-  f ~ /decode_main_sm90/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
+  f ~ /decode_(main|narrow)_sm90/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
+  f ~ /decode_(main|narrow)_sm90/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
   END {
     bad = 0
     for (k in mma) {

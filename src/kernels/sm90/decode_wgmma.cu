@@ -3,6 +3,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include "decode_narrow.cuh"
 #include "decode_wgmma.cuh"
 #include "launch_sm90.h"
 #include "../per_device_once.h"
@@ -68,10 +69,12 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   CUtensorMap map;
   cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
-  const int smem = sm90::DecodeWgmmaTraits::kSmemBytes;
-  auto kernel = sm90::decode_main_sm90_kernel;
-  static PerDeviceOnce smem_opt_in;
-  err = smem_opt_in.run([&] {
+  // At most 16 query rows per kv head: the transposed kernel (decode_narrow.cuh).
+  const bool narrow = params.q_rows <= sm90::NarrowTraits::kRows;
+  const int smem = narrow ? sm90::NarrowTraits::kSmemBytes : sm90::DecodeWgmmaTraits::kSmemBytes;
+  auto kernel = narrow ? sm90::decode_narrow_sm90_kernel : sm90::decode_main_sm90_kernel;
+  static PerDeviceOnce smem_opt_in[2];
+  err = smem_opt_in[narrow].run([&] {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   });
   if (err != cudaSuccess) return err;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes wgmma_ops.cuh: inline-PTX wrappers for the three wgmma shapes the sm90 decode kernel uses.
+"""Writes wgmma_ops.cuh: inline-PTX wrappers for the wgmma shapes the sm90 decode kernels use.
 
 The wrappers need one asm operand per accumulator register (32 or 128), which is tedious and
 error-prone by hand, so they are generated. Run `python3 gen_wgmma_ops.py > wgmma_ops.cuh`.
@@ -10,8 +10,8 @@ def acc_list(n, first=0):
     return "{" + ", ".join(f"%{first + i}" for i in range(n)) + "}"
 
 
-def emit_ss(name, n_acc, shape, trans_b):
-    # D[64 x N] (+)= A(smem desc) * B(smem desc); K-major A, B K-major or MN-major (trans_b).
+def emit_ss(name, n_acc, shape, trans_b, trans_a=0):
+    # D[64 x N] (+)= A(smem desc) * B(smem desc); each K-major, or MN-major where trans_a/b.
     ops = acc_list(n_acc)
     a, b, sd = n_acc, n_acc + 1, n_acc + 2
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(n_acc))
@@ -25,7 +25,7 @@ __device__ __forceinline__ void {name}(float (&d)[{n_acc}], uint64_t desc_a, uin
       "setp.ne.b32 p, %{sd}, 0;\\n"
       "wgmma.mma_async.sync.aligned.{shape}.f32.bf16.bf16 "
       "{ops}, "
-      "%{a}, %{b}, p, 1, 1, 0, {trans_b};\\n"
+      "%{a}, %{b}, p, 1, 1, {trans_a}, {trans_b};\\n"
       "}}\\n"
       : {outs}
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
@@ -65,6 +65,10 @@ emit_ss("wgmma_m64n64k16_ss", 32, "m64n64k16", 0)
 emit_ss("wgmma_m64n256k16_ss_tb", 128, "m64n256k16", 1)
 # P.V with P from registers.
 emit_rs("wgmma_m64n256k16_rs_tb", 128, "m64n256k16", 1)
+# The narrow kernel (<= 16 query rows), transposed: S^T = K Q^T with both K-major, and
+# O^T = V^T P^T with V^T read MN-major (the K tile as stored) and P^T K-major.
+emit_ss("wgmma_m64n16k16_ss", 8, "m64n16k16", 0)
+emit_ss("wgmma_m64n16k16_ss_ta", 8, "m64n16k16", 0, trans_a=1)
 print("""
 }  // namespace sm90
 }  // namespace jax_flashmla""")

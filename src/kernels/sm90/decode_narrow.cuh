@@ -1,0 +1,442 @@
+// The sm90 decode kernel for narrow query blocks: at most 16 query rows per kv head, e.g. h_q=16
+// with s_q=1, the memory-bound decode of DeepSeek-style models.
+//
+// The wide kernel (decode_wgmma.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
+// of its tensor work and Q reads go to zero rows, and that power is taken from a card that already
+// runs at its power cap while it streams the cache. Here keys are M and query rows are N = 16:
+//   S^T  = K Q^T     64 keys x 16 rows: 9 tiles x 4 k-steps of m64n16k16, both operands K-major
+//   O^T += V^T P^T   512 columns x 16 rows: 8 column blocks x 4 k-steps; V^T is the K tile as
+//                    stored, read MN-major, and P^T is written to shared memory K-major
+// O^T is 64 fp32 registers per thread, so each warpgroup owns all 512 columns and one page buffer:
+// WG w takes pages pb + w, pb + w + 2, ... of each request with its own running max and sums, and
+// the two halves are merged once per request through shared memory. Nothing passes between the
+// groups inside the page loop, and each group refills its buffer as soon as its P.V is done.
+//
+// A row max of S is a column max of S^T: over the thread's two keys, the eight lanes that share
+// its columns (shuffles), then the group's four warps (shared memory, one named barrier).
+// Masking, skipped pages and the V rows past the length follow the wide kernel.
+#pragma once
+
+#include "decode_wgmma_blocks.cuh"
+
+namespace jax_flashmla {
+namespace sm90 {
+
+struct NarrowTraits {
+  static constexpr int kRows = 16;  // query rows per CTA: N of every wgmma
+  static constexpr int kThreads = 256;
+  static constexpr int kQTileBytes = kRows * 128;  // 16 rows x 64 bf16, 128-byte swizzle
+  static constexpr int kOStride = 516;  // floats per row of the merge area: fragment stores of
+                                        // the 4 column pairs of a quad fall in distinct banks
+
+  // Shared memory, offsets from a 1024-byte aligned base.
+  static constexpr int kOffQ = 0;                                          // 9 Q tiles
+  static constexpr int kOffK = kOffQ + T::kNumKTiles * kQTileBytes;        // 2 page buffers
+  static constexpr int kOffP = kOffK + 2 * T::kPageBytes;                  // 2 x P^T (16 x 64)
+  static constexpr int kOffO = kOffP + 2 * kQTileBytes;                    // float[16][516]
+  static constexpr int kOffRed = kOffO + kRows * kOStride * 4;             // float[2][4][16]
+  static constexpr int kOffSum = kOffRed + 2 * 4 * kRows * 4;              // float[2][4][16]
+  static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][16]
+  static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][16]: m, l
+  static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
+  static constexpr int kSmemBytes = kOffBars + 2 * T::kNumKTiles * 8 + 1024;
+
+  // Named barriers of warpgroup w (0 is __syncthreads): all four warps, and "tiles 0..3 / 4..7
+  // free" (three warps arrive, the leader's warp waits; two ids, so that the second release
+  // cannot be counted into the first).
+  JFM_HOST_DEVICE static constexpr int bar_group(int w) { return 1 + w; }
+  JFM_HOST_DEVICE static constexpr int bar_free(int w, int half) { return 3 + 2 * w + half; }
+};
+using NT = NarrowTraits;
+static_assert(NT::kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
+static_assert(NT::kOffK % 1024 == 0 && NT::kOffP % 1024 == 0, "swizzled tiles need 1 KiB");
+
+// Rows 0..15 of the query block of (request bi, kv head hk) into sQ, tile t at t * 2 KiB;
+// rows past q_rows are zero. All 256 threads.
+__device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t sQ, int bi, int hk) {
+  constexpr int kChunksPerRow = kHeadDimK / 8;  // 72 x 16 bytes
+  constexpr int kChunks = NT::kRows * kChunksPerRow;
+  constexpr int kIters = (kChunks + NT::kThreads - 1) / NT::kThreads;
+  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  uint4 v[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int i = threadIdx.x + it * NT::kThreads;
+    const int row = i / kChunksPerRow;
+    v[it] = make_uint4(0, 0, 0, 0);
+    if (i < kChunks && row < p.q_rows) {
+      const int s = row / p.g;
+      const int j = row - s * p.g;
+      const size_t off = ((static_cast<size_t>(bi) * p.s_q + s) * p.h_q + hk * p.g + j) * kHeadDimK +
+                         (i % kChunksPerRow) * 8;
+      v[it] = __ldg(reinterpret_cast<const uint4*>(q + off));
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int i = threadIdx.x + it * NT::kThreads;
+    if (i < kChunks) {
+      const int row = i / kChunksPerRow;
+      const int c = i % kChunksPerRow;
+      st_shared_v4(sQ + (c / 8) * NT::kQTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4), v[it]);
+    }
+  }
+}
+
+// The first page of warpgroup w's sequence at or after request `req`: page pb + w of the first
+// chunk that has one. Returns false if none.
+__device__ __forceinline__ bool first_page_from(const DecodeParams& p, const SchedRecord& rec,
+                                                int req, int w, PageInfo& out) {
+  const int last = min(rec.end_req, p.b - 1);
+  for (int r = req; r <= last; ++r) {
+    const ReqCtx c = make_req(p, rec, r, 0);
+    if (c.pb + w < c.pe) {
+      out = make_page(p, c, c.pb + w);
+      return true;
+    }
+  }
+  return false;
+}
+
+// S^T = K Q^T for one page buffer, waiting on each tile's barrier.
+__device__ __forceinline__ void qk_narrow(float (&s)[8], uint32_t sQ, uint32_t s_buf, uint32_t bars,
+                                          uint32_t phase) {
+  const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
+  const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int t = 0; t < T::kNumKTiles; ++t) {
+    mbar_wait(bars + 8 * t, phase);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_m64n16k16_ss(s, desc_advance(dk, t * T::kTileBytes + kk * 32),
+                         desc_advance(dq, t * NT::kQTileBytes + kk * 32), (t | kk) != 0 ? 1 : 0);
+    }
+  }
+  wgmma_commit();
+}
+
+// O^T += V^T P^T: column block mb is V tile mb read MN-major; P^T (16 x 64 keys) from s_p.
+// Two commit groups (tiles 0..3, 4..7), so the first half of the buffer can be refilled while
+// the second is still read.
+__device__ __forceinline__ void pv_narrow(float (&o)[8][8], uint32_t s_p, uint32_t s_buf) {
+  const uint64_t dv = make_desc_sw128(s_buf, T::kTileBytes, 1024);
+  const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int mb = 0; mb < T::kNumVTiles; ++mb) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_m64n16k16_ss_ta(o[mb], desc_advance(dv, mb * T::kTileBytes + kk * 2048),
+                            desc_advance(dp, kk * 32), 1);
+    }
+    if (mb == 3 || mb == 7) wgmma_commit();
+  }
+}
+
+// Run by a whole warpgroup once each warp's last read of some tiles of its buffer has retired:
+// the leader's warp waits for the other three, then the leader starts the next page's tiles.
+__device__ __forceinline__ void release_tiles(int warp_wg, int bar, bool leader,
+                                              const CUtensorMap* tmap, uint32_t s_buf,
+                                              uint32_t bars, const PageInfo& next, int hk,
+                                              uint32_t mask, uint64_t policy) {
+  if (warp_wg == 0) {
+    named_bar_sync(bar, T::kWarpgroupThreads);
+  } else {
+    named_bar_arrive(bar, T::kWarpgroupThreads);
+  }
+  if (leader) {
+    expect_group(bars, next, mask);
+    issue_group(tmap, s_buf, bars, next, hk, mask, policy);
+  }
+}
+
+// Fragment coordinates (m64n16 accumulator, register 4j + 2i + e of a thread): M index
+// 16 * warp + lane / 4 + 8i (a key of S^T, a column of O^T), N index 8j + 2 * (lane % 4) + e
+// (a query row). The thread's four query rows are indexed k = 2j + e below.
+__device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2 * q4 + (k & 1); }
+
+__global__ void __launch_bounds__(NT::kThreads, 1)
+    decode_narrow_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
+                              const __grid_constant__ DecodeParams p) {
+  JFM_RECORD_CTA_TIME(0);
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
+
+  const int hk = blockIdx.y;
+  const int part = blockIdx.z;
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+  const int tid_wg = threadIdx.x % 128;
+  const int warp_wg = tid_wg / 32;
+  const int lane = threadIdx.x % 32;
+  const int q4 = lane % 4;
+  const int key_lo = 16 * warp_wg + lane / 4;  // this thread's keys of a page: key_lo, key_lo + 8
+  const bool leader = tid_wg == 0;
+
+  const uint32_t sQ = base + NT::kOffQ;
+  const uint32_t s_buf = base + NT::kOffK + wg * T::kPageBytes;
+  const uint32_t s_p = base + NT::kOffP + wg * NT::kQTileBytes;
+  const uint32_t bars = base + NT::kOffBars + wg * 8 * T::kNumKTiles;
+  float* s_red = reinterpret_cast<float*>(smem + NT::kOffRed) + wg * 4 * NT::kRows;
+  float* s_sum = reinterpret_cast<float*>(smem + NT::kOffSum);
+  float* s_max = reinterpret_cast<float*>(smem + NT::kOffMax);
+  float* s_final = reinterpret_cast<float*>(smem + NT::kOffFinal);
+  float* s_o = reinterpret_cast<float*>(smem + NT::kOffO);
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(base + NT::kOffBars + 8 * i, 1);
+    fence_mbar_init();
+    prefetch_tensormap(&tmap_k);
+  }
+  __syncthreads();
+  pdl_wait_for_primary();
+
+  const SchedRecord rec = p.sched[part];
+  if (rec.begin_req >= p.b || rec.begin_req < 0) {
+    JFM_RECORD_CTA_TIME(1);
+    return;
+  }
+  const uint64_t policy = leader ? l2_evict_first_policy() : 0;
+  constexpr uint32_t kAllTiles = (1u << T::kNumKTiles) - 1;
+
+  if (leader) {  // each group starts the first page of its own sequence
+    PageInfo first;
+    if (first_page_from(p, rec, rec.begin_req, wg, first)) {
+      expect_group(bars, first, kAllTiles);
+      issue_group(&tmap_k, s_buf, bars, first, hk, kAllTiles, policy);
+    }
+  }
+
+  uint32_t phase = 0;
+  const int last_req = min(rec.end_req, p.b - 1);
+  for (int req = rec.begin_req; req <= last_req; ++req) {
+    const ReqCtx c = make_req(p, rec, req, 0);
+    load_q_narrow(p, sQ, c.bi, hk);
+    fence_proxy_async_smem();
+    __syncthreads();
+
+    int vis[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) vis[k] = visible_keys(p, c.len, frag_row(q4, k));
+    float o[8][8];
+#pragma unroll
+    for (int mb = 0; mb < 8; ++mb) {
+#pragma unroll
+      for (int r = 0; r < 8; ++r) o[mb][r] = 0.f;
+    }
+    float m_run[4], l_run[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      m_run[k] = T::kRowMaxInit;
+      l_run[k] = 0.f;
+    }
+
+    for (int page = c.pb + wg; page < c.pe; page += 2) {
+      const PageInfo pi = make_page(p, c, page);
+      // The group's next page (maybe in a later request): the leader refills the buffer with it
+      // as this page's last reads of each tile group retire (RoPE tile after S^T, then V halves).
+      PageInfo next;
+      next.loaded = false;
+      if (leader) {
+        if (page + 2 < c.pe) {
+          next = make_page(p, c, page + 2);
+        } else {
+          first_page_from(p, rec, req + 1, wg, next);
+        }
+      }
+      if (!pi.loaded) {  // no load was issued for this page: the buffer is free already
+        if (leader) {
+          expect_group(bars, next, kAllTiles);
+          issue_group(&tmap_k, s_buf, bars, next, hk, kAllTiles, policy);
+        }
+      } else {
+        float s[8];
+        qk_narrow(s, sQ, s_buf, bars, phase);
+        wgmma_wait<0>();
+        reg_fence(s);
+        if (pi.need_mask) {
+          const int key0 = page * kPageSize + key_lo;
+#pragma unroll
+          for (int r = 0; r < 8; ++r) {
+            const int key = key0 + 8 * ((r >> 1) & 1);
+            s[r] = key < vis[2 * (r >> 2) + (r & 1)] ? s[r] : -INFINITY;
+          }
+        }
+        // Column max over the page's 64 keys: thread, lanes of the same quad position, warps.
+        float mx[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int r = 4 * (k >> 1) + (k & 1);
+          float m = fmaxf(s[r], s[r + 2]);
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+          mx[k] = m;
+        }
+        // (s_red is rewritten by the next page only after this page's second group barrier,
+        // which every warp reaches after its reads below.)
+        float* red = s_red;
+        if (lane < 4) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) red[warp_wg * NT::kRows + frag_row(q4, k)] = mx[k];
+        }
+        named_bar_sync(NT::bar_group(wg), T::kWarpgroupThreads);
+        // Every warp's S^T wgmmas have retired: the RoPE tile is free.
+        if (leader) {
+          expect_group(bars, next, 1u << 8);
+          issue_group(&tmap_k, s_buf, bars, next, hk, 1u << 8, policy);
+        }
+        float m_new[4], sc[4], psum[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          float m = red[frag_row(q4, k)];
+#pragma unroll
+          for (int w = 1; w < 4; ++w) m = fmaxf(m, red[w * NT::kRows + frag_row(q4, k)]);
+          m_new[k] = fmaxf(m_run[k], m * p.scale_log2);
+          sc[k] = fast_exp2(m_run[k] - m_new[k]);
+          m_run[k] = m_new[k];
+          psum[k] = 0.f;
+        }
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int k = 2 * (r >> 2) + (r & 1);
+          s[r] = fast_exp2(fmaf(s[r], p.scale_log2, -m_new[k]));
+          psum[k] += s[r];
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) l_run[k] = l_run[k] * sc[k] + psum[k];
+#pragma unroll
+        for (int mb = 0; mb < 8; ++mb) {
+#pragma unroll
+          for (int r = 0; r < 8; ++r) o[mb][r] *= sc[2 * (r >> 2) + (r & 1)];
+        }
+        // P^T (bf16) into the group's K-major 16 x 64 tile: row = query row, column = key.
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int n = frag_row(q4, 2 * (r >> 2) + (r & 1));
+          const int key = key_lo + 8 * ((r >> 1) & 1);
+          st_shared_u16(s_p + n * 128 + (((key >> 3) ^ (n & 7)) << 4) + (key & 7) * 2,
+                        bf16_bits(s[r]));
+        }
+        if (pi.n_valid < kPageSize) {
+          zero_v_rows(s_buf, 0, pi.n_valid, tid_wg);
+          zero_v_rows(s_buf, 4, pi.n_valid, tid_wg);
+        }
+        fence_proxy_async_smem();
+        named_bar_sync(NT::bar_group(wg), T::kWarpgroupThreads);
+        for (int mb = 0; mb < 8; ++mb) reg_fence(o[mb]);
+        pv_narrow(o, s_p, s_buf);
+        wgmma_wait<1>();
+        for (int mb = 0; mb < 4; ++mb) reg_fence(o[mb]);
+        release_tiles(warp_wg, NT::bar_free(wg, 0), leader, &tmap_k, s_buf, bars, next, hk, 0x0Fu,
+                      policy);
+        wgmma_wait<0>();
+        for (int mb = 4; mb < 8; ++mb) reg_fence(o[mb]);
+        release_tiles(warp_wg, NT::bar_free(wg, 1), leader, &tmap_k, s_buf, bars, next, hk, 0xF0u,
+                      policy);
+        phase ^= 1u;
+      }
+    }
+
+    if (req == last_req) pdl_launch_dependents();
+
+    // ---------------- epilogue: merge the two groups' (max, sum, O^T), write this request ----
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 4);
+      l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 8);
+      l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 16);
+    }
+    if (lane < 4) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        s_sum[(wg * 4 + warp_wg) * NT::kRows + frag_row(q4, k)] = l_run[k];
+        if (warp_wg == 0) s_max[wg * NT::kRows + frag_row(q4, k)] = m_run[k];
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < NT::kRows) {
+      const int n = threadIdx.x;
+      const float m = fmaxf(s_max[n], s_max[NT::kRows + n]);
+      float l = 0.f;
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        float lw = 0.f;
+#pragma unroll
+        for (int wp = 0; wp < 4; ++wp) lw += s_sum[(w * 4 + wp) * NT::kRows + n];
+        l += lw * fast_exp2(s_max[w * NT::kRows + n] - m);
+      }
+      s_final[n] = m;
+      s_final[NT::kRows + n] = l;
+    }
+    float f[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int n = frag_row(q4, k);
+      f[k] = fast_exp2(m_run[k] - fmaxf(s_max[n], s_max[NT::kRows + n]));
+    }
+    if (wg == 1) {
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb) {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int col = 64 * mb + key_lo + 8 * ((r >> 1) & 1);
+          s_o[frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col] =
+              o[mb][r] * f[2 * (r >> 2) + (r & 1)];
+        }
+      }
+    }
+    __syncthreads();
+    if (wg == 0) {
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb) {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int col = 64 * mb + key_lo + 8 * ((r >> 1) & 1);
+          float* dst = s_o + frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col;
+          *dst += o[mb][r] * f[2 * (r >> 2) + (r & 1)];
+        }
+      }
+    }
+    __syncthreads();
+
+    const int split_begin = __ldg(p.num_splits + c.bi);
+    const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
+    const int64_t slot =
+        static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
+    const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
+    // Coalesced: 4 consecutive columns of one row per thread and step.
+    for (int i = threadIdx.x; i < NT::kRows * (kHeadDimV / 4); i += NT::kThreads) {
+      const int n = i / (kHeadDimV / 4);
+      const int col = (i % (kHeadDimV / 4)) * 4;
+      if (n >= p.q_rows) break;
+      const float m = s_final[n];
+      const float l = s_final[NT::kRows + n];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float4 v = *reinterpret_cast<const float4*>(s_o + n * NT::kOStride + col);
+      const int s_tok = n / p.g;
+      const int head = hk * p.g + (n - s_tok * p.g);
+      if (!split) {
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) +
+                             ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) * kHeadDimV;
+        *reinterpret_cast<uint2*>(out + col) =
+            make_uint2(pack_bf16x2(v.x * inv, v.y * inv), pack_bf16x2(v.z * inv, v.w * inv));
+        if (col == 0) {
+          p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
+              l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+        }
+      } else if (slot_ok) {
+        const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + n;
+        *reinterpret_cast<float4*>(p.o_accum + idx * kHeadDimV + col) =
+            make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+        if (col == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+      }
+    }
+    __syncthreads();  // sQ and the merge area are rewritten by the next request
+  }
+  JFM_RECORD_CTA_TIME(1);
+}
+
+}  // namespace sm90
+}  // namespace jax_flashmla
