@@ -41,11 +41,8 @@ struct NarrowTraits {
   static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
   static constexpr int kSmemBytes = kOffBars + 2 * T::kNumKTiles * 8 + 1024;
 
-  // Named barriers of warpgroup w (0 is __syncthreads): all four warps, and "tiles 0..3 / 4..7
-  // free" (three warps arrive, the leader's warp waits; two ids, so that the second release
-  // cannot be counted into the first).
+  // The named barrier of warpgroup w's four warps (0 is __syncthreads).
   JFM_HOST_DEVICE static constexpr int bar_group(int w) { return 1 + w; }
-  JFM_HOST_DEVICE static constexpr int bar_free(int w, int half) { return 3 + 2 * w + half; }
 };
 using NT = NarrowTraits;
 static_assert(NT::kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
@@ -135,16 +132,13 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][8], uint32_t s_p, uint32
 }
 
 // Run by a whole warpgroup once each warp's last read of some tiles of its buffer has retired:
-// the leader's warp waits for the other three, then the leader starts the next page's tiles.
-__device__ __forceinline__ void release_tiles(int warp_wg, int bar, bool leader,
+// all four warps meet, then the leader starts the next page's tiles. (Letting three warps only
+// arrive, so that just the leader's warp waits, measured the same speed.)
+__device__ __forceinline__ void release_tiles(int bar, bool leader,
                                               const CUtensorMap* tmap, uint32_t s_buf,
                                               uint32_t bars, const PageInfo& next, int hk,
                                               uint32_t mask, uint64_t policy) {
-  if (warp_wg == 0) {
-    named_bar_sync(bar, T::kWarpgroupThreads);
-  } else {
-    named_bar_arrive(bar, T::kWarpgroupThreads);
-  }
+  named_bar_sync(bar, T::kWarpgroupThreads);
   if (leader) {
     expect_group(bars, next, mask);
     issue_group(tmap, s_buf, bars, next, hk, mask, policy);
@@ -329,12 +323,10 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
         pv_narrow(o, s_p, s_buf);
         wgmma_wait<1>();
         for (int mb = 0; mb < 4; ++mb) reg_fence(o[mb]);
-        release_tiles(warp_wg, NT::bar_free(wg, 0), leader, &tmap_k, s_buf, bars, next, hk, 0x0Fu,
-                      policy);
+        release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, bars, next, hk, 0x0Fu, policy);
         wgmma_wait<0>();
         for (int mb = 4; mb < 8; ++mb) reg_fence(o[mb]);
-        release_tiles(warp_wg, NT::bar_free(wg, 1), leader, &tmap_k, s_buf, bars, next, hk, 0xF0u,
-                      policy);
+        release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, bars, next, hk, 0xF0u, policy);
         phase ^= 1u;
       }
     }
