@@ -178,16 +178,8 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
   float* s_final = reinterpret_cast<float*>(smem + NT::kOffFinal);
   float* s_o = reinterpret_cast<float*>(smem + NT::kOffO);
 
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(base + NT::kOffBars + 8 * i, 1);
-    fence_mbar_init();
-    prefetch_tensormap(&tmap_k);
-  }
-  __syncthreads();
-  pdl_wait_for_primary();
-
-  const SchedRecord rec = p.sched[part];
-  if (rec.begin_req >= p.b || rec.begin_req < 0) {
+  SchedRecord rec;
+  if (!start_part(&tmap_k, p, base + NT::kOffBars, part, rec)) {
     JFM_RECORD_CTA_TIME(1);
     return;
   }

@@ -77,20 +77,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int q4 = lane % 4;                 // column pair within each 8-column chunk
   const bool leader = tid_wg == 0;
 
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(base + T::kOffBars + 8 * i, 1);
-    fence_mbar_init();
-    prefetch_tensormap(&tmap_k);
-  }
-  __syncthreads();
-
-  // Everything above may overlap the previous kernel (PDL); reads of its outputs may not.
-  pdl_wait_for_primary();
-
-  const SchedRecord rec = p.sched[part];
-  // No work, or a record no scheduler writes (the records are a run-time input): never index
-  // the batch with a negative request.
-  if (rec.begin_req >= p.b || rec.begin_req < 0) {
+  SchedRecord rec;
+  if (!start_part(&tmap_k, p, base + T::kOffBars, part, rec)) {
     JFM_RECORD_CTA_TIME(1);
     return;
   }

@@ -118,6 +118,24 @@ __device__ __forceinline__ bool first_pair_from(const DecodeParams& p, const Sch
   return false;
 }
 
+// The start both kernels share (all threads): tile barriers initialised, the tensor map
+// prefetched, then, after the previous kernel (PDL), this part's record. False if the record has
+// no work, or is one no scheduler writes (the records are a run-time input): never index the
+// batch with a negative request.
+__device__ __forceinline__ bool start_part(const CUtensorMap* tmap, const DecodeParams& p,
+                                           uint32_t bars, int part, SchedRecord& rec) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(bars + 8 * i, 1);
+    fence_mbar_init();
+    prefetch_tensormap(tmap);
+  }
+  __syncthreads();
+  // Everything above may overlap the previous kernel (PDL); reads of its outputs may not.
+  pdl_wait_for_primary();
+  rec = p.sched[part];
+  return rec.begin_req < p.b && rec.begin_req >= 0;
+}
+
 // ------------------------------------------------------------------ loads
 
 // Starts the loads of the K tiles in `tile_mask` of one page into a buffer: expects their bytes
