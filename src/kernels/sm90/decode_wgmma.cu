@@ -1,4 +1,4 @@
-// Host side of the sm90 main decode kernel: the TMA descriptor of the paged cache and the launch.
+// Host side of the sm90 main decode kernels: the TMA descriptor of the paged cache and the launch.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
@@ -70,6 +70,7 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
   // At most 16 query rows per kv head: the transposed kernel (decode_narrow.cuh).
+  static_assert(sm90::NarrowTraits::kThreads == sm90::DecodeWgmmaTraits::kThreads, "one launch");
   const bool narrow = params.q_rows <= sm90::NarrowTraits::kRows;
   const int smem = narrow ? sm90::NarrowTraits::kSmemBytes : sm90::DecodeWgmmaTraits::kSmemBytes;
   auto kernel = narrow ? sm90::decode_narrow_sm90_kernel : sm90::decode_main_sm90_kernel;

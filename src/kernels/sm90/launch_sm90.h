@@ -1,5 +1,7 @@
 // Host entry of the sm90 (wgmma + TMA) main decode kernel. It writes the final output of unsplit
 // requests and the fp32 partials of split ones; the combine kernel must run after it for those.
+// Calls with at most 16 query rows per kv head run the narrow kernel (decode_narrow.cuh), others
+// the wide one (decode_wgmma.cuh); both take the same grid, block, descriptor and outputs.
 #pragma once
 
 #include <cuda.h>
@@ -10,8 +12,8 @@
 namespace jax_flashmla {
 
 // Launches the main kernel on `stream` with grid (num_m_blocks, h_kv, num_sm_parts), 256 threads
-// and DecodeWgmmaTraits::kSmemBytes of dynamic shared memory (the attribute is set here, once per
-// device). Builds the TMA descriptor of k_cache on the host (no device sync, safe under graph
+// and the chosen kernel's kSmemBytes of dynamic shared memory (the attribute is set here, once per
+// device and kernel). Builds the TMA descriptor of k_cache on the host (no device sync, safe under graph
 // capture). With programmatic_dependent it is launched with programmatic stream serialization
 // (its setup overlaps the previous kernel's tail); either way it waits (griddepcontrol.wait)
 // before reading any input, and lets its dependents launch once every CTA has finished its last
