@@ -13,11 +13,11 @@ namespace jax_flashmla {
 
 // Launches the main kernel on `stream` with grid (num_m_blocks, h_kv, num_sm_parts), 256 threads
 // and the chosen kernel's kSmemBytes of dynamic shared memory (the attribute is set here, once per
-// device and kernel). Builds the TMA descriptor of k_cache on the host (no device sync, safe under graph
-// capture). With programmatic_dependent it is launched with programmatic stream serialization
-// (its setup overlaps the previous kernel's tail); either way it waits (griddepcontrol.wait)
-// before reading any input, and lets its dependents launch once every CTA has finished its last
-// main loop.
+// device and kernel). Builds the TMA descriptor of k_cache on the host (no device sync, safe under
+// graph capture). With programmatic_dependent it is launched with programmatic stream
+// serialization (its setup overlaps the previous kernel's tail); either way it waits
+// (griddepcontrol.wait) before reading any input, and lets its dependents launch once every CTA
+// has finished its last main loop.
 cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream,
                                     bool programmatic_dependent = true);
 
