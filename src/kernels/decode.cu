@@ -41,14 +41,15 @@ cudaError_t launch_kernel(const KernelLaunch& k, const DecodeParams& params, cud
   return cudaLaunchKernelExC(&config, k.func, args);
 }
 
-// JAX_FLASHMLA_DECODE_KERNEL=simt selects the CUDA-core kernel, an independent implementation of
-// the same contract kept for cross-checking the tensor-core kernel.
-bool use_simt_kernel() {
-  static const bool simt = [] {
+// JAX_FLASHMLA_DECODE_KERNEL selects a kernel for cross-checks and A/B runs: "simt" the CUDA-core
+// kernel (an independent implementation of the same contract), "wide" the sm90 wide kernel for
+// every shape (no narrow kernel for <= 16 query rows). Unset: the sm90 kernels' own choice.
+bool kernel_is(const char* name) {
+  static const std::string choice = [] {
     const char* v = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
-    return v != nullptr && std::string(v) == "simt";
+    return std::string(v != nullptr ? v : "");
   }();
-  return simt;
+  return choice == name;
 }
 
 cudaError_t launch_simt(const DecodeParams& params, cudaStream_t stream) {
@@ -65,8 +66,10 @@ cudaError_t launch_simt(const DecodeParams& params, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
-  cudaError_t err = use_simt_kernel() ? launch_simt(params, stream)
-                                      : launch_decode_main_sm90(params, stream, use_pdl());
+  const bool allow_narrow = !kernel_is("wide");
+  cudaError_t err = kernel_is("simt")
+                        ? launch_simt(params, stream)
+                        : launch_decode_main_sm90(params, stream, use_pdl(), allow_narrow);
   if (err != cudaSuccess) return err;
   err = launch_kernel(combine_launch(params), params, stream, use_pdl());
   if (err != cudaSuccess) return err;

@@ -54,15 +54,16 @@ if has ncu; then
   grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|ERROR" "$OUT/ncu.txt" | cut -c1-220 | head -30
 fi
 if has stalls; then
-  for corner in "compute 2,8192,128,0" "memory 1,8192,16,0"; do
+  # The memory corner (16 query rows) runs the narrow kernel (decode_narrow.cuh).
+  for corner in "compute 2,8192,128,0 decode_wgmma.cuh" "memory 1,8192,16,0 decode_narrow.cuh"; do
     set -- $corner
-    timeout 200 ncu --clock-control none --section SourceCounters -k regex:decode_main \
+    timeout 200 ncu --clock-control none --section SourceCounters -k regex:decode_ \
       --launch-skip 2 --launch-count 1 -o "$OUT/stalls_$1" -f \
       $B/check_decode --bench --no-bw --reps 3 --only $2 > /dev/null 2>&1
     ncu --import "$OUT/stalls_$1.ncu-rep" --page source --csv --print-source sass \
       > "$OUT/stalls_$1.csv" 2>&1 && rm -f "$OUT/stalls_$1.ncu-rep"
     echo "== stalls per line, $1 corner"
-    python3 tests/cuda/stalls_by_line.py "$OUT/stalls_$1.csv" $B/check_decode --top 25 \
+    python3 tests/cuda/stalls_by_line.py "$OUT/stalls_$1.csv" $B/check_decode --source $3 --top 25 \
       2>&1 | tee "$OUT/stalls_$1.txt"
   done
 fi

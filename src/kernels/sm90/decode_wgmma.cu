@@ -62,7 +62,7 @@ cudaError_t read_cta_marks_sm90(unsigned long long* host, size_t count) {
 #endif
 
 cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream,
-                                    bool programmatic_dependent) {
+                                    bool programmatic_dependent, bool allow_narrow) {
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do
   }
@@ -71,7 +71,7 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   if (err != cudaSuccess) return err;
   // At most 16 query rows per kv head: the transposed kernel (decode_narrow.cuh).
   static_assert(sm90::NarrowTraits::kThreads == sm90::DecodeWgmmaTraits::kThreads, "one launch");
-  const bool narrow = params.q_rows <= sm90::NarrowTraits::kRows;
+  const bool narrow = allow_narrow && params.q_rows <= sm90::NarrowTraits::kRows;
   const int smem = narrow ? sm90::NarrowTraits::kSmemBytes : sm90::DecodeWgmmaTraits::kSmemBytes;
   auto kernel = narrow ? sm90::decode_narrow_sm90_kernel : sm90::decode_main_sm90_kernel;
   static PerDeviceOnce smem_opt_in[2];

@@ -17,9 +17,10 @@ namespace jax_flashmla {
 // graph capture). With programmatic_dependent it is launched with programmatic stream
 // serialization (its setup overlaps the previous kernel's tail); either way it waits
 // (griddepcontrol.wait) before reading any input, and lets its dependents launch once every CTA
-// has finished its last main loop.
+// has finished its last main loop. allow_narrow = false runs the wide kernel for every shape
+// (A/B runs and cross-checks).
 cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream,
-                                    bool programmatic_dependent = true);
+                                    bool programmatic_dependent = true, bool allow_narrow = true);
 
 // The TMA descriptor of k_cache the kernel takes (exposed for tests of the building blocks).
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
