@@ -201,6 +201,10 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
     load_q_narrow(p, sQ, c.bi, hk);
     fence_proxy_async_smem();
     __syncthreads();
+    // Timing builds: the wide kernel's marks at the same points, seen from WG0's pages (pb, pb+2,
+    // ...; the other group works on the pages between), so check_decode's "switch" line reads
+    // the same; here its "sums" interval also holds the O merge.
+    JFM_MARK(8, req == rec.begin_req + 1);
 
     int vis[4];
 #pragma unroll
@@ -219,6 +223,10 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
     }
 
     for (int page = c.pb + wg; page < c.pe; page += 2) {
+      JFM_MARK(0, req == rec.begin_req && page == c.pb);
+      JFM_MARK(1, req == rec.begin_req && page == c.pb + 4);
+      JFM_MARK(2, req == rec.begin_req && page + 2 >= c.pe);
+      JFM_MARK(9, req == rec.begin_req + 1 && page == c.pb + 2);
       const PageInfo pi = make_page(p, c, page);
       // The group's next page (maybe in a later request): the leader refills the buffer with it
       // as this page's last reads of each tile group retire (RoPE tile after S^T, then V halves).
@@ -323,6 +331,7 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
       }
     }
 
+    JFM_MARK(3, req == rec.begin_req);
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: merge the two groups' (max, sum, O^T), write this request ----
@@ -384,12 +393,14 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
       }
     }
     __syncthreads();
+    JFM_MARK(4, req == rec.begin_req);
 
     const int split_begin = __ldg(p.num_splits + c.bi);
     const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
+    JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
     // Coalesced: 4 consecutive columns of one row per thread and step.
     for (int i = threadIdx.x; i < NT::kRows * (kHeadDimV / 4); i += NT::kThreads) {
       const int n = i / (kHeadDimV / 4);
@@ -417,7 +428,9 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
         if (col == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
       }
     }
+    JFM_MARK(6, req == rec.begin_req);
     __syncthreads();  // sQ and the merge area are rewritten by the next request
+    JFM_MARK(7, req == rec.begin_req);
   }
   JFM_RECORD_CTA_TIME(1);
 }
