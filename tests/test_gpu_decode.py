@@ -195,3 +195,33 @@ def test_inside_cuda_graphs():
   res = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
   assert res.returncode == 0 and "graph ok" in res.stdout, res.stderr[-4000:]
+
+
+_KERNEL_CHOICE_SCRIPT = textwrap.dedent(r"""
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, TESTS_DIR)
+    import jax_flashmla
+    from mla_cases import check_decode, make_case, oracle
+    # 16 query rows per kv head (the default path's narrow kernel), then 32 and 128 (wide).
+    for s_q, h_q, h_kv in ((1, 16, 1), (1, 128, 8), (2, 16, 1), (2, 64, 1)):
+      case = make_case(np.random.default_rng(10 + s_q * h_q), 6, s_q, 700, h_q, h_kv,
+                       causal=s_q > 1, zero_rows=0.2)
+      fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(
+          *a, softmax_scale=case.softmax_scale, causal=case.causal, implementation=IMPL))
+      out, lse = fn(*case.args())
+      check_decode(out, lse, *oracle(case))
+    print("kernel choice ok")
+""")
+
+
+@pytest.mark.parametrize("choice", ["wide", "simt"])
+def test_kernel_choice_by_environment(choice):
+  """JAX_FLASHMLA_DECODE_KERNEL (read once per process) runs another kernel for A/B runs and
+  cross-checks; each must be right on the shapes the default sends to either sm90 kernel."""
+  env = dict(os.environ, JAX_FLASHMLA_DECODE_KERNEL=choice)
+  script = (_KERNEL_CHOICE_SCRIPT.replace("TESTS_DIR", repr(os.path.dirname(__file__)))
+            .replace("IMPL", repr("cuda")))
+  res = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0 and "kernel choice ok" in res.stdout, res.stderr[-4000:]
