@@ -1186,18 +1186,23 @@ static int run_bench(const BenchOpts& o) {
 #if defined(JFM_TIMING)
           print_cta_timing(lens, recs, max_blocks);
 #endif
-          if (o.batch > 0) {  // back to back, as the layers of a model: no host sync in between
+          // ms for n calls launched back to back, as the layers of a model: no host sync between.
+          auto back_to_back_ms = [&](int n, double limit_s, const char* what) {
+            CK(cudaEventRecord(e0, st));
+            for (int it = 0; it < n; ++it) {
+              CK(launch_decode_main_sm90(p, st));
+              CK(launch_bench_combine(p, st));
+            }
+            CK(cudaEventRecord(e2, st));
+            wait_or_die(st, limit_s, what);
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e2));
+            return ms;
+          };
+          if (o.batch > 0) {
             std::vector<float> t_batch;
             for (int rep = 0; rep < 4; ++rep) {
-              CK(cudaEventRecord(e0, st));
-              for (int it = 0; it < o.batch; ++it) {
-                CK(launch_decode_main_sm90(p, st));
-                CK(launch_bench_combine(p, st));
-              }
-              CK(cudaEventRecord(e2, st));
-              wait_or_die(st, 60.0, "bench batch");
-              float c;
-              CK(cudaEventElapsedTime(&c, e0, e2));
+              const float c = back_to_back_ms(o.batch, 60.0, "bench batch");
               if (rep > 0) t_batch.push_back(c / o.batch);
             }
             std::printf("  %d calls back to back: %.1f us per call\n", o.batch,
@@ -1207,15 +1212,7 @@ static int run_bench(const BenchOpts& o) {
             unsigned long long mj0 = 0, mj1 = 0;
             CK(cudaStreamSynchronize(st));
             const bool have0 = board_energy_mj(&mj0);
-            CK(cudaEventRecord(e0, st));
-            for (int it = 0; it < o.energy_calls; ++it) {
-              CK(launch_decode_main_sm90(p, st));
-              CK(launch_bench_combine(p, st));
-            }
-            CK(cudaEventRecord(e2, st));
-            wait_or_die(st, 120.0, "bench energy");
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e2));
+            const float ms = back_to_back_ms(o.energy_calls, 120.0, "bench energy");
             if (have0 && board_energy_mj(&mj1)) {
               const double j = (mj1 - mj0) * 1e-3;
               std::printf("  energy: %d calls back to back, %.1f us per call, %.2f mJ per call, "
