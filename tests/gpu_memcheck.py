@@ -5,8 +5,8 @@
 
 The platform allocator gives every buffer its own allocation, so an out-of-bounds access is not
 hidden inside XLA's memory pool; `kns=_kernel` instruments our kernels (decode_main_sm90_kernel,
-decode_narrow_sm90_kernel, combine_kernel, sched_kernel) and leaves XLA's own alone. Exits non-zero if a kept row differs
-from the reference.
+decode_narrow_sm90_kernel, combine_kernel, sched_kernel) and leaves XLA's own alone. Exits non-zero
+if a kept row differs from the reference.
 
 Hand-made scheduler records (negative request indices, split indices and prefix sums past the
 partial buffers, ...) are values no trace can see too; the kernels' outputs for them are
@@ -15,11 +15,12 @@ out-of-bounds write without the sanitizer may corrupt the process):
 
     ... python3 -P tests/gpu_memcheck.py --hostile-metadata
 
-For racecheck and synccheck, one decode call on a small, a narrow (16 query rows) or a large configuration:
+For racecheck and synccheck, one decode call on a small (64 query rows: the wide kernel), a narrow
+(16 rows), a narrow32 (32 rows) or a large configuration:
 
     ... compute-sanitizer --tool racecheck ... python3 -P tests/gpu_memcheck.py --config small
 
-On `--config narrow`, racecheck reports races across __syncthreads in the narrow kernel's
+On `--config narrow` and `narrow32`, racecheck reports races across __syncthreads in the narrow kernel's
 epilogue. They are the tool's: it misses barriers once the two warpgroups have passed different
 numbers of their own named-barrier phases, which that kernel does by design
 (tests/cuda/racecheck_uneven_barriers.cu shows it on a race-free program).
@@ -47,7 +48,7 @@ def run(case, **kw):
 
 def main():
   rng = np.random.default_rng(0)
-  for s_q in (2, 1):  # 32 query rows: the wide kernel; 16: the narrow one
+  for s_q in (4, 2, 1):  # 64 query rows: the wide kernel; 32 and 16: the narrow one's two forms
     case = make_case(rng, 8, s_q, 300, 16, 1, causal=s_q > 1, zero_rows=0.2)
     case.cache_seqlens[1] = 2**31 - 1
     case.cache_seqlens[2] = -7
@@ -98,7 +99,7 @@ def hostile_metadata_variants(lens, q_rows, parts):
 
 def hostile_metadata():
   rng = np.random.default_rng(2)
-  for s_q in (2, 1):  # the wide kernel and the narrow one
+  for s_q in (4, 2, 1):  # the wide kernel and the narrow one's two forms
     case = make_case(rng, 8, s_q, 300, 16, 1, causal=True, zero_rows=0.2)
     q, k, bt, lens = case.args()
     for parts in (1, 8):
@@ -114,10 +115,11 @@ def hostile_metadata():
 def one_config(name):
   rng = np.random.default_rng(3)
   if name == "small":  # splits, causal, empty rows, a partial last page
-    case = make_case(rng, 8, 2, 300, 16, 1, causal=True, zero_rows=0.2)
+    case = make_case(rng, 8, 4, 300, 16, 1, causal=True, zero_rows=0.2)
     kw = {"num_sms": 16}
-  elif name == "narrow":  # the same for the <= 16-row kernel
-    case = make_case(rng, 8, 1, 300, 16, 1, zero_rows=0.2)
+  elif name in ("narrow", "narrow32"):  # the same for the narrow kernel, N = 16 and 32
+    case = make_case(rng, 8, 1 if name == "narrow" else 2, 300, 16, 1, causal=name == "narrow32",
+                     zero_rows=0.2)
     kw = {"num_sms": 16}
   else:  # four m blocks per request, many pages, the GPU's own part count
     case = make_case(rng, 64, 2, 4096, 128, 1, causal=False, zero_rows=0.1)

@@ -203,8 +203,8 @@ _KERNEL_CHOICE_SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, TESTS_DIR)
     import jax_flashmla
     from mla_cases import check_decode, make_case, oracle
-    # 16 query rows per kv head (the default path's narrow kernel), then 32 and 128 (wide).
-    for s_q, h_q, h_kv in ((1, 16, 1), (1, 128, 8), (2, 16, 1), (2, 64, 1)):
+    # 16 and 32 query rows per kv head (the default path's narrow kernel), then 128 (wide).
+    for s_q, h_q, h_kv in ((1, 16, 1), (1, 128, 8), (2, 16, 1), (2, 128, 8), (2, 64, 1)):
       case = make_case(np.random.default_rng(10 + s_q * h_q), 6, s_q, 700, h_q, h_kv,
                        causal=s_q > 1, zero_rows=0.2)
       fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(

@@ -43,7 +43,7 @@ cudaError_t launch_kernel(const KernelLaunch& k, const DecodeParams& params, cud
 
 // JAX_FLASHMLA_DECODE_KERNEL selects a kernel for cross-checks and A/B runs: "simt" the CUDA-core
 // kernel (an independent implementation of the same contract), "wide" the sm90 wide kernel for
-// every shape (no narrow kernel for <= 16 query rows). Unset: the sm90 kernels' own choice.
+// every shape (no narrow kernel for <= 32 query rows). Unset: the sm90 kernels' own choice.
 bool kernel_is(const char* name) {
   static const std::string choice = [] {
     const char* v = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");

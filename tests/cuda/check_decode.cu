@@ -621,6 +621,12 @@ static int run_correctness(bool quick) {
     c.name = "long h16 s1 few parts";
     c.parts = 3;
     add(c);
+    c.name = "long h16 s2 causal (32 rows)";
+    c.s_q = 2;
+    c.causal = true;
+    c.parts = 0;
+    c.seed = 15;
+    add(c);
   }
   {
     Case c;

@@ -1,16 +1,18 @@
-// The sm90 decode kernel for narrow query blocks: at most 16 query rows per kv head, e.g. h_q=16
-// with s_q=1, the memory-bound decode of DeepSeek-style models.
+// The sm90 decode kernel for narrow query blocks: at most N = 16 or 32 query rows per kv head,
+// e.g. h_q=16 with s_q=1 (the memory-bound decode of DeepSeek-style models) or s_q=2.
 //
 // The wide kernel (decode_wgmma.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
-// of its tensor work and Q reads go to zero rows, and that power is taken from a card that already
-// runs at its power cap while it streams the cache. Here keys are M and query rows are N = 16:
-//   S^T  = K Q^T     64 keys x 16 rows: 9 tiles x 4 k-steps of m64n16k16, both operands K-major
-//   O^T += V^T P^T   512 columns x 16 rows: 8 column blocks x 4 k-steps; V^T is the K tile as
+// of its tensor work and Q reads go to zero rows (with 32, half), and that power is taken from a
+// card that already runs at its power cap while it streams the cache. Here keys are M and query
+// rows are N:
+//   S^T  = K Q^T     64 keys x N rows: 9 tiles x 4 k-steps of m64nNk16, both operands K-major
+//   O^T += V^T P^T   512 columns x N rows: 8 column blocks x 4 k-steps; V^T is the K tile as
 //                    stored, read MN-major, and P^T is written to shared memory K-major
-// O^T is 64 fp32 registers per thread, so each warpgroup owns all 512 columns and one page buffer:
+// O^T is 4N fp32 registers per thread, so each warpgroup owns all 512 columns and one page buffer:
 // WG w takes pages pb + w, pb + w + 2, ... of each request with its own running max and sums, and
-// the two halves are merged once per request through shared memory. Nothing passes between the
-// groups inside the page loop, and each group refills its buffer as soon as its P.V is done.
+// the two halves are merged once per request through shared memory (the Q tiles' space, free by
+// then, one 256-column half at a time). Nothing passes between the groups inside the page loop,
+// and each group refills its buffer as soon as its P.V is done.
 //
 // A row max of S is a column max of S^T: over the thread's two keys, the eight lanes that share
 // its columns (shuffles), then the group's four warps (shared memory, one named barrier).
@@ -22,34 +24,52 @@
 namespace jax_flashmla {
 namespace sm90 {
 
+template <int kRows_>
 struct NarrowTraits {
-  static constexpr int kRows = 16;  // query rows per CTA: N of every wgmma
+  static constexpr int kRows = kRows_;  // query rows per CTA: N of every wgmma
+  static_assert(kRows == 16 || kRows == 32, "narrow kernel: N is 16 or 32");
   static constexpr int kThreads = 256;
-  static constexpr int kQTileBytes = kRows * 128;  // 16 rows x 64 bf16, 128-byte swizzle
-  static constexpr int kOStride = 516;  // floats per row of the merge area: fragment stores of
-                                        // the 4 column pairs of a quad fall in distinct banks
+  static constexpr int kAcc = kRows / 2;          // fp32 registers of one m64nNk16 accumulator
+  static constexpr int kThreadRows = kRows / 4;   // query rows a thread holds (k = 2j + e below)
+  static constexpr int kQTileBytes = kRows * 128;  // N rows x 64 bf16, 128-byte swizzle
+  static constexpr int kOStride = 260;  // floats per row of the merge area (256 columns): fragment
+                                        // stores of the 4 column pairs of a quad hit distinct banks
 
   // Shared memory, offsets from a 1024-byte aligned base.
-  static constexpr int kOffQ = 0;                                          // 9 Q tiles
+  static constexpr int kOffQ = 0;    // 9 Q tiles; in the epilogue, float[N][260] (merge area)
   static constexpr int kOffK = kOffQ + T::kNumKTiles * kQTileBytes;        // 2 page buffers
-  static constexpr int kOffP = kOffK + 2 * T::kPageBytes;                  // 2 x P^T (16 x 64)
-  static constexpr int kOffO = kOffP + 2 * kQTileBytes;                    // float[16][516]
-  static constexpr int kOffRed = kOffO + kRows * kOStride * 4;             // float[2][4][16]
-  static constexpr int kOffSum = kOffRed + 2 * 4 * kRows * 4;              // float[2][4][16]
-  static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][16]
-  static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][16]: m, l
+  static constexpr int kOffP = kOffK + 2 * T::kPageBytes;                  // 2 x P^T (N x 64)
+  static constexpr int kOffRed = kOffP + 2 * kQTileBytes;                  // float[2][4][N]
+  static constexpr int kOffSum = kOffRed + 2 * 4 * kRows * 4;              // float[2][4][N]
+  static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][N]
+  static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][N]: m, l
   static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
   static constexpr int kSmemBytes = kOffBars + 2 * T::kNumKTiles * 8 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
+  static_assert(kOffK % 1024 == 0 && kOffP % 1024 == 0, "swizzled tiles need 1 KiB");
+  static_assert(kRows * kOStride * 4 <= kOffK - kOffQ, "merge area must fit in the Q tiles");
 
   // The named barrier of warpgroup w's four warps (0 is __syncthreads).
   JFM_HOST_DEVICE static constexpr int bar_group(int w) { return 1 + w; }
 };
-using NT = NarrowTraits;
-static_assert(NT::kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
-static_assert(NT::kOffK % 1024 == 0 && NT::kOffP % 1024 == 0, "swizzled tiles need 1 KiB");
 
-// Rows 0..15 of the query block of (request bi, kv head hk) into sQ, tile t at t * 2 KiB;
+// One k16 step of S^T = K Q^T (both K-major) and of O^T += V^T P^T (V^T MN-major), for N = 16, 32.
+__device__ __forceinline__ void mma_kq(float (&d)[8], uint64_t a, uint64_t b, int scale_d) {
+  wgmma_m64n16k16_ss(d, a, b, scale_d);
+}
+__device__ __forceinline__ void mma_kq(float (&d)[16], uint64_t a, uint64_t b, int scale_d) {
+  wgmma_m64n32k16_ss(d, a, b, scale_d);
+}
+__device__ __forceinline__ void mma_vp(float (&d)[8], uint64_t a, uint64_t b) {
+  wgmma_m64n16k16_ss_ta(d, a, b, 1);
+}
+__device__ __forceinline__ void mma_vp(float (&d)[16], uint64_t a, uint64_t b) {
+  wgmma_m64n32k16_ss_ta(d, a, b, 1);
+}
+
+// Rows 0..N-1 of the query block of (request bi, kv head hk) into sQ, tile t at t * N * 128 bytes;
 // rows past q_rows are zero. All 256 threads.
+template <class NT>
 __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t sQ, int bi, int hk) {
   constexpr int kChunksPerRow = kHeadDimK / 8;  // 72 x 16 bytes
   constexpr int kChunks = NT::kRows * kChunksPerRow;
@@ -96,8 +116,9 @@ __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const Sch
 }
 
 // S^T = K Q^T for one page buffer, waiting on each tile's barrier.
-__device__ __forceinline__ void qk_narrow(float (&s)[8], uint32_t sQ, uint32_t s_buf, uint32_t bars,
-                                          uint32_t phase) {
+template <class NT>
+__device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uint32_t s_buf,
+                                          uint32_t bars, uint32_t phase) {
   const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
   const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
   wgmma_fence();
@@ -106,8 +127,8 @@ __device__ __forceinline__ void qk_narrow(float (&s)[8], uint32_t sQ, uint32_t s
     mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n16k16_ss(s, desc_advance(dk, t * T::kTileBytes + kk * 32),
-                         desc_advance(dq, t * NT::kQTileBytes + kk * 32), (t | kk) != 0 ? 1 : 0);
+      mma_kq(s, desc_advance(dk, t * T::kTileBytes + kk * 32),
+             desc_advance(dq, t * NT::kQTileBytes + kk * 32), (t | kk) != 0 ? 1 : 0);
     }
   }
   wgmma_commit();
@@ -116,7 +137,8 @@ __device__ __forceinline__ void qk_narrow(float (&s)[8], uint32_t sQ, uint32_t s
 // O^T += V^T P^T: column block mb is V tile mb read MN-major; P^T (16 x 64 keys) from s_p.
 // Two commit groups (tiles 0..3, 4..7), so the first half of the buffer can be refilled while
 // the second is still read.
-__device__ __forceinline__ void pv_narrow(float (&o)[8][8], uint32_t s_p, uint32_t s_buf) {
+template <class NT>
+__device__ __forceinline__ void pv_narrow(float (&o)[8][NT::kAcc], uint32_t s_p, uint32_t s_buf) {
   const uint64_t dv = make_desc_sw128(s_buf, T::kTileBytes, 1024);
   const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
   wgmma_fence();
@@ -124,8 +146,7 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][8], uint32_t s_p, uint32
   for (int mb = 0; mb < T::kNumVTiles; ++mb) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n16k16_ss_ta(o[mb], desc_advance(dv, mb * T::kTileBytes + kk * 2048),
-                            desc_advance(dp, kk * 32), 1);
+      mma_vp(o[mb], desc_advance(dv, mb * T::kTileBytes + kk * 2048), desc_advance(dp, kk * 32));
     }
     if (mb == 3 || mb == 7) wgmma_commit();
   }
@@ -145,14 +166,19 @@ __device__ __forceinline__ void release_tiles(int bar, bool leader,
   }
 }
 
-// Fragment coordinates (m64n16 accumulator, register 4j + 2i + e of a thread): M index
+// Fragment coordinates (m64nN accumulator, register 4j + 2i + e of a thread): M index
 // 16 * warp + lane / 4 + 8i (a key of S^T, a column of O^T), N index 8j + 2 * (lane % 4) + e
-// (a query row). The thread's four query rows are indexed k = 2j + e below.
+// (a query row). The thread's N/4 query rows are indexed k = 2j + e below.
 __device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2 * q4 + (k & 1); }
 
-__global__ void __launch_bounds__(NT::kThreads, 1)
+template <int kRows>
+__global__ void __launch_bounds__(256, 1)
     decode_narrow_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
                               const __grid_constant__ DecodeParams p) {
+  using NT = NarrowTraits<kRows>;
+  constexpr int kAcc = NT::kAcc;
+  constexpr int kThreadRows = NT::kThreadRows;
+  static_assert(NT::kThreads == 256, "launch bounds");
   JFM_RECORD_CTA_TIME(0);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -176,7 +202,7 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
   float* s_sum = reinterpret_cast<float*>(smem + NT::kOffSum);
   float* s_max = reinterpret_cast<float*>(smem + NT::kOffMax);
   float* s_final = reinterpret_cast<float*>(smem + NT::kOffFinal);
-  float* s_o = reinterpret_cast<float*>(smem + NT::kOffO);
+  float* s_o = reinterpret_cast<float*>(smem + NT::kOffQ);  // the merge area, in the epilogue
 
   SchedRecord rec;
   if (!start_part(&tmap_k, p, base + NT::kOffBars, part, rec)) {
@@ -198,26 +224,26 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
   const int last_req = min(rec.end_req, p.b - 1);
   for (int req = rec.begin_req; req <= last_req; ++req) {
     const ReqCtx c = make_req(p, rec, req, 0);
-    load_q_narrow(p, sQ, c.bi, hk);
+    load_q_narrow<NT>(p, sQ, c.bi, hk);
     fence_proxy_async_smem();
     __syncthreads();
     // Timing builds: the wide kernel's marks at the same points, seen from WG0's pages (pb, pb+2,
     // ...; the other group works on the pages between), so check_decode's "switch" line reads
-    // the same; here its "sums" interval also holds the O merge.
+    // the same; here the O merge falls in its "stores" interval, with the output.
     JFM_MARK(8, req == rec.begin_req + 1);
 
-    int vis[4];
+    int vis[kThreadRows];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) vis[k] = visible_keys(p, c.len, frag_row(q4, k));
-    float o[8][8];
+    for (int k = 0; k < kThreadRows; ++k) vis[k] = visible_keys(p, c.len, frag_row(q4, k));
+    float o[8][kAcc];
 #pragma unroll
     for (int mb = 0; mb < 8; ++mb) {
 #pragma unroll
-      for (int r = 0; r < 8; ++r) o[mb][r] = 0.f;
+      for (int r = 0; r < kAcc; ++r) o[mb][r] = 0.f;
     }
-    float m_run[4], l_run[4];
+    float m_run[kThreadRows], l_run[kThreadRows];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kThreadRows; ++k) {
       m_run[k] = T::kRowMaxInit;
       l_run[k] = 0.f;
     }
@@ -245,22 +271,22 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
           issue_group(&tmap_k, s_buf, bars, next, hk, kAllTiles, policy);
         }
       } else {
-        float s[8];
-        qk_narrow(s, sQ, s_buf, bars, phase);
+        float s[kAcc];
+        qk_narrow<NT>(s, sQ, s_buf, bars, phase);
         wgmma_wait<0>();
         reg_fence(s);
         if (pi.need_mask) {
           const int key0 = page * kPageSize + key_lo;
 #pragma unroll
-          for (int r = 0; r < 8; ++r) {
+          for (int r = 0; r < kAcc; ++r) {
             const int key = key0 + 8 * ((r >> 1) & 1);
             s[r] = key < vis[2 * (r >> 2) + (r & 1)] ? s[r] : -INFINITY;
           }
         }
         // Column max over the page's 64 keys: thread, lanes of the same quad position, warps.
-        float mx[4];
+        float mx[kThreadRows];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < kThreadRows; ++k) {
           const int r = 4 * (k >> 1) + (k & 1);
           float m = fmaxf(s[r], s[r + 2]);
           m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
@@ -273,7 +299,7 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
         float* red = s_red;
         if (lane < 4) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) red[warp_wg * NT::kRows + frag_row(q4, k)] = mx[k];
+          for (int k = 0; k < kThreadRows; ++k) red[warp_wg * NT::kRows + frag_row(q4, k)] = mx[k];
         }
         named_bar_sync(NT::bar_group(wg), T::kWarpgroupThreads);
         // Every warp's S^T wgmmas have retired: the RoPE tile is free.
@@ -281,9 +307,9 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
           expect_group(bars, next, 1u << 8);
           issue_group(&tmap_k, s_buf, bars, next, hk, 1u << 8, policy);
         }
-        float m_new[4], sc[4], psum[4];
+        float m_new[kThreadRows], sc[kThreadRows], psum[kThreadRows];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < kThreadRows; ++k) {
           float m = red[frag_row(q4, k)];
 #pragma unroll
           for (int w = 1; w < 4; ++w) m = fmaxf(m, red[w * NT::kRows + frag_row(q4, k)]);
@@ -293,21 +319,21 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
           psum[k] = 0.f;
         }
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
+        for (int r = 0; r < kAcc; ++r) {
           const int k = 2 * (r >> 2) + (r & 1);
           s[r] = fast_exp2(fmaf(s[r], p.scale_log2, -m_new[k]));
           psum[k] += s[r];
         }
 #pragma unroll
-        for (int k = 0; k < 4; ++k) l_run[k] = l_run[k] * sc[k] + psum[k];
+        for (int k = 0; k < kThreadRows; ++k) l_run[k] = l_run[k] * sc[k] + psum[k];
 #pragma unroll
         for (int mb = 0; mb < 8; ++mb) {
 #pragma unroll
-          for (int r = 0; r < 8; ++r) o[mb][r] *= sc[2 * (r >> 2) + (r & 1)];
+          for (int r = 0; r < kAcc; ++r) o[mb][r] *= sc[2 * (r >> 2) + (r & 1)];
         }
-        // P^T (bf16) into the group's K-major 16 x 64 tile: row = query row, column = key.
+        // P^T (bf16) into the group's K-major N x 64 tile: row = query row, column = key.
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
+        for (int r = 0; r < kAcc; ++r) {
           const int n = frag_row(q4, 2 * (r >> 2) + (r & 1));
           const int key = key_lo + 8 * ((r >> 1) & 1);
           st_shared_u16(s_p + n * 128 + (((key >> 3) ^ (n & 7)) << 4) + (key & 7) * 2,
@@ -320,7 +346,7 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
         fence_proxy_async_smem();
         named_bar_sync(NT::bar_group(wg), T::kWarpgroupThreads);
         for (int mb = 0; mb < 8; ++mb) reg_fence(o[mb]);
-        pv_narrow(o, s_p, s_buf);
+        pv_narrow<NT>(o, s_p, s_buf);
         wgmma_wait<1>();
         for (int mb = 0; mb < 4; ++mb) reg_fence(o[mb]);
         release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, bars, next, hk, 0x0Fu, policy);
@@ -335,19 +361,23 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: merge the two groups' (max, sum, O^T), write this request ----
+    // (The split count first: its latency then overlaps the merge.)
+    const int split_begin = __ldg(p.num_splits + c.bi);
+    const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kThreadRows; ++k) {
       l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 4);
       l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 8);
       l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 16);
     }
     if (lane < 4) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < kThreadRows; ++k) {
         s_sum[(wg * 4 + warp_wg) * NT::kRows + frag_row(q4, k)] = l_run[k];
         if (warp_wg == 0) s_max[wg * NT::kRows + frag_row(q4, k)] = m_run[k];
       }
     }
+    // Past this barrier both groups' S^T wgmmas have retired: the Q tiles hold the merge area.
     __syncthreads();
     if (threadIdx.x < NT::kRows) {
       const int n = threadIdx.x;
@@ -363,73 +393,77 @@ __global__ void __launch_bounds__(NT::kThreads, 1)
       s_final[n] = m;
       s_final[NT::kRows + n] = l;
     }
-    float f[4];
+    float f[kThreadRows];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kThreadRows; ++k) {
       const int n = frag_row(q4, k);
       f[k] = fast_exp2(m_run[k] - fmaxf(s_max[n], s_max[NT::kRows + n]));
     }
-    if (wg == 1) {
-#pragma unroll
-      for (int mb = 0; mb < 8; ++mb) {
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const int col = 64 * mb + key_lo + 8 * ((r >> 1) & 1);
-          s_o[frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col] =
-              o[mb][r] * f[2 * (r >> 2) + (r & 1)];
-        }
-      }
-    }
-    __syncthreads();
-    if (wg == 0) {
-#pragma unroll
-      for (int mb = 0; mb < 8; ++mb) {
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const int col = 64 * mb + key_lo + 8 * ((r >> 1) & 1);
-          float* dst = s_o + frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col;
-          *dst += o[mb][r] * f[2 * (r >> 2) + (r & 1)];
-        }
-      }
-    }
-    __syncthreads();
-    JFM_MARK(4, req == rec.begin_req);
-
-    const int split_begin = __ldg(p.num_splits + c.bi);
-    const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
+    JFM_MARK(4, req == rec.begin_req);
     JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
-    // Coalesced: 4 consecutive columns of one row per thread and step.
-    for (int i = threadIdx.x; i < NT::kRows * (kHeadDimV / 4); i += NT::kThreads) {
-      const int n = i / (kHeadDimV / 4);
-      const int col = (i % (kHeadDimV / 4)) * 4;
-      if (n >= p.q_rows) break;
-      const float m = s_final[n];
-      const float l = s_final[NT::kRows + n];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float4 v = *reinterpret_cast<const float4*>(s_o + n * NT::kOStride + col);
-      const int s_tok = n / p.g;
-      const int head = hk * p.g + (n - s_tok * p.g);
-      if (!split) {
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) +
-                             ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) * kHeadDimV;
-        *reinterpret_cast<uint2*>(out + col) =
-            make_uint2(pack_bf16x2(v.x * inv, v.y * inv), pack_bf16x2(v.z * inv, v.w * inv));
-        if (col == 0) {
-          p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
-              l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+
+    // One 256-column half of O^T at a time: WG1 stores its share, WG0 adds its own, all write.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (wg == 1) {
+#pragma unroll
+        for (int mb = 4 * h; mb < 4 * h + 4; ++mb) {
+#pragma unroll
+          for (int r = 0; r < kAcc; ++r) {
+            const int col = 64 * (mb - 4 * h) + key_lo + 8 * ((r >> 1) & 1);
+            s_o[frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col] =
+                o[mb][r] * f[2 * (r >> 2) + (r & 1)];
+          }
         }
-      } else if (slot_ok) {
-        const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + n;
-        *reinterpret_cast<float4*>(p.o_accum + idx * kHeadDimV + col) =
-            make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-        if (col == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
       }
+      __syncthreads();
+      if (wg == 0) {
+#pragma unroll
+        for (int mb = 4 * h; mb < 4 * h + 4; ++mb) {
+#pragma unroll
+          for (int r = 0; r < kAcc; ++r) {
+            const int col = 64 * (mb - 4 * h) + key_lo + 8 * ((r >> 1) & 1);
+            float* dst = s_o + frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col;
+            *dst += o[mb][r] * f[2 * (r >> 2) + (r & 1)];
+          }
+        }
+      }
+      __syncthreads();
+      // Coalesced: 4 consecutive columns of one row per thread and step.
+      for (int i = threadIdx.x; i < NT::kRows * 64; i += NT::kThreads) {
+        const int n = i / 64;
+        const int col_h = (i % 64) * 4;
+        const int col = 256 * h + col_h;
+        if (n >= p.q_rows) break;
+        const float m = s_final[n];
+        const float l = s_final[NT::kRows + n];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float4 v = *reinterpret_cast<const float4*>(s_o + n * NT::kOStride + col_h);
+        const int s_tok = n / p.g;
+        const int head = hk * p.g + (n - s_tok * p.g);
+        if (!split) {
+          __nv_bfloat16* out =
+              static_cast<__nv_bfloat16*>(p.out) +
+              ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) * kHeadDimV;
+          *reinterpret_cast<uint2*>(out + col) =
+              make_uint2(pack_bf16x2(v.x * inv, v.y * inv), pack_bf16x2(v.z * inv, v.w * inv));
+          if (col == 0) {
+            p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
+                l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+          }
+        } else if (slot_ok) {
+          const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + n;
+          *reinterpret_cast<float4*>(p.o_accum + idx * kHeadDimV + col) =
+              make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+          if (col == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+        }
+      }
+      __syncthreads();  // the merge area is rewritten by the next half, sQ by the next request
     }
     JFM_MARK(6, req == rec.begin_req);
-    __syncthreads();  // sQ and the merge area are rewritten by the next request
     JFM_MARK(7, req == rec.begin_req);
   }
   JFM_RECORD_CTA_TIME(1);

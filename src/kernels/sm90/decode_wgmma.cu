@@ -69,13 +69,21 @@ cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t str
   CUtensorMap map;
   cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
-  // At most 16 query rows per kv head: the transposed kernel (decode_narrow.cuh).
-  static_assert(sm90::NarrowTraits::kThreads == sm90::DecodeWgmmaTraits::kThreads, "one launch");
-  const bool narrow = allow_narrow && params.q_rows <= sm90::NarrowTraits::kRows;
-  const int smem = narrow ? sm90::NarrowTraits::kSmemBytes : sm90::DecodeWgmmaTraits::kSmemBytes;
-  auto kernel = narrow ? sm90::decode_narrow_sm90_kernel : sm90::decode_main_sm90_kernel;
-  static PerDeviceOnce smem_opt_in[2];
-  err = smem_opt_in[narrow].run([&] {
+  // At most 16 or 32 query rows per kv head: the transposed kernel (decode_narrow.cuh).
+  static_assert(sm90::NarrowTraits<16>::kThreads == sm90::DecodeWgmmaTraits::kThreads &&
+                    sm90::NarrowTraits<32>::kThreads == sm90::DecodeWgmmaTraits::kThreads,
+                "one launch");
+  const int which = !allow_narrow ? 2 : params.q_rows <= 16 ? 0 : params.q_rows <= 32 ? 1 : 2;
+  constexpr int kSmem[3] = {sm90::NarrowTraits<16>::kSmemBytes, sm90::NarrowTraits<32>::kSmemBytes,
+                            sm90::DecodeWgmmaTraits::kSmemBytes};
+  using Kernel = void (*)(CUtensorMap, DecodeParams);
+  constexpr Kernel kKernels[3] = {sm90::decode_narrow_sm90_kernel<16>,
+                                  sm90::decode_narrow_sm90_kernel<32>,
+                                  sm90::decode_main_sm90_kernel};
+  const int smem = kSmem[which];
+  const Kernel kernel = kKernels[which];
+  static PerDeviceOnce smem_opt_in[3];
+  err = smem_opt_in[which].run([&] {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   });
   if (err != cudaSuccess) return err;

@@ -65,10 +65,12 @@ emit_ss("wgmma_m64n64k16_ss", 32, "m64n64k16", 0)
 emit_ss("wgmma_m64n256k16_ss_tb", 128, "m64n256k16", 1)
 # P.V with P from registers.
 emit_rs("wgmma_m64n256k16_rs_tb", 128, "m64n256k16", 1)
-# The narrow kernel (<= 16 query rows), transposed: S^T = K Q^T with both K-major, and
+# The narrow kernel (N = 16 or 32 query rows), transposed: S^T = K Q^T with both K-major, and
 # O^T = V^T P^T with V^T read MN-major (the K tile as stored) and P^T K-major.
 emit_ss("wgmma_m64n16k16_ss", 8, "m64n16k16", 0)
 emit_ss("wgmma_m64n16k16_ss_ta", 8, "m64n16k16", 0, trans_a=1)
+emit_ss("wgmma_m64n32k16_ss", 16, "m64n32k16", 0)
+emit_ss("wgmma_m64n32k16_ss_ta", 16, "m64n32k16", 0, trans_a=1)
 print("""
 }  // namespace sm90
 }  // namespace jax_flashmla""")

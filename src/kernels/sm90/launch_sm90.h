@@ -1,7 +1,8 @@
 // Host entry of the sm90 (wgmma + TMA) main decode kernel. It writes the final output of unsplit
 // requests and the fp32 partials of split ones; the combine kernel must run after it for those.
-// Calls with at most 16 query rows per kv head run the narrow kernel (decode_narrow.cuh), others
-// the wide one (decode_wgmma.cuh); both take the same grid, block, descriptor and outputs.
+// Calls with at most 32 query rows per kv head run the narrow kernel (decode_narrow.cuh, N = 16
+// or 32), others the wide one (decode_wgmma.cuh); all take the same grid, block, descriptor and
+// outputs.
 #pragma once
 
 #include <cuda.h>
