@@ -961,9 +961,9 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
   const int parts = static_cast<int>(recs.size());
   std::vector<unsigned long long> t(2 * parts);
   CK(read_cta_times_sm90(t.data(), t.size()));
+  std::vector<unsigned long long> mk(16 * parts);  // slot 15: the part's SM
+  CK(read_cta_marks_sm90(mk.data(), mk.size()));
   {  // the first request switch of each CTA that has one (JFM_MARK): medians of the intervals
-    std::vector<unsigned long long> mk(16 * parts);
-    CK(read_cta_marks_sm90(mk.data(), mk.size()));
     std::vector<double> d[8];
     for (int i = 0; i < parts; ++i) {
       const unsigned long long* m = &mk[16 * i];
@@ -993,8 +993,12 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
   }
   unsigned long long t0 = ~0ull, t1 = 0;
   for (int i = 0; i < parts; ++i) t0 = std::min(t0, t[2 * i]), t1 = std::max(t1, t[2 * i + 1]);
-  std::vector<double> starts, ends;
+  std::vector<double> starts, ends, xs[2], durs;
   double ata[3][3] = {}, atb[3] = {};
+  // JFM_TIMING_DUMP=FILE appends one line per part (part, SM, pages, chunks, start and end in
+  // us), to tell parts that ran slow from parts that were given more work.
+  FILE* dump = std::getenv("JFM_TIMING_DUMP") ? std::fopen(std::getenv("JFM_TIMING_DUMP"), "a") : nullptr;
+  if (dump) std::fprintf(dump, "# launch of %d parts\n", parts);
   for (int i = 0; i < parts; ++i) {
     const SchedRecord& r = recs[i];
     double pages = 0, chunks = 0;
@@ -1009,7 +1013,11 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
     const double st = (t[2 * i] - t0) * 1e-3, en = (t[2 * i + 1] - t0) * 1e-3;
     starts.push_back(st);
     ends.push_back(en);
+    if (dump) std::fprintf(dump, "%d %llu %.0f %.0f %.3f %.3f\n", i, mk[16 * i + 15], pages, chunks, st, en);
     if (chunks == 0) continue;
+    xs[0].push_back(pages);
+    xs[1].push_back(chunks);
+    durs.push_back(en - st);
     const double x[3] = {pages, chunks, 1.0};
     for (int a = 0; a < 3; ++a) {
       for (int c = 0; c < 3; ++c) ata[a][c] += x[a] * x[c];
@@ -1030,6 +1038,16 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
       for (int c = 0; c < 3; ++c) m[a][c] = c == k ? atb[a] : ata[a][c];
     coef[k] = det(m) / d;
   }
+  if (dump) std::fclose(dump);
+  // What the fit leaves unexplained: parts that ran slower or faster than their work says.
+  double ss = 0, worst = 0;
+  for (size_t i = 0; i < durs.size(); ++i) {
+    const double r = durs[i] - (coef[0] * xs[0][i] + coef[1] * xs[1][i] + coef[2]);
+    ss += r * r;
+    worst = std::max(worst, std::fabs(r));
+  }
+  std::printf("  residual of the fit: rms %.1f us, worst %.1f us over %zu parts\n",
+              durs.empty() ? 0.0 : std::sqrt(ss / durs.size()), worst, durs.size());
   std::sort(starts.begin(), starts.end());
   std::sort(ends.begin(), ends.end());
   auto q = [](const std::vector<double>& v, double f) { return v[static_cast<size_t>(f * (v.size() - 1))]; };
