@@ -3,7 +3,7 @@
 # STEPS (default: all). Logs go to $OUT (or ./_out). Never touches clocks or GPU settings.
 #   prims  building blocks;  check  correctness;  sass  instruction summary and the
 #   serialization guard;  bench  full DESIGN §6 grid;  ab  corner configs with each experiment
-#   switch;  ncu  Nsight Compute sections for the compute corner;  stalls  warp-stall samples per
+#   switch;  ncu  Nsight Compute sections for both corners (memory: L=8192 and 32768);  stalls  warp-stall samples per
 #   kernel source line at both corners (L=8192), via stalls_by_line.py (needs nvdisasm there;
 #   without it, run the script here on the returned CSVs).
 #   An optional earlier build at $B/check_decode_v2 is timed on the corners too (A/B in one run).
@@ -46,12 +46,16 @@ if has ab; then
   } 2>&1 | grep -v "^device" | tee "$OUT/ab.log"
 fi
 if has ncu; then
-  timeout 150 ncu --clock-control none -k regex:decode_main -c 1 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-    --section ComputeWorkloadAnalysis \
-    $B/check_decode --bench --no-bw --reps 1 --only 2,8192,128,0 > "$OUT/ncu.txt" 2>&1
-  echo "== ncu compute corner"
-  grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|ERROR" "$OUT/ncu.txt" | cut -c1-220 | head -30
+  # The compute corner runs the wide kernel, the memory corner the narrow one (decode_narrow.cuh).
+  for corner in "compute 2,8192,128,0" "memory 1,8192,16,0" "memory_32k 1,32768,16,0"; do
+    set -- $corner
+    timeout 150 ncu --clock-control none -k regex:decode_ -c 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section ComputeWorkloadAnalysis \
+      $B/check_decode --bench --no-bw --reps 1 --only $2 > "$OUT/ncu_$1.txt" 2>&1
+    echo "== ncu $1 corner"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|L1/TEX Hit|Compute \(SM\)|Mem Busy|Max Bandwidth|Stall|stall|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|SM Frequency|DRAM Frequency|ERROR" "$OUT/ncu_$1.txt" | cut -c1-220 | head -30
+  done
 fi
 if has stalls; then
   # The memory corner (16 query rows) runs the narrow kernel (decode_narrow.cuh).

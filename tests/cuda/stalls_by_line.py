@@ -72,10 +72,16 @@ def main(argv=None):
              if h.startswith("stall_") and "(Not Issued)" not in h]
   # ncu names the kernel demangled; the disassembly uses the mangled name, which contains the
   # unqualified function name.
-  short = re.sub(r"\(.*", "", kernel_row[1]).split("::")[-1]
+  # A template's integer arguments (ncu: decode_narrow_sm90_kernel<(int)16>) are mangled as
+  # I Li16E ... E.
+  demangled = re.sub(r"\((?:unsigned )?(?:int|long|short|char|bool)\)", "", kernel_row[1])
+  short = re.sub(r"\(.*", "", demangled).split("::")[-1]
+  name, _, targs = short.partition("<")
+  mangled = name + ("I" + "".join(f"Li{a.strip()}E" for a in targs.rstrip(">").split(",")) + "E"
+                    if targs else "")
   num = lambda x: float(x) if re.fullmatch(r"[0-9.]+", x) else 0.0
 
-  table = line_table(args.binary, rf"[A-Za-z0-9_]*{short}[A-Za-z0-9_]*", args.source)
+  table = line_table(args.binary, rf"[A-Za-z0-9_]*{mangled}[A-Za-z0-9_]*", args.source)
   base = int(data[0][0], 16)
   per_line = collections.defaultdict(collections.Counter)
   total = collections.Counter()
