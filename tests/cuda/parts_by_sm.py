@@ -27,7 +27,8 @@ def launches(path):
   return out
 
 
-def main(path, min_pages=32):
+def pace_by_sm(path, min_pages=32):
+  """{SM: its parts' time per page over each launch's median, averaged over launches}."""
   pace = defaultdict(list)
   for parts in launches(path):
     rows = [(sm, (end - start) / pages) for _, sm, pages, _, start, end in parts
@@ -37,7 +38,11 @@ def main(path, min_pages=32):
     mid = median(p for _, p in rows)
     for sm, p in rows:
       pace[sm].append(p / mid)
-  per_sm = {sm: mean(v) for sm, v in pace.items()}
+  return {sm: mean(v) for sm, v in pace.items()}
+
+
+def main(path):
+  per_sm = pace_by_sm(path)
   fast = sorted(sm for sm, p in per_sm.items() if p < 0.95)
   slow = sorted(sm for sm, p in per_sm.items() if p > 1.05)
   print(f"{len(per_sm)} SMs; time per page relative to each launch's median, mean over launches")

@@ -55,6 +55,18 @@ def line_table(binary, kernel, source):
   raise SystemExit(f"no function matching {kernel} in {binary}")
 
 
+def mangled_core(ncu_name):
+  """The part of the kernel's mangled name that identifies it, from ncu's demangled name:
+  the unqualified function name, plus a template's integer arguments, which ncu spells
+  `decode_narrow_sm90_kernel<(int)16>` and the mangling `decode_narrow_sm90_kernelILi16EE`."""
+  name = re.sub(r"\((?:unsigned )?(?:int|long|short|char|bool)\)", "", ncu_name)  # casts
+  name = re.sub(r"\(.*", "", name).split("::")[-1]  # parameters and namespaces
+  name, _, targs = name.partition("<")
+  if not targs:
+    return name
+  return name + "I" + "".join(f"Li{a.strip()}E" for a in targs.rstrip(">").split(",")) + "E"
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("csv", help="ncu --page source --csv --print-source sass output")
@@ -72,13 +84,7 @@ def main(argv=None):
              if h.startswith("stall_") and "(Not Issued)" not in h]
   # ncu names the kernel demangled; the disassembly uses the mangled name, which contains the
   # unqualified function name.
-  # A template's integer arguments (ncu: decode_narrow_sm90_kernel<(int)16>) are mangled as
-  # I Li16E ... E.
-  demangled = re.sub(r"\((?:unsigned )?(?:int|long|short|char|bool)\)", "", kernel_row[1])
-  short = re.sub(r"\(.*", "", demangled).split("::")[-1]
-  name, _, targs = short.partition("<")
-  mangled = name + ("I" + "".join(f"Li{a.strip()}E" for a in targs.rstrip(">").split(",")) + "E"
-                    if targs else "")
+  mangled = mangled_core(kernel_row[1])
   num = lambda x: float(x) if re.fullmatch(r"[0-9.]+", x) else 0.0
 
   table = line_table(args.binary, rf"[A-Za-z0-9_]*{mangled}[A-Za-z0-9_]*", args.source)
