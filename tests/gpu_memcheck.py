@@ -20,9 +20,9 @@ For racecheck and synccheck, one decode call on a small (64 query rows: the wide
 
     ... compute-sanitizer --tool racecheck ... python3 -P tests/gpu_memcheck.py --config small
 
-On `--config narrow` and `narrow32`, racecheck reports races across __syncthreads in the narrow kernel's
-epilogue. They are the tool's: it misses barriers once the two warpgroups have passed different
-numbers of their own named-barrier phases, which that kernel does by design
+On `--config narrow` and `narrow32`, racecheck reports races across __syncthreads in the narrow
+kernel's epilogue. They are the tool's: it misses barriers once the two warpgroups have passed
+different numbers of their own named-barrier phases, which that kernel does by design
 (tests/cuda/racecheck_uneven_barriers.cu shows it on a race-free program).
 """
 

@@ -997,7 +997,8 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
   double ata[3][3] = {}, atb[3] = {};
   // JFM_TIMING_DUMP=FILE appends one line per part (part, SM, pages, chunks, start and end in
   // us), to tell parts that ran slow from parts that were given more work.
-  FILE* dump = std::getenv("JFM_TIMING_DUMP") ? std::fopen(std::getenv("JFM_TIMING_DUMP"), "a") : nullptr;
+  const char* dump_path = std::getenv("JFM_TIMING_DUMP");
+  FILE* dump = dump_path ? std::fopen(dump_path, "a") : nullptr;
   if (dump) std::fprintf(dump, "# launch of %d parts\n", parts);
   for (int i = 0; i < parts; ++i) {
     const SchedRecord& r = recs[i];
@@ -1013,7 +1014,9 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
     const double st = (t[2 * i] - t0) * 1e-3, en = (t[2 * i + 1] - t0) * 1e-3;
     starts.push_back(st);
     ends.push_back(en);
-    if (dump) std::fprintf(dump, "%d %llu %.0f %.0f %.3f %.3f\n", i, mk[16 * i + 15], pages, chunks, st, en);
+    if (dump) {
+      std::fprintf(dump, "%d %llu %.0f %.0f %.3f %.3f\n", i, mk[16 * i + 15], pages, chunks, st, en);
+    }
     if (chunks == 0) continue;
     xs[0].push_back(pages);
     xs[1].push_back(chunks);

@@ -2,8 +2,8 @@
 # Guards against ptxas silently serializing the wgmmas of the decode kernels: it then closes every
 # HGMMA's group and waits on it (WARPGROUP.DEPBAR) before the next, and says nothing.
 # The wide kernel issues six wgmma batches per pair (QK^T and two P.V per warpgroup), 88 HGMMAs
-# in all; the narrow one (both forms, N = 16 and 32) three per page, 68 HGMMAs. A healthy build has a handful of DEPBAR (one
-# per batch, a few duplicated paths), a serialized one one per HGMMA.
+# in all; the narrow one (both forms, N = 16 and 32) three per page, 68 HGMMAs. A healthy build
+# has a handful of DEPBAR (one per batch, a few duplicated paths), a serialized one one per HGMMA.
 # Usage: check_sass.sh BINARY [CUOBJDUMP]
 set -euo pipefail
 bin=$1

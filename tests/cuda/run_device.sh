@@ -3,9 +3,9 @@
 # STEPS (default: all). Logs go to $OUT (or ./_out). Never touches clocks or GPU settings.
 #   prims  building blocks;  check  correctness;  sass  instruction summary and the
 #   serialization guard;  bench  full DESIGN §6 grid;  ab  corner configs with each experiment
-#   switch;  ncu  Nsight Compute sections for both corners (memory: L=8192 and 32768);  stalls  warp-stall samples per
-#   kernel source line at both corners (L=8192), via stalls_by_line.py (needs nvdisasm there;
-#   without it, run the script here on the returned CSVs).
+#   switch;  ncu  Nsight Compute sections for both corners (memory: L=8192 and 32768);
+#   stalls  warp-stall samples per kernel source line at both corners (L=8192), via
+#   stalls_by_line.py (needs nvdisasm there; without it, run the script here on the returned CSVs).
 #   An optional earlier build at $B/check_decode_v2 is timed on the corners too (A/B in one run).
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-_out}
