@@ -405,32 +405,27 @@ __global__ void __launch_bounds__(256, 1)
     JFM_MARK(4, req == rec.begin_req);
     JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
 
+    // This group's share of half h of O^T, scaled to the merged row max, into the merge area:
+    // stored (WG1) or added to what is there (WG0).
+    auto merge_half = [&](int h, bool add) {
+#pragma unroll
+      for (int mb = 4 * h; mb < 4 * h + 4; ++mb) {
+#pragma unroll
+        for (int r = 0; r < kAcc; ++r) {
+          const int k = 2 * (r >> 2) + (r & 1);
+          const int col = 64 * (mb - 4 * h) + key_lo + 8 * ((r >> 1) & 1);
+          float* dst = s_o + frag_row(q4, k) * NT::kOStride + col;
+          const float v = o[mb][r] * f[k];
+          *dst = add ? *dst + v : v;
+        }
+      }
+    };
     // One 256-column half of O^T at a time: WG1 stores its share, WG0 adds its own, all write.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (wg == 1) {
-#pragma unroll
-        for (int mb = 4 * h; mb < 4 * h + 4; ++mb) {
-#pragma unroll
-          for (int r = 0; r < kAcc; ++r) {
-            const int col = 64 * (mb - 4 * h) + key_lo + 8 * ((r >> 1) & 1);
-            s_o[frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col] =
-                o[mb][r] * f[2 * (r >> 2) + (r & 1)];
-          }
-        }
-      }
+      if (wg == 1) merge_half(h, false);
       __syncthreads();
-      if (wg == 0) {
-#pragma unroll
-        for (int mb = 4 * h; mb < 4 * h + 4; ++mb) {
-#pragma unroll
-          for (int r = 0; r < kAcc; ++r) {
-            const int col = 64 * (mb - 4 * h) + key_lo + 8 * ((r >> 1) & 1);
-            float* dst = s_o + frag_row(q4, 2 * (r >> 2) + (r & 1)) * NT::kOStride + col;
-            *dst += o[mb][r] * f[2 * (r >> 2) + (r & 1)];
-          }
-        }
-      }
+      if (wg == 0) merge_half(h, true);
       __syncthreads();
       // Coalesced: 4 consecutive columns of one row per thread and step.
       for (int i = threadIdx.x; i < NT::kRows * 64; i += NT::kThreads) {
