@@ -32,6 +32,10 @@ PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
 // (576 columns, h_kv, 64 tokens, num_blocks); one box is 64 columns x 1 head x 64 tokens x 1
 // page, i.e. one 64x64 tile of a page, written to shared memory with the 128-byte swizzle.
 // Coordinates past num_blocks (never issued by the kernel) would read as zeros.
+// L2 promotion is 128 B, the width of a tile row: a cache row is 1152 bytes, so with 256-byte
+// promotion half of each tile's row reads fetch the neighbouring tile's 128 bytes too, and the
+// evict-first stream reads cost 9% more DRAM time (tests/cuda/read_floor.cu: nine tile loads per
+// page reach 4.16 TB/s with 256-byte promotion, 4.51 with 128 or none, as do bulk copies).
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p) {
   auto encode = get_encode_fn();
   if (encode == nullptr) return cudaErrorNotSupported;
@@ -47,7 +51,7 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p)
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(p.k_cache),
                       dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
