@@ -9,7 +9,10 @@ to the last kernel's end, the summed kernel time and the idle time between kerne
 by the number of layers. "Over our kernels" is the span per call minus the decode and combine
 kernels' own time per call. With `--steps N` each traced run dispatches the program N times back
 to back before waiting, as bench_decode.py times it, so the split also shows how much of a decode
-loop's wall clock lies before its first kernel and after its last.
+loop's wall clock lies before its first kernel and after its last. `--fit-steps 1,5,10,20,40`
+instead times unprofiled runs of that many program calls each (three rounds, alternating) and
+fits wall = calls * per_call + per_run: the cost of one more call in a long decode loop, and the
+fixed cost of a run (the first dispatch and the final wait).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_decode  # noqa: E402
@@ -41,6 +45,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=1,
                  help="program calls per traced run, dispatched back to back")
   p.add_argument("--implementation", default="cuda")
+  p.add_argument("--fit-steps", default=None,
+                 help="comma-separated program calls per run: fit per-call and per-run wall time")
   args = p.parse_args(argv)
 
   key = jax.random.PRNGKey(0)
@@ -52,10 +58,13 @@ def main(argv=None):
 
   model = bench_decode.layered_program(causal=args.causal, implementation=args.implementation)
 
-  run = lambda: jax.block_until_ready(
-      [model(qs, k_cache, bts, lens, md) for _ in range(args.steps)])
+  run = lambda steps=args.steps: jax.block_until_ready(
+      [model(qs, k_cache, bts, lens, md) for _ in range(steps)])
   calls_per_run = args.layers * args.steps
   run()
+  if args.fit_steps:
+    fit_steps(run, [int(x) for x in args.fit_steps.split(",")], args.layers)
+    return
   wall, dispatch = [], []
   for _ in range(5):
     t0 = time.perf_counter()
@@ -121,6 +130,23 @@ def main(argv=None):
     if call:
       print(f"        the first kernel starts {start - call[0][0]:.0f} us after the program is "
             f"called; the host sees the result {call[0][1] - end:.0f} us after the last ends")
+
+
+def fit_steps(run, steps_list, layers):
+  calls, seconds = [], []
+  for rnd in range(3):
+    line = []
+    for steps in steps_list:
+      t0 = time.perf_counter()
+      run(steps)
+      t = time.perf_counter() - t0
+      calls.append(steps * layers)
+      seconds.append(t)
+      line.append(f"{steps}: {t / (steps * layers) * 1e6:.1f}")
+    print(f"round {rnd}, us per call by program calls per run: " + "  ".join(line), flush=True)
+  a = np.stack([calls, np.ones(len(calls))], 1)
+  (per_call, per_run), *_ = np.linalg.lstsq(a, np.array(seconds), rcond=None)
+  print(f"fit: {per_call * 1e6:.1f} us per call + {per_run * 1e3:.3f} ms per run")
 
 
 if __name__ == "__main__":
