@@ -16,7 +16,6 @@
 // directly. The scheduler records are built on the host with the semantics of params.h.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,6 +33,7 @@
 #include "../../src/kernels/params.h"
 #include "../../src/kernels/sm90/decode_wgmma_blocks.cuh"
 #include "../../src/kernels/sm90/launch_sm90.h"
+#include "board_energy.h"
 
 using namespace jax_flashmla;
 
@@ -920,27 +920,6 @@ struct BenchOpts {
   bool no_pdl = false;  // batch launches without programmatic dependent launch
   int energy_calls = 0;  // > 0: board energy per call over this many calls back to back
 };
-
-// The board's energy counter (NVML, loaded at run time so the checker needs no NVML to build):
-// under the power cap, energy per call is what sets the back-to-back speed. Returns false if
-// NVML or the counter is unavailable. Device index 0 (the checker uses the first GPU).
-static bool board_energy_mj(unsigned long long* mj) {
-  using InitFn = int (*)();
-  using HandleFn = int (*)(unsigned, void**);
-  using EnergyFn = int (*)(void*, unsigned long long*);
-  static EnergyFn energy = nullptr;
-  static void* dev = nullptr;
-  static const bool ok = [] {
-    void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW);
-    if (lib == nullptr) return false;
-    auto init = reinterpret_cast<InitFn>(dlsym(lib, "nvmlInit_v2"));
-    auto handle = reinterpret_cast<HandleFn>(dlsym(lib, "nvmlDeviceGetHandleByIndex_v2"));
-    energy = reinterpret_cast<EnergyFn>(dlsym(lib, "nvmlDeviceGetTotalEnergyConsumption"));
-    return init != nullptr && handle != nullptr && energy != nullptr && init() == 0 &&
-           handle(0, &dev) == 0;
-  }();
-  return ok && energy(dev, mj) == 0;
-}
 
 // Occupies the stream for `us` microseconds without touching memory (an idle gap between calls).
 __global__ void idle_kernel(unsigned us) {

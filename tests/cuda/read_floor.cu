@@ -1,6 +1,6 @@
 // What reading the memory corner's bytes costs on this card with no attention work at all: the
-// floor under the decode kernel's memory-bound figures. Three read-only kernels over the bytes of
-// one decode call (b = 128 requests of mean length L, 64-token pages of 576 bf16 = 73,728 bytes,
+// floor under the decode kernel's memory-bound figures. Read-only kernels over the bytes of one
+// decode call (b = 128 requests of mean length L, 64-token pages of 576 bf16 = 73,728 bytes,
 // visited in a random page order as a block table does):
 //   ldg      plain 16-byte loads, eight in flight per thread, 2048 threads per SM;
 //   static   the decode kernel's pattern without its compute: one CTA per SM, each streaming an
@@ -17,9 +17,9 @@
 //
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 tests/cuda/read_floor.cu \
 //        -o tests/cuda/build/read_floor
-//   tests/cuda/build/read_floor --len 8192 [--stages 2] [--calls 600]
+//   tests/cuda/build/read_floor --len 8192 [--stages 2] [--hold-ns 0] [--calls 600]
+// (benchmarks/NOTES.md, v3.6, has what it found.)
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,6 +34,7 @@
 #include <cudaTypedefs.h>
 
 #include "../../src/kernels/sm90/ptx.cuh"
+#include "board_energy.h"
 
 using namespace jax_flashmla::sm90;
 
@@ -78,9 +79,10 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 // One thread per page buffer (lane 0 of warp w owns buffer w, as each warpgroup of the narrow
 // decode kernel owns one), each with its own page sequence; the rest of the decode kernel's work
 // is left out, except that a buffer can be held `hold` clocks after its page arrives, as the
-// kernel holds it for the page's compute. `counter` null: CTA i streams pages
-// [i n / P, (i + 1) n / P) of `order`, buffer w every stages-th of them from the w-th; else each
-// buffer claims pages one at a time (the counter is zeroed before each launch).
+// kernel holds it for the page's compute. `boxes`: 0 loads a page by one bulk copy, 9 by its
+// nine tiles and 72 by 8-row boxes, the last two through `tmap`. `counter` null: CTA i streams
+// pages [i n / P, (i + 1) n / P) of `order`, buffer w every stages-th of them from the w-th; else
+// each buffer claims pages one at a time (the counter is zeroed before each launch).
 __global__ void __launch_bounds__(32 * kMaxStages, 1)
     read_pages(const __grid_constant__ CUtensorMap tmap, int boxes,
                const uint8_t* __restrict__ cache, const int* __restrict__ order, int n_pages,
@@ -165,24 +167,6 @@ static CUtensorMap cache_map(void* cache, int n_pages, int rows, CUtensorMapL2pr
   return map;
 }
 
-static bool board_energy_mj(unsigned long long* mj) {
-  using InitFn = int (*)();
-  using HandleFn = int (*)(unsigned, void**);
-  using EnergyFn = int (*)(void*, unsigned long long*);
-  static EnergyFn energy = nullptr;
-  static void* dev = nullptr;
-  static const bool ok = [] {
-    void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW);
-    if (lib == nullptr) return false;
-    auto init = reinterpret_cast<InitFn>(dlsym(lib, "nvmlInit_v2"));
-    auto handle = reinterpret_cast<HandleFn>(dlsym(lib, "nvmlDeviceGetHandleByIndex_v2"));
-    energy = reinterpret_cast<EnergyFn>(dlsym(lib, "nvmlDeviceGetTotalEnergyConsumption"));
-    return init != nullptr && handle != nullptr && energy != nullptr && init() == 0 &&
-           handle(0, &dev) == 0;
-  }();
-  return ok && energy(dev, mj) == 0;
-}
-
 int main(int argc, char** argv) {
   int len = 8192, stages = 2, calls = 600, hold_ns = 0;
   for (int i = 1; i < argc; ++i) {
@@ -191,7 +175,8 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--calls") && i + 1 < argc) calls = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--hold-ns") && i + 1 < argc) hold_ns = std::atoi(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--len L] [--stages 1..3] [--calls N] [--hold-ns H]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--len L] [--stages 1..3] [--calls N] [--hold-ns H]\n",
+                   argv[0]);
       return 2;
     }
   }
