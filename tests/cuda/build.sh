@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the standalone checker (release, watchdog and per-CTA timing variants) into tests/cuda/build/.
+# Builds the standalone checker (release, watchdog and per-CTA timing variants) and the read floor
+# (read_floor.cu) into tests/cuda/build/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p tests/cuda/build
@@ -8,4 +9,5 @@ SRCS="tests/cuda/check_decode.cu src/kernels/sm90/decode_wgmma.cu"
 nvcc $FLAGS -Xptxas -v $SRCS -o tests/cuda/build/check_decode 2> tests/cuda/build/ptxas.log
 nvcc $FLAGS -DJFM_WATCHDOG $SRCS -o tests/cuda/build/check_decode_wd
 nvcc $FLAGS -DJFM_TIMING $SRCS -o tests/cuda/build/check_decode_timing
+nvcc $FLAGS tests/cuda/read_floor.cu -o tests/cuda/build/read_floor
 grep -A2 "decode_main_sm90" tests/cuda/build/ptxas.log | grep -E "registers|spill" || true
