@@ -112,3 +112,31 @@ def test_trace_decode_dispatches_steps_programs_per_run(monkeypatch, capsys):
   # warm-up run, 5 timed runs, 1 traced run: each dispatches --steps programs
   assert len(calls) == 3 * (1 + 5 + 1)
   assert "2 layers, 3 program call(s) per run" in capsys.readouterr().out
+
+
+def test_trace_decode_fit_steps_separates_per_call_from_per_run(monkeypatch, capsys):
+  # A fake clock: each program call (2 layers) costs 2 x 100 us, each final wait 1 ms.
+  import trace_decode
+  clock = [0.0]
+  real = bench_decode.layered_program
+
+  def timed_program(**kwargs):
+    model = real(**kwargs)
+
+    def call(*args):
+      clock[0] += 2 * 100e-6
+      return model(*args)
+    return call
+
+  real_wait = jax.block_until_ready
+
+  def timed_wait(x):
+    clock[0] += 1e-3
+    return real_wait(x)
+
+  monkeypatch.setattr(bench_decode, "layered_program", timed_program)
+  monkeypatch.setattr(trace_decode.jax, "block_until_ready", timed_wait)
+  monkeypatch.setattr(trace_decode.time, "perf_counter", lambda: clock[0])
+  trace_decode.main(["--b", "2", "--len", "100", "--layers", "2", "--implementation", "xla",
+                     "--fit-steps", "1,3"])
+  assert "fit: 100.0 us per call + 1.000 ms per run" in capsys.readouterr().out
