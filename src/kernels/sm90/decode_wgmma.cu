@@ -32,10 +32,11 @@ PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
 // (576 columns, h_kv, 64 tokens, num_blocks); one box is 64 columns x 1 head x 64 tokens x 1
 // page, i.e. one 64x64 tile of a page, written to shared memory with the 128-byte swizzle.
 // Coordinates past num_blocks (never issued by the kernel) would read as zeros.
-// L2 promotion is 128 B, the width of a tile row: a cache row is 1152 bytes, so with 256-byte
-// promotion half of each tile's row reads fetch the neighbouring tile's 128 bytes too, and the
-// evict-first stream reads cost 9% more DRAM time (tests/cuda/read_floor.cu: nine tile loads per
-// page reach 4.16 TB/s with 256-byte promotion, 4.51 with 128 or none, as do bulk copies).
+// L2 promotion is 128 B, the width of a tile row. Measured (tests/cuda/read_floor.cu, H200): the
+// nine tile loads per page stream 4.16 TB/s with 256-byte promotion and 4.51 with 128 or none,
+// as fast as one bulk copy per page. Presumably each 256-byte fill around a 128-byte tile row
+// (a head's row is 1152 bytes) brings in half of another tile, which the evict-first stream
+// then reads from DRAM again.
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p) {
   auto encode = get_encode_fn();
   if (encode == nullptr) return cudaErrorNotSupported;
