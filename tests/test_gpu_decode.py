@@ -86,6 +86,30 @@ def test_batch_128_with_half_the_rows_empty(h_q, h_kv, causal):
   assert empty.any() and np.all(out[empty] == 0) and np.all(np.isposinf(lse[empty]))
 
 
+@pytest.mark.parametrize("slope", [0.02, 0.15, -0.05])
+@pytest.mark.parametrize("s_q,h_q", [(2, 128), (1, 16), (2, 16)])  # wide, narrow<16>, narrow<32>
+def test_scores_that_drift_along_the_sequence(s_q, h_q, slope):
+  """The kernels' running row max is lazy: it moves only when a page's max passes it by more than
+  a factor 2^8. Scores that climb along the sequence move it every few pages (0.02 per key, ~1.8
+  in log2 per page) or on every page (0.15); falling ones (-0.05) never move it after the first
+  page; rare spikes of +30 make it jump far past the slack."""
+  rng = np.random.default_rng(int(slope * 100) + 7 * h_q + s_q)
+  case = make_case(rng, 8, s_q, 1500, h_q, 1, causal=True)
+  rope = 512  # a RoPE column: V is the first 512, so only the scores change
+  case.q[..., rope] = 1.0
+  k = case.k_cache.astype(np.float32)
+  for i, n in enumerate(case.cache_seqlens):
+    pos = np.arange(n)
+    offset = slope * pos + 30.0 * (rng.random(n) < 0.01)
+    for j in range(-(-n // 64)):
+      keys = pos[j * 64:(j + 1) * 64]
+      k[case.block_table[i, j], :len(keys), :, rope] = (offset[keys] / case.softmax_scale)[:, None]
+  case.k_cache = k.astype(case.k_cache.dtype)
+  out, lse, ref_out, ref_lse = _both(case)
+  check_decode(out, lse, ref_out, ref_lse)
+  check_decode(out, lse, *oracle(case))
+
+
 @pytest.mark.parametrize("num_sms", [1, 3, 132, 1000])
 def test_any_number_of_splits(num_sms):
   """Few parts (long chunks) and many (num_sms=1000 is capped at 160 parts, the most the

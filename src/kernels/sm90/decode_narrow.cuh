@@ -313,8 +313,8 @@ __global__ void __launch_bounds__(256, 1)
           float m = red[frag_row(q4, k)];
 #pragma unroll
           for (int w = 1; w < 4; ++w) m = fmaxf(m, red[w * NT::kRows + frag_row(q4, k)]);
-          m_new[k] = fmaxf(m_run[k], m * p.scale_log2);
-          sc[k] = fast_exp2(m_run[k] - m_new[k]);
+          m_new[k] = lazy_max(m_run[k], m * p.scale_log2);
+          sc[k] = max_scale(m_run[k], m_new[k]);
           m_run[k] = m_new[k];
           psum[k] = 0.f;
         }
@@ -326,10 +326,15 @@ __global__ void __launch_bounds__(256, 1)
         }
 #pragma unroll
         for (int k = 0; k < kThreadRows; ++k) l_run[k] = l_run[k] * sc[k] + psum[k];
+        bool moved = false;
 #pragma unroll
-        for (int mb = 0; mb < 8; ++mb) {
+        for (int k = 0; k < kThreadRows; ++k) moved |= sc[k] != 1.f;
+        if (__any_sync(0xffffffffu, moved)) {  // see rescale_o
 #pragma unroll
-          for (int r = 0; r < kAcc; ++r) o[mb][r] *= sc[2 * (r >> 2) + (r & 1)];
+          for (int mb = 0; mb < 8; ++mb) {
+#pragma unroll
+            for (int r = 0; r < kAcc; ++r) o[mb][r] *= sc[2 * (r >> 2) + (r & 1)];
+          }
         }
         // P^T (bf16) into the group's K-major N x 64 tile: row = query row, column = key.
 #pragma unroll

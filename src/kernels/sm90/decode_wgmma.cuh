@@ -19,6 +19,9 @@
 // 2025 Hopper kernel, see docs/20250422-new-kernel-deep-dive.md there). Each warpgroup keeps its
 // own partial row sum; they are added in the epilogue.
 //
+// The running max is lazy (lazy_max): it moves only when a page's max passes it by a factor over 2^8,
+// so on most pairs s0 = s1 = 1 and the O rescales are skipped (P may then reach 2^8).
+//
 // Buffer reuse. Each K page is 9 TMA tiles of 64x64, each tile on its own mbarrier. V is tiles
 // 0..7 read MN-major; tile 8 (RoPE) is free once the page's QK^T is done and holds that page's P.
 // A tile is refilled (with the next pair's page) by the warpgroup that reads it last:
@@ -158,8 +161,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           float mx[2];
           mask_and_row_max(s, p.scale_log2, pa.need_mask, page * kPageSize + 2 * q4, vis_r0, vis_r1,
                            mx);
-          m_new[0] = fmaxf(m_old[0], mx[0]);
-          m_new[1] = fmaxf(m_old[1], mx[1]);
+          m_new[0] = lazy_max(m_old[0], mx[0]);
+          m_new[1] = lazy_max(m_old[1], mx[1]);
           exp_rows(s, p.scale_log2, m_new, psum);
           pack_p(s, a);
           store_p(sK[0] + T::kPTile * T::kTileBytes, a, r0, q4);
@@ -168,8 +171,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           m_new[0] = m_old[0];
           m_new[1] = m_old[1];
         }
-        sc0[0] = fast_exp2(m_old[0] - m_new[0]);
-        sc0[1] = fast_exp2(m_old[1] - m_new[1]);
+        sc0[0] = max_scale(m_old[0], m_new[0]);
+        sc0[1] = max_scale(m_old[1], m_new[1]);
         __syncwarp();  // the quad's other lanes have read the row max we overwrite
         if (q4 == 0) {
           s_row_max[r0] = m_new[0];
@@ -179,10 +182,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
         named_bar_arrive(T::kBarP0Ready, T::kThreads);
 
-        rescale_o(o, sc0);
         row_sum[0] = row_sum[0] * sc0[0] + psum[0];
         row_sum[1] = row_sum[1] * sc0[1] + psum[1];
         if (pa.loaded) {
+          rescale_o(o, sc0);
           zero_tail_v_rows(sK[0], 0, pa.n_valid, tid_wg, T::kBarWg0);
           reg_fence(o);
           pv_rs(o, a, sK[0], 0);
@@ -198,10 +201,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
         named_bar_sync(T::kBarP1Ready, T::kThreads);
         const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
-        rescale_o(o, sc1);
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
+          rescale_o(o, sc1);
           for (int t = 0; t < 4; ++t) mbar_wait(bars[1] + 8 * t, phase[1]);
           zero_tail_v_rows(sK[1], 0, pb.n_valid, tid_wg, T::kBarWg0);
           reg_fence(o);
@@ -225,18 +228,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         named_bar_sync(T::kBarP0Ready, T::kThreads);
         const float m0[2] = {s_row_max[r0], s_row_max[r0 + 8]};
         const float sc0[2] = {s_scale0[r0], s_scale0[r0 + 8]};
-        rescale_o(o, sc0);
         row_sum[0] *= sc0[0];
         row_sum[1] *= sc0[1];
         if (pa.loaded) {
+          rescale_o(o, sc0);
           for (int t = 4; t < 8; ++t) mbar_wait(bars[0] + 8 * t, phase[0]);
           zero_tail_v_rows(sK[0], 4, pa.n_valid, tid_wg, T::kBarWg1);
           reg_fence(o);
           pv_ss(o, sK[0] + T::kPTile * T::kTileBytes, sK[0], 4);
         }
         // softmax of page b while P_a V_a runs
-        const float m1[2] = {fmaxf(m0[0], mx[0]), fmaxf(m0[1], mx[1])};
-        const float sc1[2] = {fast_exp2(m0[0] - m1[0]), fast_exp2(m0[1] - m1[1])};
+        const float m1[2] = {lazy_max(m0[0], mx[0]), lazy_max(m0[1], mx[1])};
+        const float sc1[2] = {max_scale(m0[0], m1[0]), max_scale(m0[1], m1[1])};
         float psum[2] = {0.f, 0.f};
         if (pb.loaded) {
           exp_rows(s, p.scale_log2, m1, psum);
@@ -256,10 +259,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         reg_fence(o);
         named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
         refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 1), policy);
-        rescale_o(o, sc1);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
         if (pb.loaded) {
+          rescale_o(o, sc1);
           zero_tail_v_rows(sK[1], 4, pb.n_valid, tid_wg, T::kBarWg1);
           reg_fence(o);
           pv_rs(o, a, sK[1], 4);

@@ -299,9 +299,25 @@ __device__ __forceinline__ void exp_rows(float (&s)[32], float scale_log2, const
   }
 }
 
+// The new running max after a page whose row max is mx: kept unless mx passes it by more than
+// kMaxSlack. Most pages then leave every row's max, and so its scale, unchanged, and the O rescale
+// (256 multiplies per thread and pair, ~6% of the compute corner's time) is skipped. The lazy
+// max is FlashAttention-4's conditional rescaling.
+__device__ __forceinline__ float lazy_max(float m_old, float mx) {
+  return mx > m_old + T::kMaxSlack ? mx : m_old;
+}
+
+// The factor that moves sums kept against m_old onto m_new: exactly 1 when the max stayed.
+__device__ __forceinline__ float max_scale(float m_old, float m_new) {
+  return m_new == m_old ? 1.f : fast_exp2(m_old - m_new);
+}
+
+// O rows times their scales, skipped by a warp whose scales are all 1. Call it only inside a
+// block that then issues its P.V wgmma unconditionally: with this branch in front of a
+// conditional wgmma, ptxas serializes every wgmma of the kernel (C7515, a WARPGROUP.DEPBAR after
+// each HGMMA). A page that is not loaded leaves the max unchanged, so skipping it there is exact.
 __device__ __forceinline__ void rescale_o(float (&o)[128], const float (&sc)[2]) {
-  // Always multiply: skipping when no row max moved (a warp vote and a branch) made ptxas
-  // serialize every wgmma of the kernel (seen as a WARPGROUP.DEPBAR after each HGMMA).
+  if (!__any_sync(0xffffffffu, sc[0] != 1.f || sc[1] != 1.f)) return;
 #pragma unroll
   for (int k = 0; k < 32; ++k) {
     o[4 * k + 0] *= sc[0];

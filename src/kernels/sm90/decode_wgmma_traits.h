@@ -54,6 +54,9 @@ struct DecodeWgmmaTraits {
   static constexpr int kBarWg1 = 4;       // WG1 internal
 
   static constexpr float kRowMaxInit = -1e30f;  // finite, so exp2(m_old - m_new) is never NaN
+  // The running row max moves only when a page's max exceeds it by more than this (log2 domain),
+  // so P = 2^(S - m) stays at most 2^8: exact enough in bf16, far from overflow in fp32.
+  static constexpr float kMaxSlack = 8.f;
 };
 
 static_assert(DecodeWgmmaTraits::kSmemBytes <= 227 * 1024, "shared memory plan too large");
