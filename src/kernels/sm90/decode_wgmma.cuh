@@ -19,8 +19,8 @@
 // 2025 Hopper kernel, see docs/20250422-new-kernel-deep-dive.md there). Each warpgroup keeps its
 // own partial row sum; they are added in the epilogue.
 //
-// The running max is lazy (lazy_max): it moves only when a page's max passes it by a factor over 2^8,
-// so on most pairs s0 = s1 = 1 and the O rescales are skipped (P may then reach 2^8).
+// The running max is lazy (lazy_max): it moves only when a page's max passes it by a factor
+// over 2^8, so on most pairs s0 = s1 = 1 and the O rescales are skipped (P may reach 2^8).
 //
 // Buffer reuse. Each K page is 9 TMA tiles of 64x64, each tile on its own mbarrier. V is tiles
 // 0..7 read MN-major; tile 8 (RoPE) is free once the page's QK^T is done and holds that page's P.
