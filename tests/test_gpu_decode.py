@@ -91,8 +91,8 @@ def test_batch_128_with_half_the_rows_empty(h_q, h_kv, causal):
 def test_scores_that_drift_along_the_sequence(s_q, h_q, slope):
   """The kernels' running row max is lazy: it moves only when a page's max passes it by more than
   a factor 2^8. Scores that climb along the sequence move it every few pages (0.02 per key, ~1.8
-  in log2 per page) or on every page (0.15); falling ones (-0.05) never move it after the first
-  page; rare spikes of +30 make it jump far past the slack."""
+  in log2 per page) or on every page (0.15); falling ones (-0.05) move it only at the rare spikes
+  of +30, which make it jump far past the slack."""
   rng = np.random.default_rng(int(slope * 100) + 7 * h_q + s_q)
   case = make_case(rng, 8, s_q, 1500, h_q, 1, causal=True)
   rope = 512  # a RoPE column: V is the first 512, so only the scores change
