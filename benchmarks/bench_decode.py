@@ -1,6 +1,6 @@
-"""Decode benchmark: jax_flashmla's kernel beside the plain-XLA reference, counted as DESIGN.md §6.
+"""Decode benchmark: jax_flashmla's kernel beside the plain-XLA path, counted per docs/design.md.
 
-    python benchmarks/bench_decode.py                      # the §6 grid
+    python benchmarks/bench_decode.py                      # the grid
     python benchmarks/bench_decode.py --b 128 --s-q 1 --h-q 16 --len 8192   # one config
     python benchmarks/bench_decode.py --json out.json --plot out.png
     python benchmarks/bench_decode.py --devices 2 --b 256 --len 8192   # batch over two GPUs

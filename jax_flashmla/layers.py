@@ -3,7 +3,7 @@
 Needs Flax (`pip install jax_flashmla[flax]`); `import jax_flashmla` alone does not import it.
 
 Per token the layer caches one 576-wide row, `[kv_norm(c_kv) (512) | rope(k_pe) (64)]`, and
-attends with absorbed weights, so decode is MQA over that row (DESIGN.md §1):
+attends with absorbed weights, so decode is MQA over that row (docs/design.md#what-it-computes):
 
     q_nope·k_nope = q_nope·(W_UK c) = (W_UKᵀ q_nope)·c     query absorbed into the 512 latent
     Σ p·v         = Σ p·(W_UV c)    = W_UV (Σ p·c)         value projection after attention

@@ -1,8 +1,8 @@
 """Pure-JAX twins of the kernels: the decode reference and the scheduler.
 
 `flash_mla_reference` is the `implementation="xla"` path and the lowering used on every platform
-that is not a Hopper GPU. It implements DESIGN.md §4 exactly, including the run-time value rules
-the kernels follow (see `src/kernels/params.h`):
+that is not a Hopper GPU. It implements docs/design.md#numerics-contract exactly, including the
+run-time value rules the kernels follow (see `src/kernels/params.h`):
 
 - a length is clamped to `[0, max_blocks * 64]`;
 - a page id outside `[0, num_blocks)` is never read: its keys are masked;

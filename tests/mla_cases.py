@@ -18,7 +18,7 @@ D = 576
 DV = 512
 INVALID_PAGE = 2147480000
 
-# DESIGN.md §4
+# docs/design.md, "Numerics contract"
 OUT_TOL = dict(abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
 LSE_TOL = dict(abs_tol=1e-6, rel_tol=8.01 / 65536, cos_tol=0.0)
 
@@ -71,7 +71,7 @@ def make_case(rng: np.random.Generator, b: int, s_q: int, mean_len: int, h_q: in
 
 
 def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
-  """float64 paged MQA decode, written directly from DESIGN.md §4 (a loop over rows)."""
+  """float64 paged MQA decode, written from docs/design.md#numerics-contract (a loop over rows)."""
   q = case.q.astype(np.float64)
   k = case.k_cache.astype(np.float64)
   b, s_q, h_q, _ = q.shape

@@ -13,7 +13,7 @@ the keys rewritten so the scores take a chosen shape:
   page edge, at the last key, hidden from earlier tokens by the causal mask, or just past the
   length, where it must not count at all).
 
-CPU tier: the xla path against the float64 oracle, DESIGN tolerances (float32 lse, bf16 out),
+CPU tier: the xla path against the float64 oracle, docs/design.md tolerances (f32 lse, bf16 out),
 inf/NaN exactly where the oracle has them (nowhere, here). GPU tier (marked gpu): the kernels
 against the xla path and the oracle, on rows long enough to be split.
 """
