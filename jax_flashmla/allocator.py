@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flashmla.cache import NO_PAGE, PagedKVCache
-from jax_flashmla.reference import PAGE_SIZE
+from jax_flashmla.constants import PAGE_SIZE
 
 
 class PagePoolExhausted(RuntimeError):

@@ -24,7 +24,7 @@ import numpy as np
 
 from jax_flashmla.decode import flash_mla_with_kvcache
 from jax_flashmla.metadata import MLAMetadata
-from jax_flashmla.reference import HEAD_DIM_K, PAGE_SIZE
+from jax_flashmla.constants import HEAD_DIM_K, PAGE_SIZE
 
 # Block-table entry of a page that is not assigned. Any id outside [0, num_blocks) is never read
 # by the decode nor written by `write`; -1 says "none" most plainly.

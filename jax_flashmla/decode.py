@@ -8,7 +8,8 @@ import numpy as np
 from jax_flashmla import shapes
 from jax_flashmla.metadata import MLAMetadata, get_mla_metadata, local_num_sms
 from jax_flashmla.primitives import check_implementation, mla_decode_p
-from jax_flashmla.reference import HEAD_DIM_V, default_softmax_scale
+from jax_flashmla.constants import HEAD_DIM_V
+from jax_flashmla.reference import default_softmax_scale
 
 
 def flash_mla_with_kvcache(

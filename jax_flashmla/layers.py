@@ -27,7 +27,7 @@ except ImportError as e:  # flax is an optional dependency of jax_flashmla
 from jax_flashmla import rope
 from jax_flashmla.cache import PagedKVCache, mla_decode
 from jax_flashmla.metadata import MLAMetadata
-from jax_flashmla.reference import HEAD_DIM_K, HEAD_DIM_V
+from jax_flashmla.constants import HEAD_DIM_K, HEAD_DIM_V
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from jax_flashmla import _compat, _extension, shapes
+from jax_flashmla.constants import DECODE_TARGET, HEAD_DIM_V, METADATA_TARGET, SCHED_RECORD_INTS
 from jax_flashmla.reference import flash_mla_reference, mla_metadata_reference
 
 IMPLEMENTATIONS = (None, "cuda", "xla")
@@ -98,7 +99,7 @@ def metadata_abstract_eval(cache_seqlens, *, num_sm_parts, implementation):
   check_implementation(implementation)
   shapes.check_metadata_args(cache_seqlens, num_sm_parts)
   b = cache_seqlens.shape[0]
-  return (jax.core.ShapedArray((num_sm_parts, 8), jnp.int32),
+  return (jax.core.ShapedArray((num_sm_parts, SCHED_RECORD_INTS), jnp.int32),
           jax.core.ShapedArray((b + 1,), jnp.int32))
 
 
@@ -110,7 +111,7 @@ def _metadata_reference_lowering(ctx, cache_seqlens, *, num_sm_parts):
 
 def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts, implementation):
   if _use_kernels(implementation, _platform(ctx)):
-    return jax.ffi.ffi_lowering(_extension.METADATA_TARGET)(ctx, cache_seqlens)
+    return jax.ffi.ffi_lowering(METADATA_TARGET)(ctx, cache_seqlens)
   return _metadata_reference_lowering(ctx, cache_seqlens, num_sm_parts=num_sm_parts)
 
 
@@ -134,7 +135,7 @@ def decode_abstract_eval(q, k_cache, block_table, cache_seqlens, sched, num_spli
                          implementation, **unused_params):
   check_implementation(implementation)
   shapes.check_decode_args(q, k_cache, block_table, cache_seqlens, sched, num_splits,
-                           shapes.HEAD_DIM_V)
+                           HEAD_DIM_V)
   (out_shape, out_dtype), (lse_shape, lse_dtype), *_ = shapes.decode_output_shapes(
       q, k_cache, sched.shape[0])
   return (jax.core.ShapedArray(out_shape, out_dtype),
@@ -164,7 +165,7 @@ def _decode_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_spl
     else:
       avals_out = [jax.core.ShapedArray(s, d)
                    for s, d in shapes.decode_output_shapes(q_aval, k_aval, sched_aval.shape[0])]
-      results = jax.ffi.ffi_lowering(_extension.DECODE_TARGET)(
+      results = jax.ffi.ffi_lowering(DECODE_TARGET)(
           ctx.replace(avals_out=avals_out), q, k_cache, block_table, cache_seqlens, sched,
           num_splits, softmax_scale=np.float32(softmax_scale), causal=np.bool_(causal))
       return results[:2]

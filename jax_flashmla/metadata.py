@@ -7,10 +7,8 @@ import dataclasses
 import jax
 
 from jax_flashmla import _extension, shapes
+from jax_flashmla.constants import DEFAULT_NUM_SMS
 from jax_flashmla.primitives import check_implementation, mla_metadata_p
-
-# SM count assumed when no GPU is attached (H100/H200 SXM); pass num_sms to target another part.
-DEFAULT_NUM_SMS = 132
 
 
 @jax.tree_util.register_dataclass

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flashmla.reference import HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, SCHED_RECORD_INTS
+from jax_flashmla.constants import (BLOCK_M, FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, HEAD_DIM_V,
+                                    INT32_MAX, MAX_SM_PARTS, PAGE_SIZE, SCHED_RECORD_INTS)
 
-_INT32_MAX = 2**31 - 1
-MAX_SM_PARTS = 160  # kMaxSplits in params.h: the combine merges at most this many splits
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16),)
 REFERENCE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -163,7 +162,7 @@ def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -
     raise ValueError(f"cache_seqlens: expected shape ({b},) (batch of q), got "
                      f"{_shape(cache_seqlens)}")
   max_blocks = _shape(block_table)[1]
-  if b * (max_blocks + 5) > _INT32_MAX or max_blocks * PAGE_SIZE > _INT32_MAX:
+  if b * (max_blocks + FIXED_OVERHEAD_BLOCKS) > INT32_MAX or max_blocks * PAGE_SIZE > INT32_MAX:
     raise ValueError(f"block_table: expected b * (max_blocks + 5) and max_blocks * 64 below "
                      f"2**31 (int32 scheduler and length arithmetic), got shape "
                      f"{_shape(block_table)}")
@@ -184,7 +183,7 @@ def decode_output_shapes(q, k_cache, num_sm_parts: int):
 
 def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
   """CTAs along the split axis so that m_blocks * h_kv * parts fills the SMs once."""
-  m_blocks = -(-num_q_tokens_per_head_k // 64)
+  m_blocks = -(-num_q_tokens_per_head_k // BLOCK_M)
   return min(max(num_sms // num_heads_k // m_blocks, 1), MAX_SM_PARTS)
 
 

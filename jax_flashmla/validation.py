@@ -33,7 +33,8 @@ from jax.experimental import checkify
 
 from jax_flashmla import shapes
 from jax_flashmla.metadata import MLAMetadata
-from jax_flashmla.reference import PAGE_SIZE, mla_metadata_reference
+from jax_flashmla.constants import PAGE_SIZE
+from jax_flashmla.reference import mla_metadata_reference
 
 __all__ = ["check_decode_values", "validate_decode_inputs"]
 
