@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flashmla.decode import flash_mla_with_kvcache
-from jax_flashmla.metadata import MLAMetadata
+from jax_flashmla.metadata import MetadataLike
 from jax_flashmla.constants import HEAD_DIM_K, PAGE_SIZE
 
 # Block-table entry of a page that is not assigned. Any id outside [0, num_blocks) is never read
@@ -181,7 +181,7 @@ def _check_rows(kv, cache: PagedKVCache) -> None:
 def mla_decode(
     q: jax.Array,
     cache: PagedKVCache,
-    metadata: MLAMetadata | None = None,
+    metadata: MetadataLike = None,
     softmax_scale: float | None = None,
     causal: bool = True,
     *,

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from jax_flashmla import shapes
-from jax_flashmla.metadata import MLAMetadata, get_mla_metadata, local_num_sms
+from jax_flashmla.metadata import MetadataLike, as_metadata, get_mla_metadata
 from jax_flashmla.primitives import check_implementation, mla_decode_p
 from jax_flashmla.constants import HEAD_DIM_V
 from jax_flashmla.reference import default_softmax_scale
@@ -18,7 +18,7 @@ def flash_mla_with_kvcache(
     block_table: jax.Array,
     cache_seqlens: jax.Array,
     head_dim_v: int = HEAD_DIM_V,
-    metadata: MLAMetadata | tuple[jax.Array, jax.Array] | None = None,
+    metadata: MetadataLike = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     *,
@@ -35,14 +35,15 @@ def flash_mla_with_kvcache(
     cache_seqlens: `[b]` int32 tokens in the cache per row (0 allowed).
     head_dim_v: must be 512.
     metadata: `get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)` computed once per
-      step and shared by every layer; None computes it here.
+      step and shared by every layer, or FlashMLA's `(tile_scheduler_metadata, num_splits)`
+      pair (see `as_metadata`); None computes it here.
     softmax_scale: static float, default `576 ** -0.5`; models pass their own.
     causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s`.
     implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
     num_sms: SMs of one device to schedule for: used for `metadata=None` (see
       `get_mla_metadata`) and for the records each device recomputes when the batch or the
-      heads are sharded. Default: the local GPU's count with `metadata=None`, else the count
-      the given metadata was built for.
+      heads are sharded. Default: `metadata.num_sms`, the count the metadata was built for;
+      the local GPU's count with `metadata=None` or a pair.
     num_pools: static int. 1 (default): block-table ids index the whole `k_cache`. n > 1:
       `k_cache` is n equal pools stacked on its page axis, the batch is n equal groups of
       consecutive rows, and group j's ids index pool j (ids local to the pool; others read
@@ -64,22 +65,15 @@ def flash_mla_with_kvcache(
   shapes.check_num_pools(num_pools, q, k_cache)
   b, s_q, h_q, d = q.shape
   h_kv = k_cache.shape[2]
+  if num_sms is not None:
+    num_sms = shapes.check_static_int("num_sms", num_sms)
+  metadata = as_metadata(metadata, num_sms=num_sms)
   if metadata is None:
-    num_sms = local_num_sms() if num_sms is None else num_sms
     metadata = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms,
                                 implementation=implementation)
-  elif isinstance(metadata, tuple) and len(metadata) == 2:
-    metadata = MLAMetadata(*metadata)
-  elif not isinstance(metadata, MLAMetadata):
-    raise TypeError(f"metadata: expected MLAMetadata, a (tile_scheduler_metadata, num_splits) "
-                    f"pair or None, got {type(metadata).__name__}"
-                    f"{f' of length {len(metadata)}' if isinstance(metadata, tuple) else ''}")
   # Records built for another batch (or swapped, or hand-made) fail here, before binding.
   shapes.check_scheduler_records(metadata.tile_scheduler_metadata, metadata.num_splits, b)
-  if num_sms is None:
-    num_sms = shapes.sms_for_parts(metadata.num_sm_parts, s_q * h_q // h_kv, h_kv)
-  else:
-    num_sms = shapes.check_static_int("num_sms", num_sms)
+  num_sms = metadata.num_sms if num_sms is None else num_sms
   return tuple(mla_decode_p.bind(
       q, k_cache, block_table, cache_seqlens, metadata.tile_scheduler_metadata,
       metadata.num_splits,

@@ -197,8 +197,3 @@ def check_num_pools(num_pools, q, k_cache) -> None:
     raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, from q) and the "
                      f"pages ({num_blocks}, k_cache axis 0), so that both split into equal "
                      f"groups, got num_pools={num_pools}")
-
-
-def sms_for_parts(num_sm_parts: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-  """The SM count that `num_sm_parts_for` turned into `num_sm_parts` (exact when it divides)."""
-  return num_sm_parts * num_heads_k * -(-num_q_tokens_per_head_k // 64)

@@ -25,7 +25,7 @@ GOOD = dict(q=SDS((2, 2, 8, 576), BF16), k_cache=SDS((6, 64, 1, 576), BF16),
 
 
 def records(parts=4, b=2, dtype=I32, width=8):
-  return MLAMetadata(SDS((parts, width), dtype), SDS((b + 1,), I32))
+  return MLAMetadata(SDS((parts, width), dtype), SDS((b + 1,), I32), num_sms=132)
 
 
 def _abstract(value) -> bool:
@@ -184,7 +184,7 @@ DECODE_CASES = [
     ("metadata_records_float32", dict(metadata=records(dtype=F32)), TypeError,
      "tile_scheduler_metadata", "dtype int32", "float32"),
     ("metadata_num_splits_int64",
-     dict(metadata=MLAMetadata(np.zeros((4, 8), np.int32), np.zeros((3,), np.int64))),
+     dict(metadata=MLAMetadata(np.zeros((4, 8), np.int32), np.zeros((3,), np.int64), 132)),
      TypeError, "num_splits", "dtype int32", "int64"),
     ("metadata_of_lists", dict(metadata=([0] * 8, [0, 1, 2])), TypeError,
      "tile_scheduler_metadata", "a jax.Array", "list"),
