@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from jax_flashmla import shapes
 from jax_flashmla.metadata import MetadataLike, as_metadata, get_mla_metadata
@@ -57,12 +56,10 @@ def flash_mla_with_kvcache(
   check_implementation(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
   causal = shapes.check_static_bool("causal", causal)
-  if isinstance(head_dim_v, (bool, np.bool_)) or not isinstance(head_dim_v, (int, np.integer)) \
-      or head_dim_v != HEAD_DIM_V:
-    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
+  shapes.check_head_dim_v(head_dim_v)
   shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
   shapes.check_kernel_dtype(q, implementation)
-  shapes.check_num_pools(num_pools, q, k_cache)
+  num_pools = shapes.check_num_pools(num_pools, q.shape[0], k_cache.shape[0])
   b, s_q, h_q, d = q.shape
   h_kv = k_cache.shape[2]
   if num_sms is not None:
@@ -78,5 +75,5 @@ def flash_mla_with_kvcache(
       q, k_cache, block_table, cache_seqlens, metadata.tile_scheduler_metadata,
       metadata.num_splits,
       softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
-      causal=causal and s_q > 1, implementation=implementation, num_pools=int(num_pools),
+      causal=causal and s_q > 1, implementation=implementation, num_pools=num_pools,
       num_sms=int(num_sms)))

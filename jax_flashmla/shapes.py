@@ -87,11 +87,16 @@ def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
                      f"{num_sm_parts!r}")
 
 
+def check_head_dim_v(head_dim_v) -> None:
+  """FlashMLA's `head_dim_v` argument: the kernels' V width is fixed."""
+  if isinstance(head_dim_v, (bool, np.bool_)) or not isinstance(head_dim_v, (int, np.integer)) \
+      or head_dim_v != HEAD_DIM_V:
+    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
+
+
 def check_decode_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                      num_splits, head_dim_v: int) -> None:
+                      num_splits) -> None:
   """Validates shapes and dtypes of a decode call (arrays or abstract values)."""
-  if head_dim_v != HEAD_DIM_V:
-    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v}")
   check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
   check_scheduler_records(tile_scheduler_metadata, num_splits, _shape(q)[0])
 
@@ -187,13 +192,15 @@ def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: in
   return min(max(num_sms // num_heads_k // m_blocks, 1), MAX_SM_PARTS)
 
 
-def check_num_pools(num_pools, q, k_cache) -> None:
-  """`k_cache` as `num_pools` equal page pools, one per group of `b / num_pools` batch rows."""
-  if isinstance(num_pools, (bool, np.bool_)) or not isinstance(num_pools, (int, np.integer)) \
-      or num_pools < 1:
-    raise ValueError(f"num_pools: expected a positive static int, got {num_pools!r}")
-  b, num_blocks = _shape(q)[0], _shape(k_cache)[0]
+def check_num_pools(num_pools, b: int, num_blocks: int, *, batch_from: str = "from q",
+                    pages_from: str = "k_cache axis 0") -> int:
+  """The cache as `num_pools` equal page pools, one per group of `b / num_pools` batch rows.
+
+  `batch_from` and `pages_from` say where the caller's `b` and `num_blocks` come from.
+  """
+  num_pools = check_static_int("num_pools", num_pools)
   if b % num_pools or num_blocks % num_pools:
-    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, from q) and the "
-                     f"pages ({num_blocks}, k_cache axis 0), so that both split into equal "
+    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, {batch_from}) and "
+                     f"the pages ({num_blocks}, {pages_from}), so that both split into equal "
                      f"groups, got num_pools={num_pools}")
+  return num_pools

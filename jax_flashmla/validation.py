@@ -79,10 +79,8 @@ def check_decode_values(block_table: jax.Array, cache_seqlens: jax.Array, num_bl
     raise ValueError(f"cache_seqlens: expected shape ({b},) (batch of block_table), got "
                      f"{tuple(cache_seqlens.shape)}")
   num_blocks = shapes.check_static_int("num_blocks", num_blocks)
-  num_pools = shapes.check_static_int("num_pools", num_pools)
-  if b % num_pools or num_blocks % num_pools:
-    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}) and num_blocks "
-                     f"({num_blocks}), got num_pools={num_pools}")
+  num_pools = shapes.check_num_pools(num_pools, b, num_blocks, batch_from="from block_table",
+                                     pages_from="num_blocks")
   metadata = as_metadata(metadata)
   if metadata is not None:
     shapes.check_scheduler_records(metadata.tile_scheduler_metadata, metadata.num_splits, b)
