@@ -56,7 +56,8 @@ def as_metadata(metadata: MetadataLike, *, num_sms: int | None = None) -> MLAMet
       checks them against its batch (`shapes.check_scheduler_records`).
     num_sms: for a pair, the SM count its records were scheduled for. A pair does not carry
       one, so by default the local GPU's count is assumed (`local_num_sms()`: DEFAULT_NUM_SMS
-      with no GPU attached); it matters only where a sharded decode recomputes the records per device.
+      with no GPU attached); it matters only where a sharded decode recomputes the records per
+      device.
 
   Raises:
     TypeError: `metadata` is none of these (the message gives its type, and a tuple's length).
