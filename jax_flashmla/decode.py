@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 
 from jax_flashmla import shapes
+from jax_flashmla.constants import HEAD_DIM_V
 from jax_flashmla.metadata import MetadataLike, as_metadata, get_mla_metadata
 from jax_flashmla.primitives import check_implementation, mla_decode_p
-from jax_flashmla.constants import HEAD_DIM_V
 from jax_flashmla.reference import default_softmax_scale
 
 
@@ -76,4 +76,4 @@ def flash_mla_with_kvcache(
       metadata.num_splits,
       softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
       causal=causal and s_q > 1, implementation=implementation, num_pools=num_pools,
-      num_sms=int(num_sms)))
+      num_sms=num_sms))

@@ -60,8 +60,11 @@ def as_metadata(metadata: MetadataLike, *, num_sms: int | None = None) -> MLAMet
       device.
 
   Raises:
-    TypeError: `metadata` is none of these (the message gives its type, and a tuple's length).
+    TypeError: `metadata` is none of these (the message gives its type, and a tuple's length),
+      or a hand-made `MLAMetadata` has a `num_sms` that is not an int.
   """
+  if isinstance(metadata, MLAMetadata):
+    shapes.check_static_int("metadata.num_sms", metadata.num_sms)
   if metadata is None or isinstance(metadata, MLAMetadata):
     return metadata
   if isinstance(metadata, tuple) and len(metadata) == 2:

@@ -151,3 +151,6 @@ def test_as_metadata():
     as_metadata((md.num_splits,))
   with pytest.raises(TypeError, match=r"^num_sms: expected a static int >= 1, got float 7.0$"):
     as_metadata(pair, num_sms=7.0)
+  with pytest.raises(TypeError, match=r"^metadata.num_sms: expected a static int >= 1, got "
+                                      r"NoneType None$"):
+    as_metadata(jax_flashmla.MLAMetadata(*pair, num_sms=None))
