@@ -1,8 +1,9 @@
 """The compiled extension: loading it, registering its FFI targets, describing the build.
 
-The nanobind module `_ext` exports `registrations()` (target name -> handler capsule) and
-`build_info()`. A build without a CUDA compiler still produces `_ext`, with no targets; a source
-tree that was never built has no `_ext` at all. Both leave the pure-JAX path working.
+The nanobind module `_ext` exports `registrations()` (target name -> handler capsule),
+`build_info()` and `constants()` (the C++ side's values of `jax_flashmla.constants`, compared by
+tests/test_constants.py). A build without a CUDA compiler still produces `_ext`, with no targets;
+a source tree that was never built has no `_ext` at all. Both leave the pure-JAX path working.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import functools
 
 import jax
 
-# Versioned FFI target names. A new handler ABI gets a new suffix and the old name stays
-# registered, so programs exported with `jax.export` keep working.
-METADATA_TARGET = "jax_flashmla_mla_metadata_v1"
-DECODE_TARGET = "jax_flashmla_mla_decode_v1"
+from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET
+
 TARGETS = (METADATA_TARGET, DECODE_TARGET)
 
 try:

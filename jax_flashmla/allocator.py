@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flashmla import shapes
 from jax_flashmla.cache import NO_PAGE, PagedKVCache
-from jax_flashmla.reference import PAGE_SIZE
+from jax_flashmla.constants import PAGE_SIZE
 
 
 class PagePoolExhausted(RuntimeError):
@@ -57,12 +58,12 @@ class PageAllocator:
 
   def __init__(self, num_blocks: int, batch_size: int, max_blocks_per_seq: int,
                page_size: int = PAGE_SIZE):
-    for name, v in (("num_blocks", num_blocks), ("batch_size", batch_size),
-                    ("max_blocks_per_seq", max_blocks_per_seq), ("page_size", page_size)):
-      if not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    self.num_blocks = int(num_blocks)
-    self.page_size = int(page_size)
+    num_blocks, batch_size, max_blocks_per_seq, page_size = (
+        shapes.check_static_int(name, v) for name, v in (
+            ("num_blocks", num_blocks), ("batch_size", batch_size),
+            ("max_blocks_per_seq", max_blocks_per_seq), ("page_size", page_size)))
+    self.num_blocks = num_blocks
+    self.page_size = page_size
     self._table = np.full((batch_size, max_blocks_per_seq), NO_PAGE, np.int32)
     self._held = np.zeros(batch_size, np.int64)  # pages held per slot (a prefix of its row)
     self._free = list(range(self.num_blocks - 1, -1, -1))  # a stack: page 0 is taken first

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flashmla import shapes
+from jax_flashmla.constants import HEAD_DIM_K, PAGE_SIZE
 from jax_flashmla.decode import flash_mla_with_kvcache
-from jax_flashmla.metadata import MLAMetadata
-from jax_flashmla.reference import HEAD_DIM_K, PAGE_SIZE
+from jax_flashmla.metadata import MetadataLike
 
 # Block-table entry of a page that is not assigned. Any id outside [0, num_blocks) is never read
 # by the decode nor written by `write`; -1 says "none" most plainly.
@@ -64,17 +65,16 @@ class PagedKVCache:
       head_dim: 576 for MLA (512 latent + 64 RoPE).
       dtype: of the pages (the CUDA kernels take bfloat16).
     """
-    for name, v in (("batch_size", batch_size), ("max_seq_len", max_seq_len),
-                    ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-      if not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    max_blocks = -(-int(max_seq_len) // PAGE_SIZE)
+    batch_size, max_seq_len, num_kv_heads, head_dim = (
+        shapes.check_static_int(name, v) for name, v in (
+            ("batch_size", batch_size), ("max_seq_len", max_seq_len),
+            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
+    max_blocks = -(-max_seq_len // PAGE_SIZE)
     if num_blocks is None:
       num_blocks = batch_size * max_blocks
       block_table = jnp.arange(num_blocks, dtype=jnp.int32).reshape(batch_size, max_blocks)
     else:
-      if not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
-        raise ValueError(f"num_blocks: expected a positive int or None, got {num_blocks!r}")
+      num_blocks = shapes.check_static_int("num_blocks", num_blocks)
       block_table = jnp.full((batch_size, max_blocks), NO_PAGE, jnp.int32)
     pages = jnp.zeros((num_blocks, PAGE_SIZE, num_kv_heads, head_dim), dtype)
     return cls(pages, block_table, jnp.zeros((batch_size,), jnp.int32))
@@ -181,7 +181,7 @@ def _check_rows(kv, cache: PagedKVCache) -> None:
 def mla_decode(
     q: jax.Array,
     cache: PagedKVCache,
-    metadata: MLAMetadata | None = None,
+    metadata: MetadataLike = None,
     softmax_scale: float | None = None,
     causal: bool = True,
     *,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from jax_flashmla import shapes
-from jax_flashmla.metadata import MLAMetadata, get_mla_metadata, local_num_sms
+from jax_flashmla.constants import HEAD_DIM_V
+from jax_flashmla.metadata import MetadataLike, as_metadata, get_mla_metadata
 from jax_flashmla.primitives import check_implementation, mla_decode_p
-from jax_flashmla.reference import HEAD_DIM_V, default_softmax_scale
+from jax_flashmla.reference import default_softmax_scale
 
 
 def flash_mla_with_kvcache(
@@ -17,7 +17,7 @@ def flash_mla_with_kvcache(
     block_table: jax.Array,
     cache_seqlens: jax.Array,
     head_dim_v: int = HEAD_DIM_V,
-    metadata: MLAMetadata | tuple[jax.Array, jax.Array] | None = None,
+    metadata: MetadataLike = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     *,
@@ -34,14 +34,15 @@ def flash_mla_with_kvcache(
     cache_seqlens: `[b]` int32 tokens in the cache per row (0 allowed).
     head_dim_v: must be 512.
     metadata: `get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)` computed once per
-      step and shared by every layer; None computes it here.
+      step and shared by every layer, or FlashMLA's `(tile_scheduler_metadata, num_splits)`
+      pair (see `as_metadata`); None computes it here.
     softmax_scale: static float, default `576 ** -0.5`; models pass their own.
     causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s`.
     implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
     num_sms: SMs of one device to schedule for: used for `metadata=None` (see
       `get_mla_metadata`) and for the records each device recomputes when the batch or the
-      heads are sharded. Default: the local GPU's count with `metadata=None`, else the count
-      the given metadata was built for.
+      heads are sharded. Default: `metadata.num_sms`, the count the metadata was built for;
+      the local GPU's count with `metadata=None` or a pair.
     num_pools: static int. 1 (default): block-table ids index the whole `k_cache`. n > 1:
       `k_cache` is n equal pools stacked on its page axis, the batch is n equal groups of
       consecutive rows, and group j's ids index pool j (ids local to the pool; others read
@@ -55,33 +56,24 @@ def flash_mla_with_kvcache(
   check_implementation(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
   causal = shapes.check_static_bool("causal", causal)
-  if isinstance(head_dim_v, (bool, np.bool_)) or not isinstance(head_dim_v, (int, np.integer)) \
-      or head_dim_v != HEAD_DIM_V:
-    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
+  shapes.check_head_dim_v(head_dim_v)
   shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
   shapes.check_kernel_dtype(q, implementation)
-  shapes.check_num_pools(num_pools, q, k_cache)
+  num_pools = shapes.check_num_pools(num_pools, q.shape[0], k_cache.shape[0])
   b, s_q, h_q, d = q.shape
   h_kv = k_cache.shape[2]
+  if num_sms is not None:
+    num_sms = shapes.check_static_int("num_sms", num_sms)
+  metadata = as_metadata(metadata, num_sms=num_sms)
   if metadata is None:
-    num_sms = local_num_sms() if num_sms is None else num_sms
     metadata = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms,
                                 implementation=implementation)
-  elif isinstance(metadata, tuple) and len(metadata) == 2:
-    metadata = MLAMetadata(*metadata)
-  elif not isinstance(metadata, MLAMetadata):
-    raise TypeError(f"metadata: expected MLAMetadata, a (tile_scheduler_metadata, num_splits) "
-                    f"pair or None, got {type(metadata).__name__}"
-                    f"{f' of length {len(metadata)}' if isinstance(metadata, tuple) else ''}")
   # Records built for another batch (or swapped, or hand-made) fail here, before binding.
   shapes.check_scheduler_records(metadata.tile_scheduler_metadata, metadata.num_splits, b)
-  if num_sms is None:
-    num_sms = shapes.sms_for_parts(metadata.num_sm_parts, s_q * h_q // h_kv, h_kv)
-  else:
-    num_sms = shapes.check_static_int("num_sms", num_sms)
+  num_sms = metadata.num_sms if num_sms is None else num_sms
   return tuple(mla_decode_p.bind(
       q, k_cache, block_table, cache_seqlens, metadata.tile_scheduler_metadata,
       metadata.num_splits,
       softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
-      causal=causal and s_q > 1, implementation=implementation, num_pools=int(num_pools),
-      num_sms=int(num_sms)))
+      causal=causal and s_q > 1, implementation=implementation, num_pools=num_pools,
+      num_sms=num_sms))

@@ -36,6 +36,7 @@ except ImportError as e:  # flax is an optional dependency of jax_flashmla
 from jax_flashmla import _extension
 from jax_flashmla.allocator import PageAllocator
 from jax_flashmla.cache import PagedKVCache
+from jax_flashmla.constants import PAGE_SIZE
 from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention
 from jax_flashmla.metadata import get_mla_metadata
 
@@ -348,7 +349,7 @@ def main(argv=None, log=print) -> ServeStats:
   requests = make_requests(rng, args.requests, args.max_prompt_len, args.max_new_tokens,
                            args.vocab)
   max_seq_len = max(r.max_cached_tokens for r in requests)
-  worst = -(-max_seq_len // 64)
+  worst = -(-max_seq_len // PAGE_SIZE)
   num_blocks = args.num_blocks or max(worst, -(-2 * args.batch_size * worst // 3))
 
   kernels = _extension.has_cuda_kernels() and bool(_extension.local_hopper_gpus())

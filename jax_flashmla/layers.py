@@ -26,8 +26,8 @@ except ImportError as e:  # flax is an optional dependency of jax_flashmla
 
 from jax_flashmla import rope
 from jax_flashmla.cache import PagedKVCache, mla_decode
-from jax_flashmla.metadata import MLAMetadata
-from jax_flashmla.reference import HEAD_DIM_K, HEAD_DIM_V
+from jax_flashmla.metadata import MetadataLike
+from jax_flashmla.constants import HEAD_DIM_K, HEAD_DIM_V
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ class MultiHeadLatentAttention(nnx.Module):
       cache: PagedKVCache,
       *,
       num_new: jax.Array | None = None,
-      metadata: MLAMetadata | None = None,
+      metadata: MetadataLike = None,
       implementation: str | None = None,
   ) -> tuple[jax.Array, PagedKVCache]:
     """Attends the step's `s` tokens (each to its sequence's cache and itself) and caches them.

@@ -26,6 +26,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from jax_flashmla import _compat, _extension, shapes
+from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET, SCHED_RECORD_INTS
 from jax_flashmla.reference import flash_mla_reference, mla_metadata_reference
 
 IMPLEMENTATIONS = (None, "cuda", "xla")
@@ -98,7 +99,7 @@ def metadata_abstract_eval(cache_seqlens, *, num_sm_parts, implementation):
   check_implementation(implementation)
   shapes.check_metadata_args(cache_seqlens, num_sm_parts)
   b = cache_seqlens.shape[0]
-  return (jax.core.ShapedArray((num_sm_parts, 8), jnp.int32),
+  return (jax.core.ShapedArray((num_sm_parts, SCHED_RECORD_INTS), jnp.int32),
           jax.core.ShapedArray((b + 1,), jnp.int32))
 
 
@@ -110,7 +111,7 @@ def _metadata_reference_lowering(ctx, cache_seqlens, *, num_sm_parts):
 
 def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts, implementation):
   if _use_kernels(implementation, _platform(ctx)):
-    return jax.ffi.ffi_lowering(_extension.METADATA_TARGET)(ctx, cache_seqlens)
+    return jax.ffi.ffi_lowering(METADATA_TARGET)(ctx, cache_seqlens)
   return _metadata_reference_lowering(ctx, cache_seqlens, num_sm_parts=num_sm_parts)
 
 
@@ -133,8 +134,7 @@ mla_decode_local_p.def_impl(cached_jit_bind(mla_decode_local_p))
 def decode_abstract_eval(q, k_cache, block_table, cache_seqlens, sched, num_splits, *,
                          implementation, **unused_params):
   check_implementation(implementation)
-  shapes.check_decode_args(q, k_cache, block_table, cache_seqlens, sched, num_splits,
-                           shapes.HEAD_DIM_V)
+  shapes.check_decode_args(q, k_cache, block_table, cache_seqlens, sched, num_splits)
   (out_shape, out_dtype), (lse_shape, lse_dtype), *_ = shapes.decode_output_shapes(
       q, k_cache, sched.shape[0])
   return (jax.core.ShapedArray(out_shape, out_dtype),
@@ -157,14 +157,11 @@ def _decode_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_spl
                      softmax_scale, causal, implementation):
   q_aval, k_aval, *_, sched_aval, _ = ctx.avals_in
   if _use_kernels(implementation, _platform(ctx)):
-    if jnp.dtype(q_aval.dtype) not in shapes.KERNEL_DTYPES:
-      if implementation == "cuda":
-        raise TypeError(f"q: expected dtype bfloat16 with implementation='cuda' (the kernels' "
-                        f"only dtype), got {q_aval.dtype}")
-    else:
+    shapes.check_kernel_dtype(q_aval, implementation)  # with None, other dtypes run pure JAX
+    if jnp.dtype(q_aval.dtype) in shapes.KERNEL_DTYPES:
       avals_out = [jax.core.ShapedArray(s, d)
                    for s, d in shapes.decode_output_shapes(q_aval, k_aval, sched_aval.shape[0])]
-      results = jax.ffi.ffi_lowering(_extension.DECODE_TARGET)(
+      results = jax.ffi.ffi_lowering(DECODE_TARGET)(
           ctx.replace(avals_out=avals_out), q, k_cache, block_table, cache_seqlens, sched,
           num_splits, softmax_scale=np.float32(softmax_scale), causal=np.bool_(causal))
       return results[:2]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -63,9 +62,8 @@ mla_decode_p.def_impl(cached_jit_bind(mla_decode_p))
 def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, sched, num_splits, *,
                           softmax_scale, causal, implementation, num_pools, num_sms):
   del softmax_scale, causal
-  shapes.check_num_pools(num_pools, q, k_cache)
-  if not isinstance(num_sms, (int, np.integer)) or num_sms < 1:
-    raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
+  shapes.check_num_pools(num_pools, q.shape[0], k_cache.shape[0])
+  shapes.check_static_int("num_sms", num_sms)
   return decode_abstract_eval(q, k_cache, block_table, cache_seqlens, sched, num_splits,
                               implementation=implementation)
 

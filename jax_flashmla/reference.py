@@ -17,11 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-PAGE_SIZE = 64
-HEAD_DIM_K = 576
-HEAD_DIM_V = 512
-FIXED_OVERHEAD_BLOCKS = 5  # scheduler's per-request cost, in pages
-SCHED_RECORD_INTS = 8
+from jax_flashmla.constants import (FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX,
+                                    PAGE_SIZE, SCHED_RECORD_INTS)
 
 
 def default_softmax_scale(head_dim: int = HEAD_DIM_K) -> float:
@@ -107,7 +104,7 @@ def schedule_cost_pages(cache_seqlens: jax.Array) -> jax.Array:
   b = cache_seqlens.shape[0]
   lens = jnp.maximum(cache_seqlens, 0)
   pages = jnp.maximum(lens // PAGE_SIZE + (lens % PAGE_SIZE != 0), 1)
-  return jnp.minimum(pages, (2**31 - 1) // b - FIXED_OVERHEAD_BLOCKS).astype(jnp.int32)
+  return jnp.minimum(pages, INT32_MAX // b - FIXED_OVERHEAD_BLOCKS).astype(jnp.int32)
 
 
 def mla_metadata_reference(cache_seqlens: jax.Array, num_sm_parts: int):

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flashmla.reference import HEAD_DIM_K, HEAD_DIM_V, PAGE_SIZE, SCHED_RECORD_INTS
+from jax_flashmla.constants import (BLOCK_M, FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, HEAD_DIM_V,
+                                    INT32_MAX, MAX_SM_PARTS, PAGE_SIZE, SCHED_RECORD_INTS)
 
-_INT32_MAX = 2**31 - 1
-MAX_SM_PARTS = 160  # kMaxSplits in params.h: the combine merges at most this many splits
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16),)
 REFERENCE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -88,11 +87,16 @@ def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
                      f"{num_sm_parts!r}")
 
 
+def check_head_dim_v(head_dim_v) -> None:
+  """FlashMLA's `head_dim_v` argument: the kernels' V width is fixed."""
+  if isinstance(head_dim_v, (bool, np.bool_)) or not isinstance(head_dim_v, (int, np.integer)) \
+      or head_dim_v != HEAD_DIM_V:
+    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
+
+
 def check_decode_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                      num_splits, head_dim_v: int) -> None:
+                      num_splits) -> None:
   """Validates shapes and dtypes of a decode call (arrays or abstract values)."""
-  if head_dim_v != HEAD_DIM_V:
-    raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v}")
   check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
   check_scheduler_records(tile_scheduler_metadata, num_splits, _shape(q)[0])
 
@@ -163,7 +167,7 @@ def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -
     raise ValueError(f"cache_seqlens: expected shape ({b},) (batch of q), got "
                      f"{_shape(cache_seqlens)}")
   max_blocks = _shape(block_table)[1]
-  if b * (max_blocks + 5) > _INT32_MAX or max_blocks * PAGE_SIZE > _INT32_MAX:
+  if b * (max_blocks + FIXED_OVERHEAD_BLOCKS) > INT32_MAX or max_blocks * PAGE_SIZE > INT32_MAX:
     raise ValueError(f"block_table: expected b * (max_blocks + 5) and max_blocks * 64 below "
                      f"2**31 (int32 scheduler and length arithmetic), got shape "
                      f"{_shape(block_table)}")
@@ -184,22 +188,19 @@ def decode_output_shapes(q, k_cache, num_sm_parts: int):
 
 def num_sm_parts_for(num_sms: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
   """CTAs along the split axis so that m_blocks * h_kv * parts fills the SMs once."""
-  m_blocks = -(-num_q_tokens_per_head_k // 64)
+  m_blocks = -(-num_q_tokens_per_head_k // BLOCK_M)
   return min(max(num_sms // num_heads_k // m_blocks, 1), MAX_SM_PARTS)
 
 
-def check_num_pools(num_pools, q, k_cache) -> None:
-  """`k_cache` as `num_pools` equal page pools, one per group of `b / num_pools` batch rows."""
-  if isinstance(num_pools, (bool, np.bool_)) or not isinstance(num_pools, (int, np.integer)) \
-      or num_pools < 1:
-    raise ValueError(f"num_pools: expected a positive static int, got {num_pools!r}")
-  b, num_blocks = _shape(q)[0], _shape(k_cache)[0]
+def check_num_pools(num_pools, b: int, num_blocks: int, *, batch_from: str = "from q",
+                    pages_from: str = "k_cache axis 0") -> int:
+  """The cache as `num_pools` equal page pools, one per group of `b / num_pools` batch rows.
+
+  `batch_from` and `pages_from` say where the caller's `b` and `num_blocks` come from.
+  """
+  num_pools = check_static_int("num_pools", num_pools)
   if b % num_pools or num_blocks % num_pools:
-    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, from q) and the "
-                     f"pages ({num_blocks}, k_cache axis 0), so that both split into equal "
+    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, {batch_from}) and "
+                     f"the pages ({num_blocks}, {pages_from}), so that both split into equal "
                      f"groups, got num_pools={num_pools}")
-
-
-def sms_for_parts(num_sm_parts: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-  """The SM count that `num_sm_parts_for` turned into `num_sm_parts` (exact when it divides)."""
-  return num_sm_parts * num_heads_k * -(-num_q_tokens_per_head_k // 64)
+  return num_pools

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jax_flashmla import shapes
-from jax_flashmla.metadata import MLAMetadata
-from jax_flashmla.reference import PAGE_SIZE, mla_metadata_reference
+from jax_flashmla.metadata import MetadataLike, as_metadata
+from jax_flashmla.constants import PAGE_SIZE
+from jax_flashmla.reference import mla_metadata_reference
 
 __all__ = ["check_decode_values", "validate_decode_inputs"]
 
@@ -43,17 +44,8 @@ def _first(mask: jax.Array) -> jax.Array:
   return jnp.argmax(mask.reshape(-1)).astype(jnp.int32)
 
 
-def _as_metadata(metadata) -> MLAMetadata | None:
-  if metadata is None or isinstance(metadata, MLAMetadata):
-    return metadata
-  if isinstance(metadata, tuple) and len(metadata) == 2:
-    return MLAMetadata(*metadata)
-  raise TypeError(f"metadata: expected MLAMetadata, a (tile_scheduler_metadata, num_splits) "
-                  f"pair or None, got {type(metadata).__name__}")
-
-
 def check_decode_values(block_table: jax.Array, cache_seqlens: jax.Array, num_blocks: int, *,
-                        metadata: MLAMetadata | tuple[jax.Array, jax.Array] | None = None,
+                        metadata: MetadataLike = None,
                         num_pools: int = 1) -> None:
   """Checks the run-time values of a decode call with `jax.experimental.checkify.check`.
 
@@ -87,11 +79,9 @@ def check_decode_values(block_table: jax.Array, cache_seqlens: jax.Array, num_bl
     raise ValueError(f"cache_seqlens: expected shape ({b},) (batch of block_table), got "
                      f"{tuple(cache_seqlens.shape)}")
   num_blocks = shapes.check_static_int("num_blocks", num_blocks)
-  num_pools = shapes.check_static_int("num_pools", num_pools)
-  if b % num_pools or num_blocks % num_pools:
-    raise ValueError(f"num_pools: expected a divisor of both the batch ({b}) and num_blocks "
-                     f"({num_blocks}), got num_pools={num_pools}")
-  metadata = _as_metadata(metadata)
+  num_pools = shapes.check_num_pools(num_pools, b, num_blocks, batch_from="from block_table",
+                                     pages_from="num_blocks")
+  metadata = as_metadata(metadata)
   if metadata is not None:
     shapes.check_scheduler_records(metadata.tile_scheduler_metadata, metadata.num_splits, b)
 
@@ -148,7 +138,7 @@ def _checked_fn(num_blocks: int, num_pools: int):
 
 
 def validate_decode_inputs(k_cache: jax.Array, block_table: jax.Array, cache_seqlens: jax.Array,
-                           metadata: MLAMetadata | tuple[jax.Array, jax.Array] | None = None, *,
+                           metadata: MetadataLike = None, *,
                            num_pools: int = 1) -> None:
   """Runs `check_decode_values` now and raises a ValueError naming the first bad value.
 
@@ -168,7 +158,7 @@ def validate_decode_inputs(k_cache: jax.Array, block_table: jax.Array, cache_seq
       raise TypeError(f"{name}: expected a concrete array (validate_decode_inputs runs outside "
                       f"jax.jit), got a traced value; inside jit use check_decode_values under "
                       f"jax.experimental.checkify.checkify")
-  metadata = _as_metadata(metadata)
+  metadata = as_metadata(metadata)
   num_blocks = shapes.check_static_int("k_cache: num_blocks", k_cache.shape[0])
   err, _ = _checked_fn(num_blocks, shapes.check_static_int("num_pools", num_pools))(
       block_table, cache_seqlens, metadata)

@@ -25,7 +25,7 @@ GOOD = dict(q=SDS((2, 2, 8, 576), BF16), k_cache=SDS((6, 64, 1, 576), BF16),
 
 
 def records(parts=4, b=2, dtype=I32, width=8):
-  return MLAMetadata(SDS((parts, width), dtype), SDS((b + 1,), I32))
+  return MLAMetadata(SDS((parts, width), dtype), SDS((b + 1,), I32), num_sms=132)
 
 
 def _abstract(value) -> bool:
@@ -159,8 +159,9 @@ DECODE_CASES = [
      "bool True"),
     ("num_sms_with_metadata_float", dict(metadata=records(), num_sms=132.0), TypeError,
      "num_sms", "a static int >= 1", "float 132.0"),
-    ("num_pools_zero", dict(num_pools=0), ValueError, "num_pools", "a positive static int",
-     "0"),
+    ("num_pools_zero", dict(num_pools=0), ValueError, "num_pools", "a static int >= 1", "0"),
+    ("num_pools_float", dict(num_pools=2.0), TypeError, "num_pools", "a static int >= 1",
+     "float 2.0"),
     ("num_pools_not_a_divisor", dict(num_pools=4), ValueError, "num_pools",
      "a divisor of both the batch (2, from q) and the pages (6, k_cache axis 0)",
      "num_pools=4"),
@@ -184,7 +185,7 @@ DECODE_CASES = [
     ("metadata_records_float32", dict(metadata=records(dtype=F32)), TypeError,
      "tile_scheduler_metadata", "dtype int32", "float32"),
     ("metadata_num_splits_int64",
-     dict(metadata=MLAMetadata(np.zeros((4, 8), np.int32), np.zeros((3,), np.int64))),
+     dict(metadata=MLAMetadata(np.zeros((4, 8), np.int32), np.zeros((3,), np.int64), 132)),
      TypeError, "num_splits", "dtype int32", "int64"),
     ("metadata_of_lists", dict(metadata=([0] * 8, [0, 1, 2])), TypeError,
      "tile_scheduler_metadata", "a jax.Array", "list"),

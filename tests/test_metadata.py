@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jax_flashmla
+from jax_flashmla.metadata import as_metadata, local_num_sms
 from jax_flashmla.shapes import num_sm_parts_for
 
 PAGE, FIXED = 64, 5
@@ -95,3 +96,61 @@ def test_metadata_is_a_pytree_usable_under_jit():
   assert isinstance(md, jax_flashmla.MLAMetadata) and md.num_sm_parts == 8
   leaves = jax.tree_util.tree_leaves(md)
   assert [x.shape for x in leaves] == [(8, 8), (4,)]
+
+
+def test_metadata_carries_its_sm_count_as_static_data():
+  """num_sms is pytree aux data: kept by jit, vmap and tree_map, never a traced value."""
+  lens = jnp.asarray([5, 300, 0], jnp.int32)
+  md = jax.jit(lambda s: jax_flashmla.get_mla_metadata(s, 16, 1, num_sms=7))(lens)
+  assert md.num_sms == 7 and type(md.num_sms) is int
+  assert jax.tree.map(lambda x: x + 1, md).num_sms == 7
+  batched = jax.vmap(lambda s: jax_flashmla.get_mla_metadata(s, 16, 1, num_sms=7))(
+      jnp.stack([lens, lens]))
+  assert batched.num_sms == 7 and batched.num_splits.shape == (2, 4)
+  seen = []
+  jax.jit(lambda m: seen.append(m.num_sms) or m.num_splits)(md)
+  assert seen == [7]
+  leaves, treedef = jax.tree.flatten(md)
+  assert len(leaves) == 2 and jax.tree.unflatten(treedef, leaves).num_sms == 7
+  assert jax.tree.structure(md) != jax.tree.structure(
+      jax_flashmla.MLAMetadata(md.tile_scheduler_metadata, md.num_splits, 8))
+
+
+def _decode_num_sms(metadata, **kw):
+  """The num_sms the decode primitive is bound with (2 row blocks of 64: 128 query rows)."""
+  args = (jnp.zeros((3, 1, 128, 576), jnp.bfloat16), jnp.zeros((6, 64, 1, 576), jnp.bfloat16),
+          jnp.zeros((3, 2), jnp.int32), jnp.zeros((3,), jnp.int32))
+  jaxpr = jax.make_jaxpr(lambda *a: jax_flashmla.flash_mla_with_kvcache(
+      *a, metadata=metadata, **kw))(*args)
+  [eqn] = [e for e in jaxpr.eqns if e.primitive.name == "jax_flashmla_mla_decode"]
+  return eqn.params["num_sms"]
+
+
+def test_decode_schedules_shards_for_the_metadatas_sm_count():
+  # 7 SMs, 2 row blocks -> 3 parts, which alone would suggest 6 SMs.
+  md = jax_flashmla.get_mla_metadata(jnp.zeros((3,), jnp.int32), 128, 1, num_sms=7)
+  assert md.num_sm_parts == 3 and md.num_sms == 7
+  assert _decode_num_sms(md) == 7
+  assert _decode_num_sms(md, num_sms=5) == 5  # the call's own count wins
+  pair = (md.tile_scheduler_metadata, md.num_splits)
+  assert _decode_num_sms(pair, num_sms=7) == 7
+  assert _decode_num_sms(pair) == local_num_sms()  # a pair does not say: the local count
+
+
+def test_as_metadata():
+  md = jax_flashmla.get_mla_metadata(jnp.zeros((2,), jnp.int32), 16, 1, num_sms=7)
+  pair = (md.tile_scheduler_metadata, md.num_splits)
+  assert as_metadata(md) is md and as_metadata(md, num_sms=9) is md
+  assert as_metadata(None) is None
+  got = as_metadata(pair, num_sms=7)
+  assert (got.tile_scheduler_metadata, got.num_splits, got.num_sms) == (*pair, 7)
+  assert as_metadata(pair).num_sms == local_num_sms()
+  with pytest.raises(TypeError, match=r"^metadata: expected MLAMetadata, a \(tile_scheduler_"
+                                      r"metadata, num_splits\) pair or None, got tuple of "
+                                      r"length 1$"):
+    as_metadata((md.num_splits,))
+  with pytest.raises(TypeError, match=r"^num_sms: expected a static int >= 1, got float 7.0$"):
+    as_metadata(pair, num_sms=7.0)
+  with pytest.raises(TypeError, match=r"^metadata.num_sms: expected a static int >= 1, got "
+                                      r"NoneType None$"):
+    as_metadata(jax_flashmla.MLAMetadata(*pair, num_sms=None))

@@ -157,6 +157,13 @@ def test_pool_local_ids(case):
     validate(case, num_pools=2)
 
 
+def test_pools_must_divide_the_batch_and_the_pages(case):
+  with pytest.raises(ValueError, match=r"num_pools: expected a divisor of both the batch \(4, "
+                                       r"from block_table\) and the pages \(15, num_blocks\).* "
+                                       r"got num_pools=2"):
+    validate(case, num_pools=2)  # 15 pages
+
+
 def test_stale_metadata_is_reported(case):
   """Records computed before the step's lengths grew (the kernels would drop the new page)."""
   old = jnp.asarray(case.cache_seqlens - 10)  # 120: two pages, the lengths now need three
