@@ -12,7 +12,10 @@ token goes to. A serving loop, per step:
                                                 #   (`cache.reset(rows)`) when the slot restarts
 
 Pass the table into the jitted step rather than storing one array in every layer's cache
-outside it: a buffer cannot be donated twice in one call.
+outside it: a buffer cannot be donated twice in one call. A step that donates a cache holding
+the table (`write = jax.jit(PagedKVCache.write, donate_argnums=0)` on
+`cache.replace(block_table=allocator.device_block_table())`) deletes the array it was given;
+`device_block_table()` then transfers the table again.
 
 Pages are taken as sequences grow (one page per 64 tokens), go back to the pool when a sequence
 finishes and are handed out again first (last freed, first reused). When the pool cannot cover a
@@ -53,7 +56,10 @@ class PageAllocator:
     num_blocks: pages in the pool (`cache.num_blocks`).
     batch_size: slots (`cache.batch_size`).
     max_blocks_per_seq: block-table columns (`cache.max_blocks_per_seq`).
-    page_size: tokens per page (64 for the kernels).
+    page_size: tokens per page: 64, the kernels' page size (the only one accepted).
+
+  Raises:
+    TypeError, ValueError: a size is not an int >= 1, or `page_size` is not 64.
   """
 
   def __init__(self, num_blocks: int, batch_size: int, max_blocks_per_seq: int,
@@ -62,6 +68,9 @@ class PageAllocator:
         shapes.check_static_int(name, v) for name, v in (
             ("num_blocks", num_blocks), ("batch_size", batch_size),
             ("max_blocks_per_seq", max_blocks_per_seq), ("page_size", page_size)))
+    if page_size != PAGE_SIZE:
+      raise ValueError(f"page_size: expected {PAGE_SIZE} (the kernels' page size), got "
+                       f"{page_size}")
     self.num_blocks = num_blocks
     self.page_size = page_size
     self._table = np.full((batch_size, max_blocks_per_seq), NO_PAGE, np.int32)
@@ -180,8 +189,12 @@ class PageAllocator:
   # ---- device side ------------------------------------------------------------------------------
 
   def device_block_table(self) -> jax.Array:
-    """The block table as a device array, transferred again only after it changed."""
-    if self._device_table is None:
+    """The block table as a device array, transferred again only after it changed.
+
+    Also transferred again when the array returned before was deleted, as donating a cache
+    that holds it does; so a donated step may be given the table again every step.
+    """
+    if self._device_table is None or self._device_table.is_deleted():
       self._device_table = jnp.array(self._table, copy=True)  # never a view of _table
     return self._device_table
 

@@ -82,6 +82,40 @@ def test_device_block_table_is_sent_again_only_after_a_change():
   assert alloc.device_block_table() is second
 
 
+def test_donating_a_cache_that_holds_the_table():
+  """The README's pattern: the table from the allocator inside a cache that a jitted write
+  donates. Donation deletes the table's array; the next step gets a new one, whether the table
+  changed or not."""
+  cache = PagedKVCache.create(2, 256, num_blocks=8, dtype=jnp.float32)
+  alloc = PageAllocator.for_cache(cache)
+  write = jax.jit(PagedKVCache.write, donate_argnums=0)
+  for step in range(5):
+    if step != 2:                                # step 2 keeps the table: no reservation
+      alloc.reserve_many([(step + 1) * 10, 20])
+    table = alloc.device_block_table()
+    assert not table.is_deleted()
+    kv = jnp.full((2, 10, 1, 576), step, jnp.float32)
+    num_new = jnp.asarray([10, 10 if step < 2 else 0], jnp.int32)
+    cache = write(cache.replace(block_table=table), kv, num_new)
+    assert table.is_deleted()                    # donated with the cache
+  np.testing.assert_array_equal(cache.lengths, [50, 20])
+  np.testing.assert_array_equal(cache.block_table, alloc.block_table)
+  pages = np.asarray(cache.pages)
+  for step in range(5):                          # row 0 got 10 rows of `step` per step
+    pos = 10 * step + np.arange(10)
+    np.testing.assert_array_equal(pages[alloc.block_table[0, pos // 64], pos % 64], step)
+
+
+def test_page_size_is_the_kernels():
+  with pytest.raises(ValueError, match=r"^page_size: expected 64 \(the kernels' page size\), "
+                                       r"got 32$"):
+    PageAllocator(num_blocks=4, batch_size=2, max_blocks_per_seq=2, page_size=32)
+  cache = PagedKVCache.create(2, 64, num_blocks=4)
+  cache = cache.replace(pages=cache.pages.reshape(8, 32, 1, 576))
+  with pytest.raises(ValueError, match=r"^page_size: expected 64 .* got 32$"):
+    PageAllocator.for_cache(cache)
+
+
 def test_random_workload_keeps_the_pool_consistent():
   rng = np.random.default_rng(0)
   alloc = PageAllocator(num_blocks=40, batch_size=6, max_blocks_per_seq=20)
