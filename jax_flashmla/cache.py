@@ -122,20 +122,45 @@ class PagedKVCache:
   def write(self, kv: jax.Array, num_new: jax.Array | None = None) -> PagedKVCache:
     """Stores new rows at each sequence's current length and advances the lengths.
 
+    Row `j` of `kv[i]` is token `k = j - (s_new - num_new[i])` of sequence `i`'s step (rows
+    with `k < 0` are padding) and goes to position `p = lengths[i] + k`: slot `p % 64` of page
+    `block_table[i, p // 64]`. A sequence never has holes: the rows stored are its first
+    `stored[i]` new rows, up to (not including) the first that cannot land, because its
+    position is past `max_seq_len` or its page is not assigned (an id outside
+    `[0, num_blocks)`). Rows from there on are dropped, nothing else is touched, and
+    `lengths[i]` grows by `stored[i]` only, so the cache never claims rows it does not hold.
+    Assign the pages a sequence grows into before the write (`PageAllocator.reserve`).
+
     Jit it with the cache donated (`jax.jit(PagedKVCache.write, donate_argnums=0)`, or donate
     the cache of a whole decode step) and XLA updates the pages in place.
 
+    Shapes: `b` sequences, `s_new` rows per sequence this step, `h_kv` KV heads (1 for MLA),
+    `d` the row width (576 for MLA).
+
     Args:
-      kv: `[b, s_new, h_kv, head_dim]` new rows (cast to the pages' dtype).
-      num_new: `[b]` int32 rows to store per sequence, in `[0, s_new]`; default all `s_new`.
-        Sequence `i` stores the *last* `num_new[i]` rows of `kv[i]`: a ragged step is
-        left-padded, which is the alignment the causal decode uses (the last query of a
-        block is the newest token), so queries and keys of a padded block line up.
+      kv: `[b, s_new, h_kv, d]` new rows (cast to the pages' dtype).
+      num_new: `[b]` int32 rows to store per sequence, in `[0, s_new]` (clipped into it);
+        default all `s_new`. Sequence `i` stores the *last* `num_new[i]` rows of `kv[i]`: a
+        ragged step is left-padded, which is the alignment the causal decode uses (the last
+        query of a block is the newest token), so queries and keys of a padded block line up.
 
     Returns:
-      The cache with `lengths + num_new`. A row is dropped (and nothing else touched) where its
-      position is past `max_seq_len` or its block-table entry is not a page of the pool: the
-      pages a sequence grows into must be assigned before the write.
+      The cache with the rows stored and `lengths + stored`, where `stored == num_new` unless
+      rows were dropped as above.
+
+    Raises:
+      ValueError: `kv` is not `[b, s_new >= 1, h_kv, d]` for this cache, or `num_new` is not
+        an integer array of shape `[b]`.
+
+    Example:
+      >>> cache = PagedKVCache.create(batch_size=2, max_seq_len=64)
+      >>> write = jax.jit(PagedKVCache.write, donate_argnums=0)
+      >>> cache = write(cache, jnp.ones((2, 3, 1, 576), jnp.bfloat16))
+      >>> cache.lengths.tolist()
+      [3, 3]
+      >>> cache = write(cache, jnp.ones((2, 70, 1, 576), jnp.bfloat16))  # 61 rows fit
+      >>> cache.lengths.tolist()
+      [64, 64]
     """
     b, nb, ps = self.batch_size, self.num_blocks, self.page_size
     _check_rows(kv, self)
@@ -151,10 +176,13 @@ class PagedKVCache:
     k = jnp.arange(s_new, dtype=jnp.int32)[None, :] - (s_new - num_new)[:, None]
     pos = self.lengths[:, None] + k                               # [b, s_new]
     logical = pos // ps
-    in_table = (k >= 0) & (pos >= 0) & (logical < self.max_blocks_per_seq)
+    in_table = (pos >= 0) & (logical < self.max_blocks_per_seq)
     page = jnp.take_along_axis(self.block_table,
                                jnp.clip(logical, 0, self.max_blocks_per_seq - 1), axis=1)
-    ok = in_table & (page >= 0) & (page < nb)
+    lands = in_table & (page >= 0) & (page < nb)
+    # Tokens up to the first that cannot land are stored; the rest are dropped (no holes).
+    stored = jnp.min(jnp.where((k >= 0) & ~lands, k, num_new[:, None]), axis=1)  # [b]
+    ok = (k >= 0) & (k < stored[:, None])
     # Rows that must not land get distinct page ids past the pool: the scatter drops them and the
     # (page, slot) pairs stay unique. (Negative ids would wrap around, so none are used.)
     dropped = nb + jnp.arange(b * s_new, dtype=jnp.int32).reshape(b, s_new)
@@ -164,7 +192,7 @@ class PagedKVCache:
     pages = self.pages.at[page, slot].set(
         kv.reshape((b * s_new,) + kv.shape[2:]).astype(self.pages.dtype),
         mode="drop", unique_indices=True)
-    return self.replace(pages=pages, lengths=self.lengths + num_new)
+    return self.replace(pages=pages, lengths=self.lengths + stored)
 
 
 def _check_rows(kv, cache: PagedKVCache) -> None:

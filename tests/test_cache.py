@@ -20,19 +20,21 @@ def _numbered(cache: PagedKVCache) -> PagedKVCache:
 
 
 def _expected_after_write(cache, kv, num_new):
-  """numpy model of `write`: row j of sequence i goes to position len + j - (s - num_new)."""
+  """numpy model of `write`: row j of sequence i goes to position len + j - (s - num_new), until
+  the first row that cannot land (past the table, or no page); its length counts stored rows."""
   pages = np.array(cache.pages, np.float32)
-  table, lens = np.asarray(cache.block_table), np.asarray(cache.lengths)
+  table, lens = np.asarray(cache.block_table), np.array(cache.lengths)
   s = kv.shape[1]
   for i in range(kv.shape[0]):
+    start = lens[i]
     for j in range(s - num_new[i], s):
-      pos = lens[i] + j - (s - num_new[i])
-      if pos // 64 >= table.shape[1]:
-        continue
-      page = table[i, pos // 64]
-      if 0 <= page < pages.shape[0]:
-        pages[page, pos % 64] = kv[i, j]
-  return pages, lens + num_new
+      pos = start + j - (s - num_new[i])
+      page = table[i, pos // 64] if pos // 64 < table.shape[1] else -1
+      if not 0 <= page < pages.shape[0]:
+        break
+      pages[page, pos % 64] = kv[i, j]
+      lens[i] += 1
+  return pages, lens
 
 
 def test_create_lays_out_pages_per_sequence_or_as_a_pool():
@@ -88,9 +90,37 @@ def test_rows_that_cannot_land_are_dropped_and_touch_nothing(bad):
   got = jax.jit(PagedKVCache.write)(cache, jnp.asarray(kv))
   want_pages, want_lens = _expected_after_write(cache, kv, np.array([3, 3]))
   np.testing.assert_array_equal(got.pages, want_pages)
-  np.testing.assert_array_equal(got.lengths, want_lens)  # lengths advance regardless
+  np.testing.assert_array_equal(got.lengths, want_lens)
+  # Row 0 stops at its page boundary (64) or at max_seq_len (128): lengths count stored rows.
+  np.testing.assert_array_equal(got.lengths, [128 if bad == "past_table" else 64, 13])
   landed = (np.asarray(got.pages) != np.asarray(cache.pages)).any(axis=(2, 3)).sum()
   assert landed == 3 + (bad == "past_table")  # row 1's three, and row 0's one that fits
+
+
+def test_a_write_past_max_seq_len_stores_what_fits():
+  """The issue's case: 70 rows into a 64-token cache store 64, and lengths say 64, not 70."""
+  cache = PagedKVCache.create(2, 64, dtype=jnp.float32)
+  kv = jnp.arange(2 * 70, dtype=jnp.float32).reshape(2, 70, 1, 1) * jnp.ones((1, 1, 1, 576))
+  got = jax.jit(PagedKVCache.write)(cache, kv, jnp.asarray([70, 5], jnp.int32))
+  np.testing.assert_array_equal(got.lengths, [64, 5])
+  np.testing.assert_array_equal(got.pages[0, :, 0, 0], np.arange(64))
+  # The decode then sees exactly the stored rows.
+  again = jax.jit(PagedKVCache.write)(got, kv[:, :1])
+  np.testing.assert_array_equal(again.lengths, [64, 6])
+
+
+def test_rows_after_a_missing_page_are_not_stored():
+  """No holes: a sequence whose next page is missing stops at the page boundary even where a
+  later page is assigned."""
+  cache = _numbered(PagedKVCache.create(1, 256, num_blocks=4, dtype=jnp.float32))
+  cache = cache.replace(block_table=jnp.asarray([[2, NO_PAGE, 0, 1]], jnp.int32),
+                        lengths=jnp.asarray([60], jnp.int32))
+  kv = jnp.full((1, 80, 1, 576), 7.0, jnp.float32)   # positions 60..139 would reach page 0
+  got = jax.jit(PagedKVCache.write)(cache, kv)
+  np.testing.assert_array_equal(got.lengths, [64])
+  pages, before = np.asarray(got.pages), np.asarray(cache.pages)
+  np.testing.assert_array_equal(pages[[0, 1, 3]], before[[0, 1, 3]])
+  np.testing.assert_array_equal(pages[2, 60:], 7.0)
 
 
 def test_reset_restarts_rows():
@@ -114,6 +144,7 @@ def test_write_argument_errors():
 
 def _compiled_write(dtype, num_blocks=256):
   cache = PagedKVCache.create(4, 1024, num_blocks=num_blocks, dtype=dtype)
+  cache = cache.replace(block_table=jnp.arange(4 * 16, dtype=jnp.int32).reshape(4, 16))
   kv = jnp.ones((4, 2, 1, 576), dtype)
   write = jax.jit(PagedKVCache.write, donate_argnums=0)
   return cache, kv, write, write.lower(cache, kv).compile()
