@@ -6,7 +6,8 @@ import jax
 
 from jax_flashmla import shapes
 from jax_flashmla.constants import HEAD_DIM_V
-from jax_flashmla.metadata import MetadataLike, as_metadata, get_mla_metadata
+from jax_flashmla.metadata import (MetadataLike, as_metadata, check_metadata_for,
+                                   get_mla_metadata)
 from jax_flashmla.primitives import check_implementation, mla_decode_p
 from jax_flashmla.reference import default_softmax_scale
 
@@ -27,18 +28,43 @@ def flash_mla_with_kvcache(
 ) -> tuple[jax.Array, jax.Array]:
   """Multi-head latent attention decode over a paged cache (absorbed weights: MQA, d=576).
 
+  FlashMLA's `flash_mla_with_kvcache`, as a JAX operation: the CUDA kernels on a Hopper GPU,
+  the same numerics in plain JAX elsewhere (docs/design.md#numerics-contract). For batch row
+  `i`, query token `s` and query head `h` (sharing KV head `h // (h_q // h_kv)`):
+
+    scores[t] = softmax_scale * q[i, s, h] · K[t]          over the visible keys t
+    out[i, s, h] = Σ_t softmax(scores)[t] · K[t, :512]      (V is the first 512 columns)
+    lse[i, h, s] = log Σ_t exp(scores[t])                  (natural log)
+
+  `K[t]` is token `t` of row `i`: slot `t % 64` of page `block_table[i, t // 64]`. Visible
+  keys: `t < len = clip(cache_seqlens[i], 0, max_blocks * 64)` on a page id in
+  `[0, num_blocks)` (other ids are never read: their keys are masked), and with `causal` and
+  `s_q > 1` also `t <= len - s_q + s` (bottom-right aligned: the step's tokens are the last
+  `s_q` of the row). A row with no visible key gets `out = 0` and `lse = +inf`. Scores and the
+  softmax are float32; cache slots past a row's length may hold anything, NaN included.
+
+  Shapes: `b` batch, `s_q` query tokens per row, `h_q` query heads, `h_kv` KV heads
+  (`h_q % h_kv == 0`; 1 for DeepSeek), `d = 576` (512 latent + 64 RoPE), `d_v = 512`,
+  `num_blocks` pages of 64 tokens, `max_blocks` block-table columns. The batch and
+  `max_blocks` (and `num_blocks`) may be symbolic (`jax.export` with symbolic shapes).
+
   Args:
-    q: `[b, s_q, h_q, 576]` bfloat16 queries (512 absorbed latent + 64 RoPE).
-    k_cache: `[num_blocks, 64, h_kv, 576]`, q's dtype; V is its first `head_dim_v` columns.
+    q: `[b, s_q, h_q, d]` queries (512 absorbed latent + 64 RoPE): bfloat16 or float16 for the
+      kernels (`shapes.KERNEL_DTYPES`), float32 too on the pure-JAX path.
+    k_cache: `[num_blocks, 64, h_kv, d]` in q's dtype; V is its first `d_v` columns.
     block_table: `[b, max_blocks]` int32 page ids of each row.
     cache_seqlens: `[b]` int32 tokens in the cache per row (0 allowed).
-    head_dim_v: must be 512.
+    head_dim_v: must be 512 (FlashMLA's argument; the 5th positional argument).
     metadata: `get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)` computed once per
       step and shared by every layer, or FlashMLA's `(tile_scheduler_metadata, num_splits)`
-      pair (see `as_metadata`); None computes it here.
+      pair (see `as_metadata`); None computes it here. An `MLAMetadata` computed for another
+      `s_q * h_q // h_kv` or `h_kv` raises; records computed for other lengths give NaN rows
+      (below). A pair carries no shapes, so only its lengths are checked.
     softmax_scale: static float, default `576 ** -0.5`; models pass their own.
     causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s`.
-    implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
+    implementation: None (the kernels on a Hopper GPU with the CUDA build, pure JAX
+      elsewhere; falling back where the kernels could run, e.g. for float32, warns with the
+      reason), "cuda" (the kernels or an error) or "xla" (pure JAX everywhere).
     num_sms: SMs of one device to schedule for: used for `metadata=None` (see
       `get_mla_metadata`) and for the records each device recomputes when the batch or the
       heads are sharded. Default: `metadata.num_sms`, the count the metadata was built for;
@@ -50,8 +76,34 @@ def flash_mla_with_kvcache(
       then decodes its rows from its own pools, and the cache never moves (docs/sharding.md).
 
   Returns:
-    `out [b, s_q, h_q, 512]` in q's dtype and `lse [b, h_q, s_q]` float32 (natural log; +inf
-    where a row has nothing to attend, and there `out` is 0).
+    `out [b, s_q, h_q, d_v]` in q's dtype and `lse [b, h_q, s_q]` float32 (natural log; +inf
+    where a row has nothing to attend, and there `out` is 0). Rows of requests covered by a
+    scheduler record whose length fingerprint does not match `cache_seqlens` (records of
+    another step, or of permuted lengths) are NaN in both, on every platform.
+
+  Raises:
+    TypeError: an array argument is not an array (a list: wrap it with `jnp.asarray`) or has
+      the wrong dtype (q and k_cache must share one), a static argument is traced or of the
+      wrong type, metadata was passed as the 5th positional argument (`head_dim_v`), or
+      `implementation="cuda"` with a dtype the kernels do not take.
+    ValueError: wrong ranks or shapes (each message names the argument, what was expected and
+      what was got), `head_dim_v != 512`, metadata computed for another batch or other
+      shapes, a `num_pools` that does not divide the batch and the pages, or
+      `implementation="cuda"` lowered for a platform other than a Hopper GPU.
+    NotImplementedError: under `jax.grad` (the op is inference-only; differentiate
+      `flash_mla_reference`).
+
+  Example:
+    >>> b, s_q, h_q, h_kv = 2, 1, 16, 1
+    >>> q = jnp.zeros((b, s_q, h_q, 576), jnp.bfloat16)
+    >>> k_cache = jnp.zeros((4, 64, h_kv, 576), jnp.bfloat16)
+    >>> block_table = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+    >>> cache_seqlens = jnp.asarray([100, 10], jnp.int32)
+    >>> md = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)   # once per step
+    >>> out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+    ...                                   metadata=md, softmax_scale=192 ** -0.5)
+    >>> out.shape, lse.shape
+    ((2, 1, 16, 512), (2, 16, 1))
   """
   check_implementation(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
@@ -65,7 +117,9 @@ def flash_mla_with_kvcache(
   if num_sms is not None:
     num_sms = shapes.check_static_int("num_sms", num_sms)
   metadata = as_metadata(metadata, num_sms=num_sms)
-  if metadata is None:
+  if metadata is not None:
+    check_metadata_for(metadata, s_q * h_q // h_kv, h_kv)
+  else:
     metadata = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms,
                                 implementation=implementation)
   # Records built for another batch (or swapped, or hand-made) fail here, before binding.

@@ -27,7 +27,7 @@ from jax.interpreters import mlir
 
 from jax_flashmla import _compat, _extension, shapes
 from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET, SCHED_RECORD_INTS
-from jax_flashmla.reference import flash_mla_reference, mla_metadata_reference
+from jax_flashmla.reference import flash_mla_reference, mla_metadata_reference, stale_requests
 
 IMPLEMENTATIONS = (None, "cuda", "xla")
 
@@ -144,9 +144,14 @@ def decode_abstract_eval(q, k_cache, block_table, cache_seqlens, sched, num_spli
 def _decode_reference_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_splits,
                                *, softmax_scale, causal):
   def fn(q, k_cache, block_table, cache_seqlens, sched, num_splits):
-    del sched, num_splits  # the reference needs no schedule
-    return list(flash_mla_reference(q, k_cache, block_table, cache_seqlens,
-                                    softmax_scale=softmax_scale, causal=causal))
+    del num_splits  # the reference needs no schedule; num_splits is not fingerprinted
+    out, lse = flash_mla_reference(q, k_cache, block_table, cache_seqlens,
+                                   softmax_scale=softmax_scale, causal=causal)
+    # The kernels' records check: a record scheduled for other lengths poisons its requests.
+    stale = stale_requests(sched, cache_seqlens)
+    out = jnp.where(stale[:, None, None, None], jnp.array(jnp.nan, out.dtype), out)
+    lse = jnp.where(stale[:, None, None], jnp.float32(jnp.nan), lse)
+    return [out, lse]
 
   return mlir.lower_fun(fn, multiple_results=True)(
       _compat.without_varying_axes(ctx), q, k_cache, block_table, cache_seqlens, sched,

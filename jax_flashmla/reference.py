@@ -9,6 +9,10 @@ run-time value rules the kernels follow (see `src/kernels/params.h`):
 - causal with `s_q > 1` is bottom-right aligned: token `s` sees keys `0 … len - s_q + s`;
 - a row with nothing to attend gets `out = 0`, `lse = +inf`;
 - whatever sits in cache slots past a row's length (NaN, inf) never reaches the output.
+
+`mla_metadata_reference` writes the CUDA scheduler's records, fingerprints included, and
+`stale_requests` is the records check every decode path applies (docs/design.md, "Scheduler
+records").
 """
 
 from __future__ import annotations
@@ -40,13 +44,55 @@ def flash_mla_reference(
 ) -> tuple[jax.Array, jax.Array]:
   """Paged MLA decode in plain JAX: gather the pages, two einsums, float32 softmax.
 
+  The same numerics as `flash_mla_with_kvcache` (docs/design.md#numerics-contract) without
+  its restrictions: any head dim and page size, any float dtype, no scheduler records. It is
+  differentiable (`jax.grad`, `jax.vjp`) in q and k_cache, where the decode op is
+  inference-only, so use it for training or to check gradients. For row `i`, query token `s`
+  and query head `h` (sharing KV head `h // (h_q // h_kv)`):
+
+    scores[t] = softmax_scale * q[i, s, h] · K[t]          for the visible keys t
+    out[i, s, h] = Σ_t softmax(scores)[t] · K[t, :head_dim_v]
+    lse[i, h, s] = log Σ_t exp(scores[t])                  (natural log)
+
+  where `K[t]` is token `t` of the row: slot `t % page_size` of page `block_table[i, t //
+  page_size]`. Visible keys: `t < len = clip(cache_seqlens[i], 0, max_blocks * page_size)` on a
+  page id in `[0, num_blocks)`, and with `causal` and `s_q > 1` also `t <= len - s_q + s`. A
+  row with no visible key gets `out = 0` and `lse = +inf`.
+
+  Shapes: `b` batch, `s_q` query tokens per row, `h_q` query heads, `h_kv` KV heads (`h_q %
+  h_kv == 0`), `d` head dim (576 for MLA), `num_blocks` pages of `page_size` tokens,
+  `max_blocks` block-table columns.
+
   Args:
-    q: `[b, s_q, h_q, d]` queries (d = 576 for MLA).
-    k_cache: `[num_blocks, page_size, h_kv, d]`; V is `k_cache[..., :head_dim_v]`.
+    q: `[b, s_q, h_q, d]` queries.
+    k_cache: `[num_blocks, page_size, h_kv, d]` in q's dtype; V is `k_cache[..., :head_dim_v]`.
     block_table: `[b, max_blocks]` int32 page ids.
     cache_seqlens: `[b]` int32 lengths.
+    head_dim_v: static int, the value width: the first `head_dim_v` columns of each row
+      (default 512, MLA's latent).
+    softmax_scale: static float multiplying the scores; default `d ** -0.5`.
+    causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s` (bottom-right
+      aligned); with `s_q == 1` it changes nothing.
+
   Returns:
-    `out [b, s_q, h_q, head_dim_v]` in q's dtype and `lse [b, h_q, s_q]` float32 (natural log).
+    `out [b, s_q, h_q, head_dim_v]` in q's dtype and `lse [b, h_q, s_q]` float32.
+
+  Raises:
+    Only what the shapes make JAX raise (e.g. a batch mismatch in an einsum): this function
+    does not check its arguments; `flash_mla_with_kvcache(..., implementation="xla")` runs it
+    behind the decode's checks.
+
+  Example:
+    >>> q = jnp.ones((2, 1, 16, 576), jnp.float32)
+    >>> k_cache = jnp.ones((4, 64, 1, 576), jnp.float32)
+    >>> block_table = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+    >>> lens = jnp.asarray([70, 0], jnp.int32)
+    >>> out, lse = flash_mla_reference(q, k_cache, block_table, lens)
+    >>> out.shape, lse.shape
+    ((2, 1, 16, 512), (2, 16, 1))
+    >>> loss = lambda q: flash_mla_reference(q, k_cache, block_table, lens)[0].sum()
+    >>> jax.grad(loss)(q).shape
+    (2, 1, 16, 576)
   """
   b, s_q, h_q, d = q.shape
   num_blocks, page_size, h_kv, _ = k_cache.shape
@@ -96,6 +142,52 @@ def flash_mla_reference(
   return out, lse.astype(jnp.float32)
 
 
+def _as_uint32(x: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(x.astype(jnp.int32), jnp.uint32)
+
+
+def length_fingerprints(cache_seqlens: jax.Array, begin_req: jax.Array,
+                        end_req: jax.Array) -> jax.Array:
+  """The fingerprint of the lengths of requests `begin_req … end_req` (inclusive), per record.
+
+  `fp = Σ_{i = begin … end} (uint32(cache_seqlens[i]) + 1) · (2i + 1)` in wrapping uint32
+  arithmetic, returned as the int32 with the same bits: what the scheduler stores in a record's
+  `pad[0]` (`SchedRecord` in `src/kernels/params.h`). Lengths are the raw values, not clamped.
+  Indices outside `[0, b)` are clipped into it (only hand-made records have them).
+
+  Args:
+    cache_seqlens: `[b]` int32.
+    begin_req, end_req: int32 arrays of one shape (one entry per record).
+  """
+  b = cache_seqlens.shape[0]
+  i = jnp.arange(b, dtype=jnp.uint32)
+  weights = (_as_uint32(cache_seqlens) + jnp.uint32(1)) * (jnp.uint32(2) * i + jnp.uint32(1))
+  # Differences of prefix sums: modular arithmetic makes them the wrapping sums over ranges.
+  prefix = jnp.concatenate([jnp.zeros((1,), jnp.uint32), jnp.cumsum(weights, dtype=jnp.uint32)])
+  lo = jnp.clip(begin_req, 0, b)
+  hi = jnp.clip(end_req + 1, lo, b)
+  return lax.bitcast_convert_type(prefix[hi] - prefix[lo], jnp.int32)
+
+
+def stale_requests(tile_scheduler_metadata: jax.Array, cache_seqlens: jax.Array) -> jax.Array:
+  """`[b]` bool: requests covered by a record whose length fingerprint differs from the one
+  `cache_seqlens` gives, i.e. records scheduled for other lengths (another step's, or
+  permuted). Every decode path returns NaN `out` and `lse` rows for them.
+
+  A record with no work (`begin_req` outside `[0, b)`) is not checked. Equal fingerprints of
+  different lengths are possible (it is a 32-bit sum) but need a coincidence.
+  """
+  b = cache_seqlens.shape[0]
+  begin = tile_scheduler_metadata[:, 0]
+  end = tile_scheduler_metadata[:, 2]
+  working = (begin >= 0) & (begin < b)
+  bad = working & (length_fingerprints(cache_seqlens, begin, end) !=
+                   tile_scheduler_metadata[:, 5])
+  req = jnp.arange(b, dtype=jnp.int32)[None, :]
+  covered = (req >= begin[:, None]) & (req <= end[:, None])  # [num_sm_parts, b]
+  return jnp.any(covered & bad[:, None], axis=0)
+
+
 def schedule_cost_pages(cache_seqlens: jax.Array) -> jax.Array:
   """Scheduler cost of each request in pages (`sched_cost_pages` in params.h).
 
@@ -116,7 +208,9 @@ def mla_metadata_reference(cache_seqlens: jax.Array, num_sm_parts: int):
   the next part as its next split. The last part takes whatever is left.
 
   Returns `(tile_scheduler_metadata [num_sm_parts, 8] int32, num_splits [b + 1] int32)`; the
-  record layout is `SchedRecord` in `src/kernels/params.h`.
+  record layout is `SchedRecord` in `src/kernels/params.h`: `begin_req, begin_block, end_req,
+  end_block, begin_split`, then the fingerprint of the covered requests' lengths
+  (`length_fingerprints`; 0 in a part with no work) and two zeros.
   """
   b = cache_seqlens.shape[0]
   parts = num_sm_parts
@@ -168,5 +262,8 @@ def mla_metadata_reference(cache_seqlens: jax.Array, num_sm_parts: int):
       jnp.zeros((b,), jnp.int32),
   )
   _, _, _, records, nsplits = lax.fori_loop(0, parts, part_body, init)
+  working = records[:, 0] < b
+  fingerprint = length_fingerprints(cache_seqlens, records[:, 0], records[:, 2])
+  records = records.at[:, 5].set(jnp.where(working, fingerprint, 0))
   num_splits = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(nsplits, dtype=jnp.int32)])
   return records, num_splits

@@ -19,8 +19,10 @@ length advanced twice), and clamping hides it. These checks report it instead:
 Each check reports the first offending row (and column) with its value. Checks run in this
 order, and checkify reports the first that fails: negative lengths, lengths above capacity,
 page ids (only the pages a row's length uses; entries past them may hold anything), then the
-metadata (it must be exactly what `get_mla_metadata` computes for these lengths: the kernels
-trust the records, and records from another step's lengths drop or misplace keys on the GPU).
+metadata: first the length fingerprint of each record (`reference.stale_requests`, the check
+every decode path applies: a mismatch there makes the decode return NaN rows), then that the
+records are exactly what `get_mla_metadata` computes for these lengths (which also catches
+hand-made records and a wrong `num_splits`, which the decode does not check).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from jax.experimental import checkify
 from jax_flashmla import shapes
 from jax_flashmla.metadata import MetadataLike, as_metadata
 from jax_flashmla.constants import PAGE_SIZE
-from jax_flashmla.reference import mla_metadata_reference
+from jax_flashmla.reference import (length_fingerprints, mla_metadata_reference,
+                                    stale_requests)
 
 __all__ = ["check_decode_values", "validate_decode_inputs"]
 
@@ -66,6 +69,8 @@ def check_decode_values(block_table: jax.Array, cache_seqlens: jax.Array, num_bl
     - `cache_seqlens[i]` above `max_blocks * 64`;
     - `block_table[i, j]` outside `[0, num_blocks / num_pools)` for a page `j` that row `i`'s
       length uses (`j < ceil(len / 64)`);
+    - a record of `metadata` whose length fingerprint does not match `cache_seqlens` (the
+      decode would return NaN rows for its requests);
     - `metadata` differing from `get_mla_metadata(cache_seqlens, ...)` with as many parts.
   """
   for name, x in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
@@ -110,7 +115,20 @@ def check_decode_values(block_table: jax.Array, cache_seqlens: jax.Array, num_bl
                  row=row, col=col, n=lens[row], v=block_table[row, col])
 
   if metadata is not None:
-    parts = metadata.tile_scheduler_metadata.shape[0]
+    got_sched = metadata.tile_scheduler_metadata
+    stale = stale_requests(got_sched, lens)
+    i = _first(stale)
+    begin, end = got_sched[:, 0], got_sched[:, 2]
+    p = _first((begin <= i) & (end >= i) & (begin >= 0) & (begin < b) &
+               (length_fingerprints(lens, begin, end) != got_sched[:, 5]))
+    checkify.check(~stale.any(),
+                   "metadata: expected records computed for these cache_seqlens, got "
+                   "tile_scheduler_metadata[{p}] (requests {r0} to {r1}) with the length "
+                   "fingerprint {v} where these lengths give {w}: the decode returns NaN rows "
+                   "for its requests, starting at {i} (records from another step's lengths?)",
+                   p=p, r0=begin[p], r1=end[p], v=got_sched[p, 5],
+                   w=length_fingerprints(lens, begin, end)[p], i=i)
+    parts = got_sched.shape[0]
     want_sched, want_splits = mla_metadata_reference(lens, parts)
     got_splits = metadata.num_splits
     differs = got_splits != want_splits

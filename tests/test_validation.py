@@ -168,15 +168,35 @@ def test_stale_metadata_is_reported(case):
   """Records computed before the step's lengths grew (the kernels would drop the new page)."""
   old = jnp.asarray(case.cache_seqlens - 10)  # 120: two pages, the lengths now need three
   md = jax_flashmla.get_mla_metadata(old, 8, 1, num_sms=6)
-  with pytest.raises(ValueError, match=r"metadata: expected the schedule get_mla_metadata "
-                                       r"computes for these cache_seqlens, got "):
+  with pytest.raises(ValueError, match=r"metadata: expected records computed for these "
+                                       r"cache_seqlens, got tile_scheduler_metadata\[\d\] "
+                                       r"\(requests \d to \d\) with the length fingerprint "
+                                       r"-?\d+ where these lengths give -?\d+: the decode "
+                                       r"returns NaN rows for its requests, starting at 0"):
     validate(case, md)
+
+
+def test_permuted_lengths_are_reported(case):
+  """The same lengths in another order: the same pages per part, but not the same rows."""
+  case.cache_seqlens[:] = [130, 70, 10, 190]
+  md = jax_flashmla.get_mla_metadata(jnp.asarray(case.cache_seqlens[::-1].copy()), 8, 1,
+                                     num_sms=6)
+  with pytest.raises(ValueError, match=r"length fingerprint .* NaN rows"):
+    validate(case, md)
+
+
+def test_a_wrong_num_splits_is_reported(case):
+  """num_splits carries no fingerprint (the decode does not check it); the eager check
+  compares it with the schedule."""
+  md = jax_flashmla.get_mla_metadata(jnp.asarray(case.cache_seqlens), 8, 1, num_sms=6)
+  with pytest.raises(ValueError, match=r"got num_splits\[1\] = 7 instead of"):
+    validate(case, (md.tile_scheduler_metadata, md.num_splits.at[1].set(7)))
 
 
 def test_hand_made_records_are_reported(case):
   md = jax_flashmla.get_mla_metadata(jnp.asarray(case.cache_seqlens), 8, 1, num_sms=6)
   sched = md.tile_scheduler_metadata.at[0, 0].set(-1)  # a negative request index
-  with pytest.raises(ValueError, match=r"tile_scheduler_metadata\[0\] = \[-1 "):
+  with pytest.raises(ValueError, match=r"tile_scheduler_metadata\[0\] = \[ *-1 "):
     validate(case, (sched, md.num_splits))
 
 
