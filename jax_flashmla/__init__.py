@@ -4,8 +4,10 @@
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
                                       metadata=metadata, softmax_scale=scale)
 
-On a Hopper GPU with the extension built with CUDA the calls run our sm_90a kernels; anywhere
-else they run the same computation in plain JAX (`implementation="xla"`).
+On a Hopper GPU with the extension built with CUDA the calls run our sm_90a kernels (bfloat16 and,
+where the build reports it, float16); anywhere else they run the same computation in plain JAX
+(`implementation="xla"`). Falling back to plain JAX where the kernels could run (a float32 call
+on a Hopper GPU, an extension that did not load) warns with the reason (`KernelFallbackWarning`).
 
 Model code works on `PagedKVCache` (per layer) and `mla_decode`; `PageAllocator` hands out pages
 for serving; `jax_flashmla.layers` has a Flax NNX MLA layer (needs flax, not imported here).
@@ -14,6 +16,7 @@ and scheduler records that the decode would clamp, mask or trust.
 """
 
 from jax_flashmla import _extension
+from jax_flashmla._extension import KernelFallbackWarning as KernelFallbackWarning
 from jax_flashmla._extension import build_info as build_info
 from jax_flashmla.allocator import PageAllocator as PageAllocator
 from jax_flashmla.allocator import PagePoolExhausted as PagePoolExhausted
@@ -37,6 +40,7 @@ DISABLE_JAX_EXPORT_CHECKS = _extension.disable_export_checks()
 
 __all__ = [
     "DISABLE_JAX_EXPORT_CHECKS",
+    "KernelFallbackWarning",
     "MLAMetadata",
     "PageAllocator",
     "PagePoolExhausted",

@@ -39,3 +39,9 @@ def without_varying_axes(ctx):
   """
   plain = lambda avals: [jax.core.ShapedArray(a.shape, a.dtype, a.weak_type) for a in avals]
   return ctx.replace(avals_in=plain(ctx.avals_in), avals_out=plain(ctx.avals_out))
+
+
+def lowering_platforms(ctx) -> tuple[str, ...]:
+  """The platforms a lowering rule emits code for: those of its branch in a multi-platform
+  lowering (`ctx.platforms`, set by JAX's per-platform switch), else the module's."""
+  return tuple(getattr(ctx, "platforms", None) or ctx.module_context.platforms)

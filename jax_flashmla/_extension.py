@@ -1,14 +1,17 @@
 """The compiled extension: loading it, registering its FFI targets, describing the build.
 
 The nanobind module `_ext` exports `registrations()` (target name -> handler capsule),
-`build_info()` and `constants()` (the C++ side's values of `jax_flashmla.constants`, compared by
+`build_info()` (with `kernel_dtypes`, the dtypes the kernels take, in builds that have float16)
+and `constants()` (the C++ side's values of `jax_flashmla.constants`, compared by
 tests/test_constants.py). A build without a CUDA compiler still produces `_ext`, with no targets;
-a source tree that was never built has no `_ext` at all. Both leave the pure-JAX path working.
+a source tree that was never built has no `_ext` at all. Both leave the pure-JAX path working,
+and `build_info()["reason"]` says why the extension is missing.
 """
 
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 
@@ -16,11 +19,31 @@ from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET
 
 TARGETS = (METADATA_TARGET, DECODE_TARGET)
 
+
+class KernelFallbackWarning(UserWarning):
+  """`implementation=None` runs the pure-JAX path where the CUDA kernels could run (a Hopper GPU
+  is attached, or the program is lowered for 'cuda'); the message says why. Pass
+  `implementation="xla"` to choose that path on purpose."""
+
+
+def _import_error_reason(error: ImportError) -> str:
+  package = pathlib.Path(__file__).resolve().parent
+  if not any(package.glob("_ext*.so")) and (package.parent / "pyproject.toml").exists():
+    # `python -m`, `python -c` and the REPL put the current folder first on sys.path, so run
+    # from a clone's root they import the source folder, which has no compiled module.
+    return (f"jax_flashmla was imported from its source checkout ({package}), which has no "
+            f"compiled jax_flashmla._ext, instead of the installed package: Python puts the "
+            f"current folder first on sys.path. Run with `python -P` (e.g. `python -P -m "
+            f"jax_flashmla.demo`) or from another folder; if it is not installed yet, "
+            f"`python -m pip install --no-build-isolation .` ({error})")
+  return f"the compiled module jax_flashmla._ext is missing (not built?): {error}"
+
+
 try:
   from jax_flashmla import _ext  # type: ignore[attr-defined]
-except ImportError as e:  # a source checkout used without building
+except ImportError as e:  # a source checkout, or a package that was never built
   _ext = None
-  _IMPORT_ERROR = f"the compiled module jax_flashmla._ext is missing (not built?): {e}"
+  _IMPORT_ERROR = _import_error_reason(e)
 else:
   _IMPORT_ERROR = None
 
@@ -54,6 +77,16 @@ def build_info() -> dict:
   info["extension"] = True
   info["jax_runtime"] = jax.__version__
   return info
+
+
+def kernels_missing_reason() -> str | None:
+  """Why this installation has no CUDA kernels to run (None when it has them)."""
+  if _ext is None:
+    return _IMPORT_ERROR
+  if not has_cuda_kernels():
+    return ("jax_flashmla was built without its CUDA kernels (no nvcc when it was built); "
+            "reinstall with nvcc on the PATH")
+  return None
 
 
 def local_hopper_gpus() -> list:

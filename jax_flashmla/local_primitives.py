@@ -5,19 +5,28 @@ primitives). They see one device's shapes and nothing else: no vmap, no sharding
 users bind (`primitives.py`) own those transformations and bind these on per-device shapes,
 either directly (one device) or from a partitioning rule (`partitioning.py`).
 
-Each has an abstract evaluation (all shape/dtype checks), a CUDA lowering to our XLA FFI target,
-and a lowering for every other platform that runs the pure-JAX twin from `reference.py`.
+Each has an abstract evaluation (all shape/dtype checks), a lowering registered for the 'cuda'
+platform that emits our XLA FFI target, and a lowering for every other platform that runs the
+pure-JAX twin from `reference.py`. Being registered per platform, a program exported for several
+platforms (`jax.export(..., platforms=("cpu", "cuda"))`) gets each platform's own lowering.
 
 `implementation` is a static parameter of both:
   - "xla": the pure-JAX path on every platform;
   - "cuda": the CUDA kernels; lowering for any other platform raises;
   - None: the kernels where they can run (CUDA lowering, extension built with CUDA, GPU is
-    Hopper or no GPU is attached, as when exporting), the pure-JAX path otherwise.
+    Hopper or no GPU is attached, as when exporting, dtype one of the kernels'), the pure-JAX
+    path otherwise. Falling back where the kernels could run (lowered for 'cuda' with a Hopper
+    GPU or none attached) warns with the reason (`KernelFallbackWarning`).
+
+The pure-JAX decode checks the scheduler records the way the kernels do: requests covered by a
+record whose length fingerprint does not match `cache_seqlens` get NaN rows
+(`reference.stale_requests`).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +47,41 @@ def check_implementation(implementation) -> None:
                      f"{implementation!r}")
 
 
-def _use_kernels(implementation, platform: str) -> bool:
-  """Whether a lowering for `platform` emits our FFI calls (raises where it cannot)."""
+def fallback_reason(platform: str, dtype=None) -> str | None:
+  """Why `implementation=None`, lowered for `platform`, runs pure JAX where the kernels could.
+
+  None when the kernels run, and when the pure-JAX path is simply the expected one: a platform
+  other than 'cuda', or a GPU that is not a Hopper. Otherwise (lowered for 'cuda' with a Hopper
+  GPU or no GPU attached) the reason: the extension is missing or has no kernels, or `dtype` is
+  not one of the kernels'.
+  """
+  if platform != "cuda":
+    return None
+  if _extension.local_gpus() and not _extension.local_hopper_gpus():
+    return None
+  missing = _extension.kernels_missing_reason()
+  if missing is not None:
+    return missing
+  if dtype is not None and jnp.dtype(dtype) not in shapes.KERNEL_DTYPES:
+    return (f"dtype {jnp.dtype(dtype)}: the kernels take {shapes.kernel_dtype_names()}; cast q "
+            f"and k_cache to one of those")
+  return None
+
+
+def _warn_fallback(reason: str) -> None:
+  # The default filter shows each distinct message once per location: once per reason here.
+  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX decode (12-27x slower) "
+                f"where the CUDA kernels could run: {reason}. Pass implementation='xla' to "
+                f"choose the pure-JAX path on purpose.", _extension.KernelFallbackWarning,
+                stacklevel=2)
+
+
+def _use_kernels(implementation, platform: str, dtype=None) -> bool:
+  """Whether a lowering for `platform` emits our FFI calls (raises where it cannot).
+
+  `dtype`: q's, for the decode (None for the scheduler, which takes any). With
+  implementation=None a fallback where the kernels could run warns.
+  """
   if implementation == "xla":
     return False
   if platform != "cuda":
@@ -53,11 +95,16 @@ def _use_kernels(implementation, platform: str) -> bool:
   hopper = _extension.local_hopper_gpus()
   if implementation is None:
     # With no GPU attached we are lowering ahead of time (export, CPU CI): emit the kernels.
-    return _extension.has_cuda_kernels() and (not gpus or bool(hopper))
+    if gpus and not hopper:
+      return False
+    reason = fallback_reason(platform, dtype)
+    if reason is not None and dtype is not None:  # the decode warns, for both primitives
+      _warn_fallback(reason)
+    return _extension.has_cuda_kernels() and reason is None
   if gpus and not _extension.has_cuda_kernels():
     raise RuntimeError(
-        "implementation='cuda': jax_flashmla was built without its CUDA kernels "
-        f"(build_info: {_extension.build_info()}); reinstall with nvcc on the PATH")
+        f"implementation='cuda': {_extension.kernels_missing_reason()} (build_info: "
+        f"{_extension.build_info()})")
   if gpus and not hopper:
     kinds = sorted({getattr(d, "device_kind", "?") for d in gpus})
     raise ValueError(f"implementation='cuda' needs a Hopper GPU (compute capability 9.0), got "
@@ -78,12 +125,21 @@ def cached_jit_bind(prim: Primitive):
   return impl
 
 
-def _platform(ctx) -> str:
-  platforms = ctx.module_context.platforms
-  if len(platforms) != 1:
-    # Multi-platform export: the kernels exist for one platform only; use the portable path.
-    return "multi"
-  return platforms[0]
+def _register_lowerings(prim: Primitive, lowering) -> None:
+  """`lowering(ctx, *args, platform=..., **params)` as the 'cuda' rule and the default rule.
+
+  Per-platform rules let a multi-platform export keep the kernels in its 'cuda' branch (JAX
+  emits a switch on the platform index); the default rule serves every other platform.
+  """
+  mlir.register_lowering(prim, functools.partial(lowering, platform="cuda"), platform="cuda")
+  mlir.register_lowering(prim, functools.partial(lowering, platform=None))
+
+
+def _platform(ctx, platform: str | None) -> str:
+  """The platform a rule lowers for: 'cuda' for the CUDA rule, else the branch's platform(s)."""
+  if platform is not None:
+    return platform
+  return ", ".join(_compat.lowering_platforms(ctx))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,14 +165,14 @@ def _metadata_reference_lowering(ctx, cache_seqlens, *, num_sm_parts):
       _compat.without_varying_axes(ctx), cache_seqlens)
 
 
-def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts, implementation):
-  if _use_kernels(implementation, _platform(ctx)):
+def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts, implementation, platform):
+  if _use_kernels(implementation, _platform(ctx, platform)):
     return jax.ffi.ffi_lowering(METADATA_TARGET)(ctx, cache_seqlens)
   return _metadata_reference_lowering(ctx, cache_seqlens, num_sm_parts=num_sm_parts)
 
 
 mla_metadata_local_p.def_abstract_eval(metadata_abstract_eval)
-mlir.register_lowering(mla_metadata_local_p, _metadata_lowering)  # every platform: _use_kernels
+_register_lowerings(mla_metadata_local_p, _metadata_lowering)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,20 +215,19 @@ def _decode_reference_lowering(ctx, q, k_cache, block_table, cache_seqlens, sche
 
 
 def _decode_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched, num_splits, *,
-                     softmax_scale, causal, implementation):
+                     softmax_scale, causal, implementation, platform):
   q_aval, k_aval, *_, sched_aval, _ = ctx.avals_in
-  if _use_kernels(implementation, _platform(ctx)):
+  if _use_kernels(implementation, _platform(ctx, platform), q_aval.dtype):
     shapes.check_kernel_dtype(q_aval, implementation)  # with None, other dtypes run pure JAX
-    if jnp.dtype(q_aval.dtype) in shapes.KERNEL_DTYPES:
-      avals_out = [jax.core.ShapedArray(s, d)
-                   for s, d in shapes.decode_output_shapes(q_aval, k_aval, sched_aval.shape[0])]
-      results = jax.ffi.ffi_lowering(DECODE_TARGET)(
-          ctx.replace(avals_out=avals_out), q, k_cache, block_table, cache_seqlens, sched,
-          num_splits, softmax_scale=np.float32(softmax_scale), causal=np.bool_(causal))
-      return results[:2]
+    avals_out = [jax.core.ShapedArray(s, d)
+                 for s, d in shapes.decode_output_shapes(q_aval, k_aval, sched_aval.shape[0])]
+    results = jax.ffi.ffi_lowering(DECODE_TARGET)(
+        ctx.replace(avals_out=avals_out), q, k_cache, block_table, cache_seqlens, sched,
+        num_splits, softmax_scale=np.float32(softmax_scale), causal=np.bool_(causal))
+    return results[:2]
   return _decode_reference_lowering(ctx, q, k_cache, block_table, cache_seqlens, sched,
                                     num_splits, softmax_scale=softmax_scale, causal=causal)
 
 
 mla_decode_local_p.def_abstract_eval(decode_abstract_eval)
-mlir.register_lowering(mla_decode_local_p, _decode_lowering)
+_register_lowerings(mla_decode_local_p, _decode_lowering)

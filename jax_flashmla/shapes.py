@@ -2,6 +2,10 @@
 
 Every check names the argument, what was expected and what was got, so a bad call fails in
 Python at trace time rather than in a kernel.
+
+Dimensions may be symbolic (`jax.export.symbolic_shape`): checks that relate dimensions to each
+other hold symbolically and always run; checks that compare a dimension with a constant bound
+(int32 limits, "at least one") run only where the dimension is a known integer.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flashmla import _extension
 from jax_flashmla.constants import (BLOCK_M, FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, HEAD_DIM_V,
                                     INT32_MAX, MAX_SM_PARTS, PAGE_SIZE, SCHED_RECORD_INTS)
 
-KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16),)
+
+def _kernel_dtypes() -> tuple[np.dtype, ...]:
+  """The dtypes the compiled kernels take, as the extension reports them (bfloat16 by default:
+  builds from before float16 do not report the key, and a missing extension runs none)."""
+  names = _extension.build_info().get("kernel_dtypes") or ("bfloat16",)
+  return tuple(jnp.dtype(name) for name in names)
+
+
+KERNEL_DTYPES = _kernel_dtypes()
 REFERENCE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -23,9 +36,16 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(x.shape)
 
 
+def known(*dims) -> bool:
+  """True when every dimension is a known integer (not symbolic, as in a shape-polymorphic
+  export): only then can it be compared with a constant."""
+  return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
 def _expect_array(name: str, x) -> None:
   if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-    raise TypeError(f"{name}: expected a jax.Array, got {type(x).__name__}")
+    wrap = "; wrap it with jnp.asarray" if isinstance(x, (list, tuple, int, float)) else ""
+    raise TypeError(f"{name}: expected a jax.Array or numpy array, got {type(x).__name__}{wrap}")
 
 
 def _expect_rank(name: str, x, rank: int, layout: str) -> None:
@@ -79,7 +99,7 @@ def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
   _expect_array("cache_seqlens", cache_seqlens)
   _expect_rank("cache_seqlens", cache_seqlens, 1, "[b]")
   _expect_dtype("cache_seqlens", cache_seqlens, (jnp.int32,))
-  if _shape(cache_seqlens)[0] < 1:
+  if known(_shape(cache_seqlens)[0]) and _shape(cache_seqlens)[0] < 1:
     raise ValueError(f"cache_seqlens: expected a batch of at least 1, got shape "
                      f"{_shape(cache_seqlens)}")
   if not isinstance(num_sm_parts, (int, np.integer)) or not 1 <= num_sm_parts <= MAX_SM_PARTS:
@@ -88,7 +108,19 @@ def check_metadata_args(cache_seqlens, num_sm_parts: int) -> None:
 
 
 def check_head_dim_v(head_dim_v) -> None:
-  """FlashMLA's `head_dim_v` argument: the kernels' V width is fixed."""
+  """FlashMLA's `head_dim_v` argument: the kernels' V width is fixed.
+
+  Metadata passed positionally lands here (FlashMLA's order is `..., head_dim_v, metadata`):
+  that gets its own message, without the arrays.
+  """
+  # Imported here: metadata.py imports this module.
+  from jax_flashmla.metadata import MLAMetadata
+
+  if isinstance(head_dim_v, MLAMetadata) or (isinstance(head_dim_v, tuple) and
+                                             len(head_dim_v) == 2):
+    raise TypeError(f"head_dim_v: expected {HEAD_DIM_V}, got {type(head_dim_v).__name__} "
+                    f"(scheduler metadata?); metadata is the 6th positional argument, after "
+                    f"head_dim_v: pass it as metadata=...")
   if isinstance(head_dim_v, (bool, np.bool_)) or not isinstance(head_dim_v, (int, np.integer)) \
       or head_dim_v != HEAD_DIM_V:
     raise ValueError(f"head_dim_v: expected {HEAD_DIM_V}, got {head_dim_v!r}")
@@ -107,8 +139,8 @@ def check_scheduler_records(tile_scheduler_metadata, num_splits, b: int) -> None
   _expect_array("num_splits", num_splits)
   _expect_rank("tile_scheduler_metadata", tile_scheduler_metadata, 2, "[num_sm_parts, 8]")
   _expect_dtype("tile_scheduler_metadata", tile_scheduler_metadata, (jnp.int32,))
-  if _shape(tile_scheduler_metadata)[1] != SCHED_RECORD_INTS or \
-      not 1 <= _shape(tile_scheduler_metadata)[0] <= MAX_SM_PARTS:
+  parts, width = _shape(tile_scheduler_metadata)
+  if not known(parts, width) or width != SCHED_RECORD_INTS or not 1 <= parts <= MAX_SM_PARTS:
     raise ValueError(f"tile_scheduler_metadata: expected shape [num_sm_parts, 8] with "
                      f"1 <= num_sm_parts <= {MAX_SM_PARTS}, got "
                      f"{_shape(tile_scheduler_metadata)}")
@@ -118,11 +150,15 @@ def check_scheduler_records(tile_scheduler_metadata, num_splits, b: int) -> None
                      f"{_shape(num_splits)} (metadata computed for another batch?)")
 
 
+def kernel_dtype_names() -> str:
+  return " or ".join(d.name for d in KERNEL_DTYPES)
+
+
 def check_kernel_dtype(q, implementation) -> None:
-  """implementation='cuda' runs the kernels whatever the platform would allow: bfloat16 only."""
+  """implementation='cuda' runs the kernels whatever the platform would allow: their dtypes only."""
   if implementation == "cuda" and jnp.dtype(q.dtype) not in KERNEL_DTYPES:
-    raise TypeError(f"q: expected dtype bfloat16 with implementation='cuda' (the kernels' only "
-                    f"dtype), got {jnp.dtype(q.dtype)}")
+    raise TypeError(f"q: expected dtype {kernel_dtype_names()} with implementation='cuda' (the "
+                    f"kernels' dtypes), got {jnp.dtype(q.dtype)}")
 
 
 def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -> None:
@@ -135,8 +171,8 @@ def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -
   _expect_rank("cache_seqlens", cache_seqlens, 1, "[b]")
   _expect_dtype("q", q, REFERENCE_DTYPES)
   if jnp.dtype(k_cache.dtype) != jnp.dtype(q.dtype):
-    raise TypeError(f"k_cache: expected the dtype of q ({jnp.dtype(q.dtype)}), got "
-                    f"{jnp.dtype(k_cache.dtype)}")
+    raise TypeError(f"q and k_cache: expected one dtype, got q {jnp.dtype(q.dtype)} and k_cache "
+                    f"{jnp.dtype(k_cache.dtype)} (cast q to the cache's dtype)")
   _expect_dtype("block_table", block_table, (jnp.int32,))
   _expect_dtype("cache_seqlens", cache_seqlens, (jnp.int32,))
 
@@ -151,23 +187,29 @@ def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -
   if page_size != PAGE_SIZE:
     raise ValueError(f"k_cache: expected page size {PAGE_SIZE} (axis 1), got {page_size} "
                      f"(shape {_shape(k_cache)})")
-  if b < 1 or s_q < 1 or h_q < 1:
+  if any(known(n) and n < 1 for n in (b, s_q, h_q)):
     raise ValueError(f"q: expected b, s_q, h_q >= 1, got shape {_shape(q)}")
-  if num_blocks < 1 or h_kv < 1:
+  if any(known(n) and n < 1 for n in (num_blocks, h_kv)):
     raise ValueError(f"k_cache: expected num_blocks, h_kv >= 1, got shape {_shape(k_cache)}")
+  if not known(s_q, h_q, h_kv):
+    raise ValueError(f"q: expected known s_q, h_q and h_kv (k_cache axis 2): they choose the "
+                     f"kernel and its schedule; only the batch, the block table's columns and "
+                     f"the pages may be symbolic, got s_q={s_q}, h_q={h_q}, h_kv={h_kv}")
   if h_q % h_kv:
     raise ValueError(f"q: expected h_q to be a multiple of h_kv={h_kv} (k_cache axis 2), got "
                      f"h_q={h_q}")
   if _shape(block_table)[0] != b:
     raise ValueError(f"block_table: expected batch {b} (from q), got shape {_shape(block_table)}")
-  if _shape(block_table)[1] < 1:
+  max_blocks = _shape(block_table)[1]
+  if known(max_blocks) and max_blocks < 1:
     raise ValueError(f"block_table: expected at least one column, got shape "
                      f"{_shape(block_table)}")
   if _shape(cache_seqlens) != (b,):
     raise ValueError(f"cache_seqlens: expected shape ({b},) (batch of q), got "
                      f"{_shape(cache_seqlens)}")
-  max_blocks = _shape(block_table)[1]
-  if b * (max_blocks + FIXED_OVERHEAD_BLOCKS) > INT32_MAX or max_blocks * PAGE_SIZE > INT32_MAX:
+  # Symbolic sizes are bound when the program is called; the FFI handler checks them there.
+  if known(b, max_blocks) and (b * (max_blocks + FIXED_OVERHEAD_BLOCKS) > INT32_MAX or
+                               max_blocks * PAGE_SIZE > INT32_MAX):
     raise ValueError(f"block_table: expected b * (max_blocks + 5) and max_blocks * 64 below "
                      f"2**31 (int32 scheduler and length arithmetic), got shape "
                      f"{_shape(block_table)}")
@@ -199,6 +241,12 @@ def check_num_pools(num_pools, b: int, num_blocks: int, *, batch_from: str = "fr
   `batch_from` and `pages_from` say where the caller's `b` and `num_blocks` come from.
   """
   num_pools = check_static_int("num_pools", num_pools)
+  if num_pools == 1:
+    return 1
+  if not known(b, num_blocks):
+    raise ValueError(f"num_pools: expected a batch and pages of known size to split into "
+                     f"{num_pools} pools, got the batch {b} ({batch_from}) and the pages "
+                     f"{num_blocks} ({pages_from})")
   if b % num_pools or num_blocks % num_pools:
     raise ValueError(f"num_pools: expected a divisor of both the batch ({b}, {batch_from}) and "
                      f"the pages ({num_blocks}, {pages_from}), so that both split into equal "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jax_flashmla
-from jax_flashmla import MLAMetadata
+from jax_flashmla import MLAMetadata, shapes
 
 SDS = jax.ShapeDtypeStruct
 BF16, F16, F32, I32 = jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32
@@ -76,7 +76,7 @@ def test_the_valid_call_traces():
 DECODE_CASES = [
     # q
     ("q_not_an_array", dict(q=np.zeros((2, 2, 8, 576)).tolist()), TypeError, "q",
-     "a jax.Array", "list"),
+     "a jax.Array or numpy array", "list; wrap it with jnp.asarray"),
     ("q_rank_3", dict(q=SDS((2, 8, 576), BF16)), ValueError, "q",
      "rank 4 [b, s_q, h_q, 576]", "shape (2, 8, 576)"),
     ("q_int32", dict(q=SDS((2, 2, 8, 576), I32)), TypeError, "q",
@@ -95,8 +95,11 @@ DECODE_CASES = [
     # k_cache
     ("k_cache_rank_3", dict(k_cache=SDS((6, 64, 576), BF16)), ValueError, "k_cache",
      "rank 4 [num_blocks, 64, h_kv, 576]", "shape (6, 64, 576)"),
-    ("k_cache_dtype_not_q_dtype", dict(k_cache=SDS((6, 64, 1, 576), F16)), TypeError, "k_cache",
-     "the dtype of q (bfloat16)", "float16"),
+    ("k_cache_dtype_not_q_dtype", dict(k_cache=SDS((6, 64, 1, 576), F16)), TypeError,
+     "q and k_cache", "one dtype", "q bfloat16 and k_cache float16 (cast q to the cache's "
+     "dtype)"),
+    ("q_float32_cache_bfloat16", dict(q=SDS((2, 2, 8, 576), F32)), TypeError, "q and k_cache",
+     "one dtype", "q float32 and k_cache bfloat16"),
     ("k_cache_page_size_32", dict(k_cache=SDS((6, 32, 1, 576), BF16)), ValueError, "k_cache",
      "page size 64 (axis 1)", "32"),
     ("k_cache_head_dim_512", dict(k_cache=SDS((6, 64, 1, 512), BF16)), ValueError, "k_cache",
@@ -126,7 +129,9 @@ DECODE_CASES = [
      f"shape (2, {2**30})"),
     # cache_seqlens
     ("cache_seqlens_list", dict(cache_seqlens=[5, 7]), TypeError, "cache_seqlens",
-     "a jax.Array", "list"),
+     "a jax.Array or numpy array", "list; wrap it with jnp.asarray"),
+    ("block_table_list", dict(block_table=[[0, 1, 2], [3, 4, 5]]), TypeError, "block_table",
+     "a jax.Array or numpy array", "list; wrap it with jnp.asarray"),
     ("cache_seqlens_rank_2", dict(cache_seqlens=SDS((2, 1), I32)), ValueError, "cache_seqlens",
      "rank 1 [b]", "shape (2, 1)"),
     ("cache_seqlens_float32", dict(cache_seqlens=SDS((2,), F32)), TypeError, "cache_seqlens",
@@ -238,14 +243,68 @@ def test_cuda_implementation_lowered_for_the_cpu():
                             "'cuda'", "platform 'cpu'")
 
 
-@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("dtype", [d for d in (F32, F16)
+                                   if jnp.dtype(d) not in shapes.KERNEL_DTYPES])
 def test_cuda_implementation_with_another_dtype(dtype):
-  """The kernels take bfloat16 only: said while tracing, whatever the platform."""
+  """The kernels take the dtypes the extension reports (bfloat16, and float16 in builds that
+  have it): anything else is said while tracing, whatever the platform."""
   q, k = (SDS(GOOD[n].shape, dtype) for n in ("q", "k_cache"))
   with pytest.raises(TypeError) as info:
     trace_decode(q=q, k_cache=k, implementation="cuda")
-  assert_names_expected_got(info, "q", "dtype bfloat16 with implementation='cuda'",
-                            jnp.dtype(dtype).name)
+  assert_names_expected_got(info, "q", f"dtype {shapes.kernel_dtype_names()} with "
+                            "implementation='cuda'", jnp.dtype(dtype).name)
+
+
+def test_kernel_dtypes_follow_the_extension():
+  from jax_flashmla import _extension
+
+  reported = jax_flashmla.build_info().get("kernel_dtypes") or ["bfloat16"]
+  assert [d.name for d in shapes.KERNEL_DTYPES] == list(reported)
+  assert jnp.dtype(BF16) in shapes.KERNEL_DTYPES
+  if _extension._ext is None:
+    assert shapes.KERNEL_DTYPES == (jnp.dtype(BF16),)
+
+
+@pytest.mark.parametrize("metadata", ["records", "pair"])
+def test_metadata_passed_where_head_dim_v_goes(metadata):
+  """FlashMLA's order is (..., cache_seqlens, head_dim_v, metadata): metadata passed 5th is
+  named as such, and no array is printed."""
+  md = jax_flashmla.get_mla_metadata(jnp.asarray([5, 7], I32), 16, 1, num_sms=4)
+  md = md if metadata == "records" else (md.tile_scheduler_metadata, md.num_splits)
+  args = (jnp.zeros((2, 2, 8, 576), BF16), jnp.zeros((6, 64, 1, 576), BF16),
+          jnp.zeros((2, 3), I32), jnp.asarray([5, 7], I32))
+  with pytest.raises(TypeError) as info:
+    jax_flashmla.flash_mla_with_kvcache(*args, md)
+  assert_names_expected_got(info, "head_dim_v", "512", type(md).__name__ + " (scheduler "
+                            "metadata?); metadata is the 6th positional argument")
+  assert "metadata=" in str(info.value) and "Array" not in str(info.value)
+  out, _ = jax_flashmla.flash_mla_with_kvcache(*args, 512, md)  # the 6th position works
+  assert out.shape == (2, 2, 8, 512)
+
+
+def test_get_mla_metadata_of_a_list():
+  with pytest.raises(TypeError) as info:
+    jax_flashmla.get_mla_metadata([100, 10], 16, 1)
+  assert_names_expected_got(info, "cache_seqlens", "a jax.Array or numpy array",
+                            "list; wrap it with jnp.asarray")
+  md = jax_flashmla.get_mla_metadata(np.asarray([100, 10], np.int32), 16, 1, num_sms=4)
+  assert md.num_splits.shape == (3,)  # numpy arrays are fine
+
+
+@pytest.mark.parametrize("rows,heads", [(128, 1), (16, 2)])
+def test_metadata_for_other_shapes(rows, heads):
+  """Records scheduled for another number of query rows per KV head, or of KV heads: the
+  MLAMetadata says which, and the decode refuses it while tracing."""
+  md = jax_flashmla.get_mla_metadata(jnp.asarray([5, 7], I32), rows, heads, num_sms=8)
+  assert (md.num_q_tokens_per_head_k, md.num_heads_k) == (rows, heads)
+  with pytest.raises(ValueError) as info:
+    trace_decode(metadata=md)  # s_q=2, h_q=8, h_kv=1: 16 rows per KV head, 1 KV head
+  assert_names_expected_got(info, "metadata", "records for this call's 16 query rows per KV "
+                            "head (s_q * h_q // h_kv) and 1 KV heads",
+                            f"metadata computed with num_q_tokens_per_head_k={rows}, "
+                            f"num_heads_k={heads}")
+  # A pair carries no shapes: not checked (README, "Values no trace can check").
+  trace_decode(metadata=(md.tile_scheduler_metadata, md.num_splits))
 
 
 def test_mla_decode_needs_a_cache():

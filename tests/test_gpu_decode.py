@@ -3,7 +3,8 @@
 Runs only on a Hopper GPU with the CUDA extension built (see conftest.py). The grid is FlashMLA's
 correctness grid: b x s_q x mean length x (h_q, h_kv) x varlen x causal, sampled so that every
 (s_q, h_q, h_kv, causal) combination gets several cases (480 in all), with NaN-poisoned unused
-slots, permuted page tables and zero-length rows throughout.
+slots, permuted page tables and zero-length rows throughout. The decode tests run in bfloat16 and
+float16 (the kernels take both; float16 keeps 3 more mantissa bits, so the same tolerances hold).
 """
 
 import itertools
@@ -11,9 +12,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -21,6 +24,8 @@ import jax_flashmla
 from mla_cases import check_decode, make_case, oracle
 
 pytestmark = pytest.mark.gpu
+
+DTYPES = [pytest.param(ml_dtypes.bfloat16, id="bf16"), pytest.param(np.float16, id="f16")]
 
 HEAD_PAIRS = [(h_q, h_kv) for h_kv in (1, 2, 3, 8) for h_q in (1, 3, 9, 63, 64, 126, 128)
               if h_q % h_kv == 0]
@@ -64,37 +69,40 @@ def test_grid_has_the_promised_coverage():
   assert len(combos) == 3 * len(HEAD_PAIRS) * 2
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,s_q,mean_len,h_q,h_kv,varlen,causal", GRID)
-def test_kernel_matches_reference(b, s_q, mean_len, h_q, h_kv, varlen, causal):
+def test_kernel_matches_reference(b, s_q, mean_len, h_q, h_kv, varlen, causal, dtype):
   rng = np.random.default_rng(hash((b, s_q, mean_len, h_q, h_kv, varlen, causal)) % 2**32)
   case = make_case(rng, b, s_q, mean_len, h_q, h_kv, varlen=varlen, causal=causal,
-                   zero_rows=0.1 if b > 2 else 0.0)
+                   zero_rows=0.1 if b > 2 else 0.0, dtype=dtype)
   out, lse, ref_out, ref_lse = _both(case)
   check_decode(out, lse, ref_out, ref_lse)
   if b * s_q * h_q * mean_len <= 64 * 4096:  # the float64 oracle is slow; check the small ones
     check_decode(out, lse, *oracle(case))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv", [(16, 1), (64, 1), (128, 1), (128, 8)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_batch_128_with_half_the_rows_empty(h_q, h_kv, causal):
+def test_batch_128_with_half_the_rows_empty(h_q, h_kv, causal, dtype):
   rng = np.random.default_rng(h_q * 10 + causal)
-  case = make_case(rng, 128, 2, 4096, h_q, h_kv, causal=causal, zero_rows=0.5)
+  case = make_case(rng, 128, 2, 4096, h_q, h_kv, causal=causal, zero_rows=0.5, dtype=dtype)
   out, lse, ref_out, ref_lse = _both(case)
   check_decode(out, lse, ref_out, ref_lse)
   empty = case.cache_seqlens == 0
   assert empty.any() and np.all(out[empty] == 0) and np.all(np.isposinf(lse[empty]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slope", [0.02, 0.15, -0.05])
 @pytest.mark.parametrize("s_q,h_q", [(2, 128), (1, 16), (2, 16)])  # wide, narrow<16>, narrow<32>
-def test_scores_that_drift_along_the_sequence(s_q, h_q, slope):
+def test_scores_that_drift_along_the_sequence(s_q, h_q, slope, dtype):
   """The kernels' running row max is lazy: it moves only when a page's max passes it by more than
   a factor 2^8. Scores that climb along the sequence move it every few pages (0.02 per key, ~1.8
   in log2 per page) or on every page (0.15); falling ones (-0.05) move it only at the rare spikes
   of +30, which make it jump far past the slack."""
   rng = np.random.default_rng(int(slope * 100) + 7 * h_q + s_q)
-  case = make_case(rng, 8, s_q, 1500, h_q, 1, causal=True)
+  case = make_case(rng, 8, s_q, 1500, h_q, 1, causal=True, dtype=dtype)
   rope = 512  # a RoPE column: V is the first 512, so only the scores change
   case.q[..., rope] = 1.0
   k = case.k_cache.astype(np.float32)
@@ -110,12 +118,13 @@ def test_scores_that_drift_along_the_sequence(s_q, h_q, slope):
   check_decode(out, lse, *oracle(case))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_sms", [1, 3, 132, 1000])
-def test_any_number_of_splits(num_sms):
+def test_any_number_of_splits(num_sms, dtype):
   """Few parts (long chunks) and many (num_sms=1000 is capped at 160 parts, the most the
   combine merges; one request is then split across all of them)."""
   rng = np.random.default_rng(num_sms)
-  case = make_case(rng, 3, 1, 3000, 16, 1, zero_rows=0.0)
+  case = make_case(rng, 3, 1, 3000, 16, 1, zero_rows=0.0, dtype=dtype)
   out, lse, ref_out, ref_lse = _both(case, num_sms=num_sms)
   check_decode(out, lse, ref_out, ref_lse)
 
@@ -175,6 +184,49 @@ def test_exported_program_runs():
   want_out, want_lse = fn(*case.args())
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want_out, np.float32))
   np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
+
+
+def test_export_for_cpu_and_cuda_runs_the_kernels_here():
+  """A two-platform export with a symbolic batch: the cuda branch holds the kernels, and on the
+  GPU it gives the same result as the kernels called directly."""
+  from jax import export
+
+  b, m = export.symbolic_shape("b, m")
+  case = make_case(np.random.default_rng(12), 5, 2, 500, 16, 1, causal=True)
+  specs = (jax.ShapeDtypeStruct((b, 2, 16, 576), jnp.bfloat16),
+           jax.ShapeDtypeStruct(case.k_cache.shape, jnp.bfloat16),
+           jax.ShapeDtypeStruct((b, m), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+  fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a, causal=True))
+  exp = export.export(fn, platforms=("cpu", "cuda"),
+                      disabled_checks=jax_flashmla.DISABLE_JAX_EXPORT_CHECKS)(*specs)
+  exp = export.deserialize(exp.serialize())
+  assert "jax_flashmla_mla_decode_v1" in exp.mlir_module()
+  out, lse = exp.call(*case.args())
+  want_out, want_lse = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(
+      *a, causal=True, implementation="cuda"))(*case.args())
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want_out, np.float32))
+  np.testing.assert_array_equal(np.asarray(lse), np.asarray(want_lse))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_implementation_runs_the_kernels_silently(dtype):
+  case = make_case(np.random.default_rng(13), 3, 1, 300, 16, 1, dtype=dtype)
+  fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jax_flashmla.KernelFallbackWarning)
+    text = fn.lower(*case.args()).as_text()
+    out, lse = fn(*case.args())
+  assert "jax_flashmla_mla_decode_v1" in text
+  check_decode(out, lse, *oracle(case))
+
+
+def test_float32_on_the_gpu_falls_back_with_a_warning():
+  case = make_case(np.random.default_rng(14), 3, 1, 300, 16, 1, dtype=np.float32)
+  fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a))
+  with pytest.warns(jax_flashmla.KernelFallbackWarning, match=r"dtype float32: the kernels "
+                                                              r"take bfloat16 or float16"):
+    text = fn.lower(*case.args()).as_text()
+  assert "jax_flashmla_mla_decode_v1" not in text
 
 
 _GRAPH_SCRIPT = textwrap.dedent(r"""

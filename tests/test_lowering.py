@@ -2,6 +2,7 @@
 
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from jax import export
 
 import jax_flashmla
+from jax_flashmla import KernelFallbackWarning, _extension, shapes
 from mla_cases import check_decode, make_case, oracle
 
 
@@ -107,3 +109,131 @@ def test_build_info_describes_the_build():
   assert isinstance(info, dict) and "cuda" in info
   if info.get("extension"):
     assert re.fullmatch(r"\d+\.\d+", info["xla_ffi_api"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Shape-polymorphic and multi-platform export
+# ------------------------------------------------------------------------------------------------
+
+def _symbolic_args():
+  b, m, n = export.symbolic_shape("b, m, n")
+  return (jax.ShapeDtypeStruct((b, 2, 4, 576), jnp.bfloat16),
+          jax.ShapeDtypeStruct((n, 64, 1, 576), jnp.bfloat16),
+          jax.ShapeDtypeStruct((b, m), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+
+
+def _decode_fn(**kw):
+  def fn(q, k, bt, lens):
+    md = jax_flashmla.get_mla_metadata(lens, 8, 1, num_sms=132, **kw)
+    return jax_flashmla.flash_mla_with_kvcache(q, k, bt, lens, metadata=md, causal=True, **kw)
+  return jax.jit(fn)
+
+
+@pytest.mark.parametrize("platforms", [("cpu",), ("cpu", "cuda")])
+def test_export_with_a_symbolic_batch(platforms):
+  """A symbolic batch, block-table width and page count trace; the exported program runs any of
+  them. Lowered
+  for cpu and cuda, the cuda branch keeps the kernels (each platform gets its own lowering) and
+  the cpu branch runs the pure-JAX path."""
+  exp = export.export(_decode_fn(), platforms=platforms,
+                      disabled_checks=jax_flashmla.DISABLE_JAX_EXPORT_CHECKS)(*_symbolic_args())
+  exp = export.deserialize(exp.serialize())
+  assert exp.platforms == platforms
+  text = exp.mlir_module()
+  assert ("jax_flashmla_mla_decode_v1" in text) == ("cuda" in platforms)
+  assert ("jax_flashmla_mla_metadata_v1" in text) == ("cuda" in platforms)
+  for b, mean_len in ((2, 90), (5, 300)):
+    case = make_case(np.random.default_rng(b), b=b, s_q=2, mean_len=mean_len, h_q=4, h_kv=1,
+                     causal=True)
+    check_decode(*exp.call(*case.args()), *oracle(case))
+
+
+def test_symbolic_head_counts_are_refused():
+  s, = export.symbolic_shape("s")
+  args = list(_args())
+  args[0] = jax.ShapeDtypeStruct((2, s, 16, 576), jnp.bfloat16)
+  fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a, num_sms=132))
+  with pytest.raises(ValueError, match=r"^q: expected known s_q, h_q and h_kv"):
+    export.export(fn, platforms=("cpu",))(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# implementation=None: a fallback where the kernels could run is never silent
+# ------------------------------------------------------------------------------------------------
+
+def _lower(platform, dtype=jnp.bfloat16, b=2, **kw):
+  args = list(_args(b=b))
+  args[0], args[1] = args[0].astype(dtype), args[1].astype(dtype)
+  fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a, num_sms=132, **kw))
+  return fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _fallback_warnings(record):
+  return [str(w.message) for w in record if issubclass(w.category, KernelFallbackWarning)]
+
+
+def test_float32_lowered_for_cuda_warns_once_per_reason():
+  """Lowered for 'cuda' with no GPU attached (an export) or on a Hopper GPU, a dtype the kernels
+  do not take runs pure JAX, and says so (once: the default filter keeps one per message)."""
+  if not _extension.has_cuda_kernels():
+    pytest.skip("the extension has no kernels: the reason would be that instead")
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("default")
+    text = _lower("cuda", jnp.float32)
+    _lower("cuda", jnp.float32, b=3)
+  assert "jax_flashmla_mla_decode_v1" not in text
+  [message] = _fallback_warnings(record)
+  assert "runs the pure-JAX decode" in message and "dtype float32: the kernels take " \
+      f"{shapes.kernel_dtype_names()}; cast q and k_cache" in message
+  assert "implementation='xla'" in message
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernel_dtypes_lowered_for_cuda_emit_the_kernels(dtype):
+  if not _extension.has_cuda_kernels():
+    pytest.skip("the extension has no kernels")
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    text = _lower("cuda", dtype)
+  runs_kernels = jnp.dtype(dtype) in shapes.KERNEL_DTYPES
+  assert ("jax_flashmla_mla_decode_v1" in text) == runs_kernels
+  assert bool(_fallback_warnings(record)) != runs_kernels
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_cpu_path_is_expected_and_silent(dtype):
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    _lower("cpu", dtype)
+    _lower("cuda", dtype, implementation="xla")
+  assert not _fallback_warnings(record)
+
+
+class _FakeGpu:
+  def __init__(self, compute_capability):
+    self.compute_capability = compute_capability
+    self.device_kind = f"sm {compute_capability}"
+
+
+def test_a_missing_extension_on_a_hopper_gpu_warns_with_its_reason(monkeypatch):
+  reason = "jax_flashmla was imported from its source checkout (...); run with `python -P`"
+  monkeypatch.setattr(_extension, "local_gpus", lambda: [_FakeGpu("9.0")])
+  monkeypatch.setattr(_extension, "local_hopper_gpus", lambda: [_FakeGpu("9.0")])
+  monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: False)
+  monkeypatch.setattr(_extension, "kernels_missing_reason", lambda: reason)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    text = _lower("cuda")
+  assert "custom_call @jax_flashmla" not in text
+  [message] = set(_fallback_warnings(record))
+  assert reason in message
+
+
+def test_a_gpu_that_is_not_a_hopper_falls_back_silently(monkeypatch):
+  monkeypatch.setattr(_extension, "local_gpus", lambda: [_FakeGpu("8.0")])
+  monkeypatch.setattr(_extension, "local_hopper_gpus", lambda: [])
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    text = _lower("cuda", jnp.float32)
+  assert "custom_call @jax_flashmla" not in text
+  assert not _fallback_warnings(record)
