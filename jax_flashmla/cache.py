@@ -218,11 +218,25 @@ def mla_decode(
 ) -> tuple[jax.Array, jax.Array]:
   """`flash_mla_with_kvcache` over a `PagedKVCache` (write the step's rows first).
 
+  For sequence `i`, query token `s` and head `h`, with `len = cache.lengths[i]` and the keys
+  `K[t]` = cache row `t` of the sequence (`t < len`; with `causal` also `t <= len - s_q + s`):
+
+    out[i, s, h] = Σ_t softmax_t(softmax_scale * q[i, s, h] · K[t]) · K[t, :512]
+    lse[i, h, s] = log Σ_t exp(softmax_scale * q[i, s, h] · K[t])
+
+  A sequence with no visible key gets `out = 0`, `lse = +inf`. See `flash_mla_with_kvcache`
+  for the full rules.
+
+  Shapes: `b` sequences, `s_q` query tokens per sequence (the step's tokens, the last `s_q` in
+  the cache), `h_q` query heads, `h_kv` the cache's KV heads (1 for MLA), `d = 576`,
+  `d_v = 512`.
+
   Args:
-    q: `[b, s_q, h_q, 576]` absorbed queries, in the pages' dtype.
+    q: `[b, s_q, h_q, d]` absorbed queries, in the pages' dtype.
     cache: the layer's cache, already holding this step's `s_q` tokens.
     metadata: `get_mla_metadata(cache.lengths, s_q * h_q // h_kv, h_kv)` of the step, computed
-      once and shared by every layer; None computes it here.
+      once (from the lengths after the step's write) and shared by every layer; None computes
+      it here. Records of other lengths give NaN rows; of other shapes, a ValueError.
     softmax_scale: static float; DeepSeek models pass `192 ** -0.5` times the YaRN mscale².
     causal: default True: the step's tokens are the last `s_q` of each sequence and token `s`
       sees keys up to itself (nothing changes for `s_q == 1`).
@@ -230,7 +244,21 @@ def mla_decode(
     num_sms: for `metadata=None`, the SM count to schedule for.
 
   Returns:
-    `out [b, s_q, h_q, 512]` in q's dtype and `lse [b, h_q, s_q]` float32.
+    `out [b, s_q, h_q, d_v]` in q's dtype and `lse [b, h_q, s_q]` float32.
+
+  Raises:
+    TypeError: `cache` is not a `PagedKVCache`, or as `flash_mla_with_kvcache` (e.g. q and the
+      pages of different dtypes).
+    ValueError: as `flash_mla_with_kvcache` (shapes, metadata for other shapes).
+
+  Example:
+    >>> cache = PagedKVCache.create(batch_size=2, max_seq_len=256)
+    >>> cache = cache.write(jnp.ones((2, 5, 1, 576), jnp.bfloat16))
+    >>> q = jnp.ones((2, 1, 16, 576), jnp.bfloat16)
+    >>> md = get_mla_metadata(cache.lengths, 1 * 16 // 1, 1)
+    >>> out, lse = mla_decode(q, cache, md, softmax_scale=192 ** -0.5)
+    >>> out.shape, lse.shape
+    ((2, 1, 16, 512), (2, 16, 1))
   """
   if not isinstance(cache, PagedKVCache):
     raise TypeError(f"cache: expected a PagedKVCache, got {type(cache).__name__}")

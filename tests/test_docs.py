@@ -55,3 +55,17 @@ def test_readme_api_example_runs():
                                   jnp.asarray(case.block_table), jnp.asarray(case.cache_seqlens))
   for out, layer in zip(outs, layers, strict=True):
     check_close("out", np.asarray(out, np.float32), oracle(layer)[0], **OUT_TOL)
+
+
+@pytest.mark.parametrize("module", ["decode", "metadata", "reference", "cache"])
+def test_docstring_examples_run(module):
+  import doctest
+  import importlib
+
+  import jax_flashmla
+
+  mod = importlib.import_module(f"jax_flashmla.{module}")
+  names = {name: getattr(jax_flashmla, name) for name in jax_flashmla.__all__}
+  result = doctest.testmod(mod, extraglobs=dict(names, jax=jax, jnp=jnp, np=np),
+                           optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0, result
