@@ -7,11 +7,11 @@
 #include <cstdlib>
 #include <string>
 
-#include "kernel_registry.h"
-#include "launch.h"
-#include "params.h"
-#include "per_device_once.h"
-#include "sm90/launch_sm90.h"
+#include "kernels/common/launch_utils.h"
+#include "kernels/kernel_registry.h"
+#include "kernels/launch.h"
+#include "kernels/params.h"
+#include "kernels/sm90/decode/dense/launch.h"
 
 namespace jax_flashmla {
 namespace {

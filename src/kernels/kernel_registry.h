@@ -6,7 +6,7 @@
 
 #include <cuda_runtime.h>
 
-#include "params.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 

@@ -4,7 +4,7 @@
 
 #include <cuda_runtime.h>
 
-#include "params.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 

@@ -30,9 +30,9 @@
 #include <thread>
 #include <vector>
 
-#include "../../src/kernels/params.h"
-#include "../../src/kernels/sm90/decode_wgmma_blocks.cuh"
-#include "../../src/kernels/sm90/launch_sm90.h"
+#include "kernels/params.h"
+#include "kernels/sm90/decode/dense/blocks.cuh"
+#include "kernels/sm90/decode/dense/launch.h"
 #include "board_energy.h"
 
 using namespace jax_flashmla;

@@ -33,7 +33,7 @@
 
 #include <cudaTypedefs.h>
 
-#include "../../src/kernels/sm90/ptx.cuh"
+#include "kernels/sm90/ptx.cuh"
 #include "board_energy.h"
 
 using namespace jax_flashmla::sm90;

@@ -15,9 +15,9 @@
 
 #include <cstdint>
 
-#include "device_utils.cuh"
-#include "kernel_registry.h"
-#include "params.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/kernel_registry.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 namespace {

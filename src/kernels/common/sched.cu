@@ -10,8 +10,8 @@
 //      time, coalesced, and broadcast with shuffles); lane 0 does the stores.
 #include <cstdint>
 
-#include "launch.h"
-#include "params.h"
+#include "kernels/launch.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 namespace {

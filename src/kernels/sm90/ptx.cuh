@@ -8,7 +8,7 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
-#include "../device_utils.cuh"  // cp.async (cp_async_*), PDL (pdl_*)
+#include "kernels/common/device_utils.cuh"  // cp.async (cp_async_*), PDL (pdl_*)
 
 namespace jax_flashmla {
 namespace sm90 {

@@ -6,10 +6,10 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
-#include "../params.h"
-#include "decode_wgmma_traits.h"
-#include "ptx.cuh"
-#include "wgmma_ops.cuh"
+#include "kernels/params.h"
+#include "kernels/sm90/decode/dense/traits.h"
+#include "kernels/sm90/ptx.cuh"
+#include "kernels/sm90/wgmma_ops.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {

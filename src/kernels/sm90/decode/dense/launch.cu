@@ -3,10 +3,10 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
-#include "decode_narrow.cuh"
-#include "decode_wgmma.cuh"
-#include "launch_sm90.h"
-#include "../per_device_once.h"
+#include "kernels/common/launch_utils.h"
+#include "kernels/sm90/decode/dense/launch.h"
+#include "kernels/sm90/decode/dense/narrow.cuh"
+#include "kernels/sm90/decode/dense/wide.cuh"
 
 namespace jax_flashmla {
 namespace {

@@ -8,7 +8,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include "../params.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 

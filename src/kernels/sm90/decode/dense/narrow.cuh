@@ -19,7 +19,7 @@
 // Masking, skipped pages and the V rows past the length follow the wide kernel.
 #pragma once
 
-#include "decode_wgmma_blocks.cuh"
+#include "kernels/sm90/decode/dense/blocks.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {

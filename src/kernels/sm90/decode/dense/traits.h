@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "../params.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 namespace sm90 {

@@ -36,7 +36,7 @@
 // are zeroed in shared memory before P.V (unused cache slots may hold NaN, and 0 * NaN = NaN).
 #pragma once
 
-#include "decode_wgmma_blocks.cuh"
+#include "kernels/sm90/decode/dense/blocks.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {
