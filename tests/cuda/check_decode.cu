@@ -467,7 +467,7 @@ static bool run_case(const Case& c, bool verbose) {
   CK(cudaMemsetAsync(P.d_lse, 0xff, P.n_lse * 4, st));
   CK(cudaMemsetAsync(P.d_lse_acc, 0xff, P.n_acc_rows * 4, st));
   CK(cudaMemsetAsync(P.d_o_acc, 0xff, P.n_acc_rows * kHeadDimV * 4, st));
-  CK(launch_decode_main_sm90(P.params, st));
+  CK(launch_dense_decode_sm90(P.params, st));
   CK(cudaGetLastError());
   wait_or_die(st, 20.0, c.name.c_str());
   std::vector<double> ro, rl, go, gl;
@@ -1176,7 +1176,7 @@ static int run_bench(const BenchOpts& o) {
           std::vector<float> t_call, t_main;
           for (int it = 0; it < o.reps + 3; ++it) {
             CK(cudaEventRecord(e0, st));
-            CK(launch_decode_main_sm90(p, st));
+            CK(launch_dense_decode_sm90(p, st));
             CK(cudaEventRecord(e1, st));
             CK(launch_bench_combine(p, st));
             CK(cudaEventRecord(e2, st));
@@ -1196,7 +1196,7 @@ static int run_bench(const BenchOpts& o) {
           auto back_to_back_ms = [&](int n, double limit_s, const char* what) {
             CK(cudaEventRecord(e0, st));
             for (int it = 0; it < n; ++it) {
-              CK(launch_decode_main_sm90(p, st));
+              CK(launch_dense_decode_sm90(p, st));
               CK(launch_bench_combine(p, st));
             }
             CK(cudaEventRecord(e2, st));
@@ -1236,7 +1236,7 @@ static int run_bench(const BenchOpts& o) {
               for (int it = 0; it < o.batch; ++it) {
                 if (o.gap_us > 0) idle_kernel<<<1, 32, 0, st>>>(o.gap_us);
                 CK(cudaEventRecord(ev[2 * it], st));
-                CK(launch_decode_main_sm90(p, st, !o.no_pdl));
+                CK(launch_dense_decode_sm90(p, st, !o.no_pdl));
                 CK(launch_bench_combine(p, st));
                 CK(cudaEventRecord(ev[2 * it + 1], st));
               }

@@ -66,43 +66,34 @@ cudaError_t read_cta_marks_sm90(unsigned long long* host, size_t count) {
 }
 #endif
 
-cudaError_t launch_decode_main_sm90(const DecodeParams& params, cudaStream_t stream,
-                                    bool programmatic_dependent, bool allow_narrow) {
+cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
+                                     bool programmatic_dependent, bool allow_narrow) {
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do
   }
   CUtensorMap map;
-  cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
+  const cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
-  // At most 16 or 32 query rows per kv head: the transposed kernel (decode_narrow.cuh).
   static_assert(sm90::NarrowTraits<16>::kThreads == sm90::DecodeWgmmaTraits::kThreads &&
                     sm90::NarrowTraits<32>::kThreads == sm90::DecodeWgmmaTraits::kThreads,
                 "one launch");
-  const int which = !allow_narrow ? 2 : params.q_rows <= 16 ? 0 : params.q_rows <= 32 ? 1 : 2;
-  constexpr int kSmem[3] = {sm90::NarrowTraits<16>::kSmemBytes, sm90::NarrowTraits<32>::kSmemBytes,
-                            sm90::DecodeWgmmaTraits::kSmemBytes};
-  using Kernel = void (*)(CUtensorMap, DecodeParams);
-  constexpr Kernel kKernels[3] = {sm90::decode_narrow_sm90_kernel<16>,
-                                  sm90::decode_narrow_sm90_kernel<32>,
-                                  sm90::decode_main_sm90_kernel};
-  const int smem = kSmem[which];
-  const Kernel kernel = kKernels[which];
-  static PerDeviceOnce smem_opt_in[3];
-  err = smem_opt_in[which].run([&] {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  });
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
-  cfg.blockDim = dim3(sm90::DecodeWgmmaTraits::kThreads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = programmatic_dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, map, params);
+  LaunchShape shape;
+  shape.grid = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
+  shape.block = dim3(sm90::DecodeWgmmaTraits::kThreads);
+  // At most 16 or 32 query rows per kv head: the transposed kernel (narrow.cuh).
+  if (allow_narrow && params.q_rows <= 16) {
+    shape.smem_bytes = sm90::NarrowTraits<16>::kSmemBytes;
+    return launch_kernel<sm90::decode_narrow_sm90_kernel<16>>(shape, programmatic_dependent,
+                                                               stream, map, params);
+  }
+  if (allow_narrow && params.q_rows <= 32) {
+    shape.smem_bytes = sm90::NarrowTraits<32>::kSmemBytes;
+    return launch_kernel<sm90::decode_narrow_sm90_kernel<32>>(shape, programmatic_dependent,
+                                                               stream, map, params);
+  }
+  shape.smem_bytes = sm90::DecodeWgmmaTraits::kSmemBytes;
+  return launch_kernel<sm90::decode_main_sm90_kernel>(shape, programmatic_dependent, stream, map,
+                                                      params);
 }
 
 }  // namespace jax_flashmla
