@@ -673,13 +673,13 @@ static int run_correctness(bool quick) {
 
 // ------------------------------------------------------------------ building-block test
 
-using sm90::DecodeWgmmaTraits;
+using sm90::WideTraits;
 
 __global__ void __launch_bounds__(256, 1)
     prims_kernel(const __grid_constant__ CUtensorMap tmap, const __grid_constant__ DecodeParams p,
                  int kv_id, int hk, float* out_s, float* out_o_rs, float* out_o_ss) {
   using namespace sm90;
-  using TT = DecodeWgmmaTraits;
+  using TT = WideTraits;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sK = base + TT::kPageBytes, sP = base + 2 * TT::kPageBytes;
@@ -758,7 +758,7 @@ static int run_prims() {
   CK(cudaMalloc(&d_oss, 64 * 512 * 4));
   CUtensorMap map;
   CK(make_kcache_tensor_map_sm90(&map, P.params));
-  const int smem = 2 * DecodeWgmmaTraits::kPageBytes + 2 * DecodeWgmmaTraits::kTileBytes + 128 + 1024;
+  const int smem = 2 * WideTraits::kPageBytes + 2 * WideTraits::kTileBytes + 128 + 1024;
   CK(cudaFuncSetAttribute(prims_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   prims_kernel<<<1, 256, smem>>>(map, P.params, kv_id, hk, d_s, d_ors, d_oss);
   CK(cudaGetLastError());

@@ -10,8 +10,8 @@ bin=$1
 cu=${2:-cuobjdump}
 "$cu" --dump-sass "$bin" | awk '
   /Function :/ { f = $3 }
-  f ~ /decode_(main|narrow)_sm90/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
-  f ~ /decode_(main|narrow)_sm90/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
+  f ~ /decode_(wide|narrow)_kernel/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
+  f ~ /decode_(wide|narrow)_kernel/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
   END {
     bad = 0
     for (k in mma) {

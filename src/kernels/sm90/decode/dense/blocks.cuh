@@ -1,5 +1,5 @@
-// Building blocks of the sm90 decode kernel (work description, loads, softmax pieces, the
-// wgmma sequences), kept apart from the kernel so tests can exercise them one at a time.
+// Building blocks of the sm90 dense decode kernels (work description, loads, softmax pieces, the
+// wgmma sequences), kept apart from the kernels so tests can exercise them one at a time.
 #pragma once
 
 #include <cuda.h>
@@ -14,7 +14,7 @@
 namespace jax_flashmla {
 namespace sm90 {
 
-using T = DecodeWgmmaTraits;
+using T = WideTraits;
 
 // ------------------------------------------------------------------ diagnostics
 

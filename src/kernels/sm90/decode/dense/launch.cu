@@ -1,4 +1,5 @@
-// Host side of the sm90 main decode kernels: the TMA descriptor of the paged cache and the launch.
+// Host side of the sm90 dense decode kernels (wide and narrow): the TMA descriptor of the paged
+// cache, the choice of kernel, and the launch.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
@@ -74,26 +75,26 @@ cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t st
   CUtensorMap map;
   const cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
-  static_assert(sm90::NarrowTraits<16>::kThreads == sm90::DecodeWgmmaTraits::kThreads &&
-                    sm90::NarrowTraits<32>::kThreads == sm90::DecodeWgmmaTraits::kThreads,
+  static_assert(sm90::NarrowTraits<16>::kThreads == sm90::WideTraits::kThreads &&
+                    sm90::NarrowTraits<32>::kThreads == sm90::WideTraits::kThreads,
                 "one launch");
   LaunchShape shape;
   shape.grid = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
-  shape.block = dim3(sm90::DecodeWgmmaTraits::kThreads);
+  shape.block = dim3(sm90::WideTraits::kThreads);
   // At most 16 or 32 query rows per kv head: the transposed kernel (narrow.cuh).
   if (allow_narrow && params.q_rows <= 16) {
     shape.smem_bytes = sm90::NarrowTraits<16>::kSmemBytes;
-    return launch_kernel<sm90::decode_narrow_sm90_kernel<16>>(shape, programmatic_dependent,
-                                                               stream, map, params);
+    return launch_kernel<sm90::decode_narrow_kernel<16>>(shape, programmatic_dependent, stream,
+                                                          map, params);
   }
   if (allow_narrow && params.q_rows <= 32) {
     shape.smem_bytes = sm90::NarrowTraits<32>::kSmemBytes;
-    return launch_kernel<sm90::decode_narrow_sm90_kernel<32>>(shape, programmatic_dependent,
-                                                               stream, map, params);
+    return launch_kernel<sm90::decode_narrow_kernel<32>>(shape, programmatic_dependent, stream,
+                                                          map, params);
   }
-  shape.smem_bytes = sm90::DecodeWgmmaTraits::kSmemBytes;
-  return launch_kernel<sm90::decode_main_sm90_kernel>(shape, programmatic_dependent, stream, map,
-                                                      params);
+  shape.smem_bytes = sm90::WideTraits::kSmemBytes;
+  return launch_kernel<sm90::decode_wide_kernel>(shape, programmatic_dependent, stream, map,
+                                                 params);
 }
 
 }  // namespace jax_flashmla

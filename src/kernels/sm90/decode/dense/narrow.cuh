@@ -1,7 +1,7 @@
-// The sm90 decode kernel for narrow query blocks: at most N = 16 or 32 query rows per kv head,
+// The narrow sm90 dense decode kernel, for narrow query blocks: at most N = 16 or 32 query rows per kv head,
 // e.g. h_q=16 with s_q=1 (the memory-bound decode of DeepSeek-style models) or s_q=2.
 //
-// The wide kernel (decode_wgmma.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
+// The wide kernel (wide.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
 // of its tensor work and Q reads go to zero rows (with 32, half), and that power is taken from a
 // card that already runs at its power cap while it streams the cache. Here keys are M and query
 // rows are N:
@@ -173,8 +173,8 @@ __device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2
 
 template <int kRows>
 __global__ void __launch_bounds__(256, 1)
-    decode_narrow_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
-                              const __grid_constant__ DecodeParams p) {
+    decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap_k,
+                         const __grid_constant__ DecodeParams p) {
   using NT = NarrowTraits<kRows>;
   constexpr int kAcc = NT::kAcc;
   constexpr int kThreadRows = NT::kThreadRows;

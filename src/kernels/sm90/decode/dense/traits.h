@@ -1,4 +1,4 @@
-// Tile shapes and the shared-memory plan of the sm90 (wgmma + TMA) decode kernel, in one place.
+// Tile shapes and the shared-memory plan of the wide sm90 dense decode kernel, in one place.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +8,7 @@
 namespace jax_flashmla {
 namespace sm90 {
 
-struct DecodeWgmmaTraits {
+struct WideTraits {
   static constexpr int kThreads = 256;        // two consumer warpgroups, no producer warpgroup
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kVColsPerWarpgroup = kHeadDimV / 2;  // each warpgroup owns 256 output columns
@@ -59,7 +59,7 @@ struct DecodeWgmmaTraits {
   static constexpr float kMaxSlack = 8.f;
 };
 
-static_assert(DecodeWgmmaTraits::kSmemBytes <= 227 * 1024, "shared memory plan too large");
+static_assert(WideTraits::kSmemBytes <= 227 * 1024, "shared memory plan too large");
 static_assert(kBlockM == 64 && kPageSize == 64, "the kernel is written for 64-row tiles");
 
 }  // namespace sm90

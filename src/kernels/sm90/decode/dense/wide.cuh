@@ -1,4 +1,5 @@
-// The sm90 paged MLA decode kernel: TMA-fed, wgmma-based, two consumer warpgroups.
+// The wide sm90 dense decode kernel: TMA-fed, wgmma-based, two consumer warpgroups, query rows
+// on wgmma's M (64 per CTA). Shapes with at most 32 query rows per kv head run narrow.cuh.
 //
 // One CTA per (m block, kv head, sm part) walks the (request, page range) chunks of its
 // SchedRecord. Pages are consumed in pairs: page a sits in buffer 0, page b in buffer 1.
@@ -55,8 +56,8 @@ __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uin
 }
 
 __global__ void __launch_bounds__(T::kThreads, 1)
-    decode_main_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
-                            const __grid_constant__ DecodeParams p) {
+    decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
+                       const __grid_constant__ DecodeParams p) {
   JFM_RECORD_CTA_TIME(0);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
