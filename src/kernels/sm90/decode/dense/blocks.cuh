@@ -16,41 +16,6 @@ namespace sm90 {
 
 using T = WideTraits;
 
-// ------------------------------------------------------------------ diagnostics
-
-#if defined(JFM_TIMING)
-// Diagnostic builds of the standalone checker only: each CTA's start and end on the global
-// timer (ns), to see how evenly the scheduler's parts finish.
-__device__ unsigned long long g_cta_times[2 * 65536];
-__device__ __forceinline__ unsigned long long global_timer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");  // an ordering point
-  return t;
-}
-__device__ unsigned long long g_cta_marks[16 * 65536];
-__device__ __forceinline__ void record_cta_time(int which) {
-  const unsigned id = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0 && id < 65536) {
-    g_cta_times[2 * id + which] = global_timer_ns();
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    if (which == 0) g_cta_marks[16 * id + 15] = sm;  // which SM ran the part (slot 15 of its marks)
-  }
-}
-#define JFM_RECORD_CTA_TIME(which) record_cta_time(which)
-// Timestamps (thread 0) of the CTA's first request switch, in program order: pairs 0 and 2 and
-// the last pair of the first request, its loop end, epilogue steps, the next request's setup and
-// its second pair. check_decode prints the intervals ("switch" line of --bench).
-#define JFM_MARK(k, cond)                                                                      \
-  do {                                                                                         \
-    const unsigned id_ = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;        \
-    if (threadIdx.x == 0 && (cond) && id_ < 65536) g_cta_marks[16 * id_ + (k)] = global_timer_ns(); \
-  } while (0)
-#else
-#define JFM_MARK(k, cond)
-#define JFM_RECORD_CTA_TIME(which)
-#endif
-
 // ------------------------------------------------------------------ work description
 
 // One request's chunk as seen by this CTA's m block.

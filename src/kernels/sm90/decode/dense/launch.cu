@@ -59,11 +59,8 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p)
 }
 
 #if defined(JFM_TIMING)
-cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count) {
-  return cudaMemcpyFromSymbol(host, sm90::g_cta_times, count * sizeof(unsigned long long));
-}
-cudaError_t read_cta_marks_sm90(unsigned long long* host, size_t count) {
-  return cudaMemcpyFromSymbol(host, sm90::g_cta_marks, count * sizeof(unsigned long long));
+cudaError_t read_cta_timing_sm90(unsigned long long* host, size_t ctas) {
+  return read_cta_timing(host, ctas);  // this file's copy: the one the kernels above write
 }
 #endif
 

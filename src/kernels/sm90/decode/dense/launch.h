@@ -8,6 +8,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
+
 #include "kernels/params.h"
 
 namespace jax_flashmla {
@@ -26,9 +28,9 @@ cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t st
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
 
 #if defined(JFM_TIMING)
-// Diagnostic builds: (start, end) global-timer ns of each CTA of the last launch, CTA-linear.
-cudaError_t read_cta_times_sm90(unsigned long long* host, size_t count);
-cudaError_t read_cta_marks_sm90(unsigned long long* host, size_t count);
+// Timing builds (common/cta_timing.cuh): (start ns, end ns, SM) of CTAs 0..ctas-1 of the last
+// launch, CTA-linear.
+cudaError_t read_cta_timing_sm90(unsigned long long* host, size_t ctas);
 #endif
 
 }  // namespace jax_flashmla

@@ -19,6 +19,7 @@
 // Masking, skipped pages and the V rows past the length follow the wide kernel.
 #pragma once
 
+#include "kernels/common/cta_timing.cuh"
 #include "kernels/sm90/decode/dense/blocks.cuh"
 
 namespace jax_flashmla {
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(256, 1)
   constexpr int kAcc = NT::kAcc;
   constexpr int kThreadRows = NT::kThreadRows;
   static_assert(NT::kThreads == 256, "launch bounds");
-  JFM_RECORD_CTA_TIME(0);
+  JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
@@ -205,10 +206,7 @@ __global__ void __launch_bounds__(256, 1)
   float* s_o = reinterpret_cast<float*>(smem + NT::kOffQ);  // the merge area, in the epilogue
 
   SchedRecord rec;
-  if (!start_part(&tmap_k, p, base + NT::kOffBars, part, rec)) {
-    JFM_RECORD_CTA_TIME(1);
-    return;
-  }
+  if (!start_part(&tmap_k, p, base + NT::kOffBars, part, rec)) return;
   const uint64_t policy = leader ? l2_evict_first_policy() : 0;
   constexpr uint32_t kAllTiles = (1u << T::kNumKTiles) - 1;
 
@@ -227,10 +225,6 @@ __global__ void __launch_bounds__(256, 1)
     load_q_narrow<NT>(p, sQ, c.bi, hk);
     fence_proxy_async_smem();
     __syncthreads();
-    // Timing builds: the wide kernel's marks at the same points, seen from WG0's pages (pb, pb+2,
-    // ...; the other group works on the pages between), so check_decode's "switch" line reads
-    // the same; here the O merge falls in its "stores" interval, with the output.
-    JFM_MARK(8, req == rec.begin_req + 1);
 
     int vis[kThreadRows];
 #pragma unroll
@@ -249,10 +243,6 @@ __global__ void __launch_bounds__(256, 1)
     }
 
     for (int page = c.pb + wg; page < c.pe; page += 2) {
-      JFM_MARK(0, req == rec.begin_req && page == c.pb);
-      JFM_MARK(1, req == rec.begin_req && page == c.pb + 4);
-      JFM_MARK(2, req == rec.begin_req && page + 2 >= c.pe);
-      JFM_MARK(9, req == rec.begin_req + 1 && page == c.pb + 2);
       const PageInfo pi = make_page(p, c, page);
       // The group's next page (maybe in a later request): the leader refills the buffer with it
       // as this page's last reads of each tile group retire (RoPE tile after S^T, then V halves).
@@ -362,7 +352,6 @@ __global__ void __launch_bounds__(256, 1)
       }
     }
 
-    JFM_MARK(3, req == rec.begin_req);
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: merge the two groups' (max, sum, O^T), write this request ----
@@ -407,8 +396,6 @@ __global__ void __launch_bounds__(256, 1)
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
-    JFM_MARK(4, req == rec.begin_req);
-    JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
 
     // This group's share of half h of O^T, scaled to the merged row max, into the merge area:
     // stored (WG1) or added to what is there (WG0).
@@ -463,10 +450,7 @@ __global__ void __launch_bounds__(256, 1)
       }
       __syncthreads();  // the merge area is rewritten by the next half, sQ by the next request
     }
-    JFM_MARK(6, req == rec.begin_req);
-    JFM_MARK(7, req == rec.begin_req);
   }
-  JFM_RECORD_CTA_TIME(1);
 }
 
 }  // namespace sm90

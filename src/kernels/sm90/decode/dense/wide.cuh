@@ -37,6 +37,7 @@
 // are zeroed in shared memory before P.V (unused cache slots may hold NaN, and 0 * NaN = NaN).
 #pragma once
 
+#include "kernels/common/cta_timing.cuh"
 #include "kernels/sm90/decode/dense/blocks.cuh"
 
 namespace jax_flashmla {
@@ -58,7 +59,7 @@ __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uin
 __global__ void __launch_bounds__(T::kThreads, 1)
     decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
                        const __grid_constant__ DecodeParams p) {
-  JFM_RECORD_CTA_TIME(0);
+  JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
@@ -82,10 +83,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const bool leader = tid_wg == 0;
 
   SchedRecord rec;
-  if (!start_part(&tmap_k, p, base + T::kOffBars, part, rec)) {
-    JFM_RECORD_CTA_TIME(1);
-    return;
-  }
+  if (!start_part(&tmap_k, p, base + T::kOffBars, part, rec)) return;
 
   const uint64_t policy = leader ? l2_evict_first_policy() : 0;
 
@@ -120,17 +118,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     fence_proxy_async_smem();
     __syncthreads();
 
-    JFM_MARK(8, req == rec.begin_req + 1);
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float row_sum[2] = {0.f, 0.f};
 
     for (int page = c.pb; page < c.pe; page += 2) {
-      JFM_MARK(0, req == rec.begin_req && page == c.pb);
-      JFM_MARK(1, req == rec.begin_req && page == c.pb + 4);
-      JFM_MARK(2, req == rec.begin_req && page + 2 >= c.pe);
-      JFM_MARK(9, req == rec.begin_req + 1 && page == c.pb + 2);
       const bool prefetch_next_q = page + 2 >= c.pe && req < last_req;
       const PageInfo pa = make_page(p, c, page);
       const PageInfo pb = make_page(p, c, page + 1);  // not loaded if page + 1 >= pe
@@ -282,7 +275,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       if (pb.loaded) phase[1] ^= 1u;
     }
 
-    JFM_MARK(3, req == rec.begin_req);
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: combine the two groups' row sums, write this request ----------
@@ -296,7 +288,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       s_row_sum[wg * kBlockM + r0 + 8] = row_sum[1];
     }
     __syncthreads();
-    JFM_MARK(4, req == rec.begin_req);
 
     const int split_begin = __ldg(p.num_splits + c.bi);
     const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
@@ -305,7 +296,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
-    JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
     const int col0 = wg * T::kVColsPerWarpgroup + 2 * q4;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -342,12 +332,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       }
     }
-    JFM_MARK(6, req == rec.begin_req);
     __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
     q_prefetched = c.pb < c.pe && req < last_req;
-    JFM_MARK(7, req == rec.begin_req);
   }
-  JFM_RECORD_CTA_TIME(1);
 }
 
 }  // namespace sm90
