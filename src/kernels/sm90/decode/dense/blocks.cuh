@@ -9,12 +9,15 @@
 #include "kernels/params.h"
 #include "kernels/sm90/decode/dense/traits.h"
 #include "kernels/sm90/ptx.cuh"
+#include "kernels/sm90/tile_geometry.h"
 #include "kernels/sm90/wgmma_ops.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {
 
-using T = WideTraits;
+// What both kernels share (page layout, thread counts, softmax constants); each kernel adds its
+// own plan (WideTraits, NarrowTraits<N>).
+using T = DenseTraits;
 
 // ------------------------------------------------------------------ work description
 
@@ -115,7 +118,7 @@ __device__ __forceinline__ void expect_group(uint32_t bars, const PageInfo& pi,
   if (!pi.loaded) return;
 #pragma unroll
   for (int t = 0; t < T::kNumKTiles; ++t) {
-    if ((tile_mask >> t) & 1u) mbar_arrive_expect_tx(bars + 8 * t, T::kTileBytes);
+    if ((tile_mask >> t) & 1u) mbar_arrive_expect_tx(bars + 8 * t, kTileBytes);
   }
 }
 
@@ -126,7 +129,7 @@ __device__ __forceinline__ void issue_group(const CUtensorMap* tmap, uint32_t s_
 #pragma unroll
   for (int t = 0; t < T::kNumKTiles; ++t) {
     if ((tile_mask >> t) & 1u) {
-      tma_load_4d(s_buf + t * T::kTileBytes, tmap, bars + 8 * t, t * T::kTileCols, hk, 0,
+      tma_load_4d(s_buf + t * kTileBytes, tmap, bars + 8 * t, t * kTileCols, hk, 0,
                   pi.kv_id, policy);
     }
   }
@@ -174,7 +177,7 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sQ, int b
       const int i = threadIdx.x + (half * (kIters / 2) + it) * T::kThreads;
       const int row = i / kChunksPerRow;
       const int c = i % kChunksPerRow;
-      const uint32_t dst = sQ + (c / 8) * T::kTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4);
+      const uint32_t dst = sQ + (c / 8) * kTileBytes + swizzled_offset(row, c % 8);
       st_shared_v4(dst, v[it]);
     }
   }
@@ -203,8 +206,7 @@ __device__ __forceinline__ void prefetch_q_async(const DecodeParams& p, uint32_t
       src = q + ((static_cast<size_t>(bi) * p.s_q + s) * p.h_q + hk * p.g + j) * kHeadDimK + c * 8;
       bytes = 16;
     }
-    cp_async_16(sQ + (c / 8) * T::kTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4), src,
-                bytes);
+    cp_async_16(sQ + (c / 8) * kTileBytes + swizzled_offset(row, c % 8), src, bytes);
   }
   cp_async_commit();
 }
@@ -303,9 +305,10 @@ __device__ __forceinline__ void pack_p(const float (&s)[32], uint32_t (&a)[16]) 
 __device__ __forceinline__ void store_p(uint32_t s_tile, const uint32_t (&a)[16], int r0, int q4) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const uint32_t chunk = static_cast<uint32_t>(k ^ (r0 & 7)) << 4;
-    st_shared_u32(s_tile + r0 * 128 + chunk + q4 * 4, a[2 * k]);
-    st_shared_u32(s_tile + (r0 + 8) * 128 + chunk + q4 * 4, a[2 * k + 1]);
+    // Row r0 + 8 has the same chunk position: the swizzle repeats every 8 rows.
+    const uint32_t at = s_tile + swizzled_offset(r0, k) + q4 * 4;
+    st_shared_u32(at, a[2 * k]);
+    st_shared_u32(at + 8 * kTileRowBytes, a[2 * k + 1]);
   }
 }
 
@@ -318,7 +321,7 @@ __device__ __forceinline__ void zero_v_rows(uint32_t s_buf, int tile0, int n_val
     const int rest = i >> 3;
     const int row = n_valid + rest % rows;
     const int tile = tile0 + rest / rows;
-    st_shared_zero16(s_buf + tile * T::kTileBytes + row * 128 + ch * 16);
+    st_shared_zero16(s_buf + tile * kTileBytes + row * kTileRowBytes + ch * kChunkBytes);
   }
 }
 
@@ -339,8 +342,8 @@ __device__ __forceinline__ void zero_tail_v_rows(uint32_t s_buf, int tile0, int 
 template <int kFirstTile = 0>
 __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
                                         uint32_t bars, uint32_t phase) {
-  const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
-  const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
+  const uint64_t dq = make_desc_sw128(sQ, kDescKMajorLbo, kDescSbo);
+  const uint64_t dk = make_desc_sw128(s_buf, kDescKMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int i = 0; i < T::kNumKTiles; ++i) {
@@ -348,7 +351,7 @@ __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_
     mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t off = t * T::kTileBytes + kk * 32;
+      const uint32_t off = t * kTileBytes + kk * kKStepKMajor;
       wgmma_m64n64k16_ss(s, desc_advance(dq, off), desc_advance(dk, off), (i | kk) != 0 ? 1 : 0);
     }
   }
@@ -358,24 +361,25 @@ __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_
 // O[:, half] += P V[:, half] with P from registers; V = tiles [tile0, tile0 + 4) read MN-major.
 __device__ __forceinline__ void pv_rs(float (&o)[128], const uint32_t (&a)[16], uint32_t s_buf,
                                       int tile0) {
-  const uint64_t dv = make_desc_sw128(s_buf + tile0 * T::kTileBytes, T::kTileBytes, 1024);
+  const uint64_t dv = make_desc_sw128(s_buf + tile0 * kTileBytes, kDescMnMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t ak[4] = {a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3]};
-    wgmma_m64n256k16_rs_tb(o, ak, desc_advance(dv, kk * 2048));
+    wgmma_m64n256k16_rs_tb(o, ak, desc_advance(dv, kk * kKStepMnMajor));
   }
   wgmma_commit();
 }
 
 // O[:, half] += P V[:, half] with P from the swizzled smem tile s_p.
 __device__ __forceinline__ void pv_ss(float (&o)[128], uint32_t s_p, uint32_t s_buf, int tile0) {
-  const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
-  const uint64_t dv = make_desc_sw128(s_buf + tile0 * T::kTileBytes, T::kTileBytes, 1024);
+  const uint64_t dp = make_desc_sw128(s_p, kDescKMajorLbo, kDescSbo);
+  const uint64_t dv = make_desc_sw128(s_buf + tile0 * kTileBytes, kDescMnMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    wgmma_m64n256k16_ss_tb(o, desc_advance(dp, kk * 32), desc_advance(dv, kk * 2048), 1);
+    wgmma_m64n256k16_ss_tb(o, desc_advance(dp, kk * kKStepKMajor),
+                           desc_advance(dv, kk * kKStepMnMajor), 1);
   }
   wgmma_commit();
 }

@@ -72,12 +72,9 @@ cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t st
   CUtensorMap map;
   const cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
-  static_assert(sm90::NarrowTraits<16>::kThreads == sm90::WideTraits::kThreads &&
-                    sm90::NarrowTraits<32>::kThreads == sm90::WideTraits::kThreads,
-                "one launch");
   LaunchShape shape;
   shape.grid = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
-  shape.block = dim3(sm90::WideTraits::kThreads);
+  shape.block = dim3(sm90::DenseTraits::kThreads);  // the same for all three kernels
   // At most 16 or 32 query rows per kv head: the transposed kernel (narrow.cuh).
   if (allow_narrow && params.q_rows <= 16) {
     shape.smem_bytes = sm90::NarrowTraits<16>::kSmemBytes;

@@ -25,35 +25,6 @@
 namespace jax_flashmla {
 namespace sm90 {
 
-template <int kRows_>
-struct NarrowTraits {
-  static constexpr int kRows = kRows_;  // query rows per CTA: N of every wgmma
-  static_assert(kRows == 16 || kRows == 32, "narrow kernel: N is 16 or 32");
-  static constexpr int kThreads = 256;
-  static constexpr int kAcc = kRows / 2;          // fp32 registers of one m64nNk16 accumulator
-  static constexpr int kThreadRows = kRows / 4;   // query rows a thread holds (k = 2j + e below)
-  static constexpr int kQTileBytes = kRows * 128;  // N rows x 64 bf16, 128-byte swizzle
-  static constexpr int kOStride = 260;  // floats per row of the merge area (256 columns): fragment
-                                        // stores of the 4 column pairs of a quad hit distinct banks
-
-  // Shared memory, offsets from a 1024-byte aligned base.
-  static constexpr int kOffQ = 0;    // 9 Q tiles; in the epilogue, float[N][260] (merge area)
-  static constexpr int kOffK = kOffQ + T::kNumKTiles * kQTileBytes;        // 2 page buffers
-  static constexpr int kOffP = kOffK + 2 * T::kPageBytes;                  // 2 x P^T (N x 64)
-  static constexpr int kOffRed = kOffP + 2 * kQTileBytes;                  // float[2][4][N]
-  static constexpr int kOffSum = kOffRed + 2 * 4 * kRows * 4;              // float[2][4][N]
-  static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][N]
-  static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][N]: m, l
-  static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
-  static constexpr int kSmemBytes = kOffBars + 2 * T::kNumKTiles * 8 + 1024;
-  static_assert(kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
-  static_assert(kOffK % 1024 == 0 && kOffP % 1024 == 0, "swizzled tiles need 1 KiB");
-  static_assert(kRows * kOStride * 4 <= kOffK - kOffQ, "merge area must fit in the Q tiles");
-
-  // The named barrier of warpgroup w's four warps (0 is __syncthreads).
-  JFM_HOST_DEVICE static constexpr int bar_group(int w) { return 1 + w; }
-};
-
 // One k16 step of S^T = K Q^T (both K-major) and of O^T += V^T P^T (V^T MN-major), for N = 16, 32.
 __device__ __forceinline__ void mma_kq(float (&d)[8], uint64_t a, uint64_t b, int scale_d) {
   wgmma_m64n16k16_ss(d, a, b, scale_d);
@@ -96,7 +67,7 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t sQ
     if (i < kChunks) {
       const int row = i / kChunksPerRow;
       const int c = i % kChunksPerRow;
-      st_shared_v4(sQ + (c / 8) * NT::kQTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4), v[it]);
+      st_shared_v4(sQ + (c / 8) * NT::kQTileBytes + swizzled_offset(row, c % 8), v[it]);
     }
   }
 }
@@ -120,16 +91,16 @@ __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const Sch
 template <class NT>
 __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uint32_t s_buf,
                                           uint32_t bars, uint32_t phase) {
-  const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
-  const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
+  const uint64_t dk = make_desc_sw128(s_buf, kDescKMajorLbo, kDescSbo);
+  const uint64_t dq = make_desc_sw128(sQ, kDescKMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int t = 0; t < T::kNumKTiles; ++t) {
     mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      mma_kq(s, desc_advance(dk, t * T::kTileBytes + kk * 32),
-             desc_advance(dq, t * NT::kQTileBytes + kk * 32), (t | kk) != 0 ? 1 : 0);
+      mma_kq(s, desc_advance(dk, t * kTileBytes + kk * kKStepKMajor),
+             desc_advance(dq, t * NT::kQTileBytes + kk * kKStepKMajor), (t | kk) != 0 ? 1 : 0);
     }
   }
   wgmma_commit();
@@ -140,14 +111,15 @@ __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uin
 // the second is still read.
 template <class NT>
 __device__ __forceinline__ void pv_narrow(float (&o)[8][NT::kAcc], uint32_t s_p, uint32_t s_buf) {
-  const uint64_t dv = make_desc_sw128(s_buf, T::kTileBytes, 1024);
-  const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
+  const uint64_t dv = make_desc_sw128(s_buf, kDescMnMajorLbo, kDescSbo);
+  const uint64_t dp = make_desc_sw128(s_p, kDescKMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int mb = 0; mb < T::kNumVTiles; ++mb) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      mma_vp(o[mb], desc_advance(dv, mb * T::kTileBytes + kk * 2048), desc_advance(dp, kk * 32));
+      mma_vp(o[mb], desc_advance(dv, mb * kTileBytes + kk * kKStepMnMajor),
+             desc_advance(dp, kk * kKStepKMajor));
     }
     if (mb == 3 || mb == 7) wgmma_commit();
   }
@@ -173,13 +145,12 @@ __device__ __forceinline__ void release_tiles(int bar, bool leader,
 __device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2 * q4 + (k & 1); }
 
 template <int kRows>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(T::kThreads, 1)
     decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap_k,
                          const __grid_constant__ DecodeParams p) {
   using NT = NarrowTraits<kRows>;
   constexpr int kAcc = NT::kAcc;
   constexpr int kThreadRows = NT::kThreadRows;
-  static_assert(NT::kThreads == 256, "launch bounds");
   JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -331,8 +302,7 @@ __global__ void __launch_bounds__(256, 1)
         for (int r = 0; r < kAcc; ++r) {
           const int n = frag_row(q4, 2 * (r >> 2) + (r & 1));
           const int key = key_lo + 8 * ((r >> 1) & 1);
-          st_shared_u16(s_p + n * 128 + (((key >> 3) ^ (n & 7)) << 4) + (key & 7) * 2,
-                        bf16_bits(s[r]));
+          st_shared_u16(s_p + swizzled_offset(n, key >> 3) + (key & 7) * 2, bf16_bits(s[r]));
         }
         if (pi.n_valid < kPageSize) {
           zero_v_rows(s_buf, 0, pi.n_valid, tid_wg);

@@ -1,25 +1,37 @@
-// Tile shapes and the shared-memory plan of the wide sm90 dense decode kernel, in one place.
+// Tile shapes and shared-memory plans of the sm90 dense decode kernels, in one place: what both
+// kernels share (DenseTraits), then each kernel's plan (WideTraits, NarrowTraits<N>).
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/params.h"
+#include "kernels/sm90/tile_geometry.h"
 
 namespace jax_flashmla {
 namespace sm90 {
 
-struct WideTraits {
-  static constexpr int kThreads = 256;        // two consumer warpgroups, no producer warpgroup
+struct DenseTraits {
+  // Two warpgroups, no producer warpgroup: both kernels launch with the same block.
+  static constexpr int kThreads = 256;
   static constexpr int kWarpgroupThreads = 128;
-  static constexpr int kVColsPerWarpgroup = kHeadDimV / 2;  // each warpgroup owns 256 output columns
 
-  // A "tile" is 64 rows x 64 bf16 columns = 64 rows of 128 bytes, stored with the 128-byte swizzle
-  // (16-byte chunk index XOR row % 8), which is what TMA writes and what wgmma descriptors read.
-  static constexpr int kTileCols = 64;
-  static constexpr int kTileBytes = 64 * 128;
-  static constexpr int kNumKTiles = kHeadDimK / kTileCols;  // 9: a K page / the Q block
-  static constexpr int kNumVTiles = kHeadDimV / kTileCols;  // 8: V = the first 8 K tiles
+  // A KV page (64 tokens x 576) and a query block are 9 tiles of 64 columns (tile_geometry.h).
+  static constexpr int kNumKTiles = kHeadDimK / kTileCols;    // 9: a K page / the Q block
+  static constexpr int kNumVTiles = kHeadDimV / kTileCols;    // 8: V = the first 8 K tiles
   static constexpr int kPageBytes = kNumKTiles * kTileBytes;  // 72 KiB
+
+  static constexpr float kRowMaxInit = -1e30f;  // finite, so exp2(m_old - m_new) is never NaN
+  // The running row max moves only when a page's max exceeds it by more than this (log2 domain),
+  // so P = 2^(S - m) stays at most 2^8: exact enough in bf16, far from overflow in fp32.
+  static constexpr float kMaxSlack = 8.f;
+};
+
+static_assert(kBlockM == kTileRows && kPageSize == kTileRows,
+              "the kernels are written for 64-row tiles");
+
+// The wide kernel (wide.cuh): 64 query rows on wgmma's M.
+struct WideTraits : DenseTraits {
+  static constexpr int kVColsPerWarpgroup = kHeadDimV / 2;  // each warpgroup owns 256 output columns
 
   // Shared memory, offsets from a 1024-byte aligned base.
   //   sQ   : the 64 x 576 query block (9 tiles)
@@ -52,15 +64,39 @@ struct WideTraits {
   static constexpr int kBarP1Ready = 2;   // WG1 -> WG0: row max m1, scale s1, P1 in smem
   static constexpr int kBarWg0 = 3;       // WG0 internal (after zeroing V rows)
   static constexpr int kBarWg1 = 4;       // WG1 internal
-
-  static constexpr float kRowMaxInit = -1e30f;  // finite, so exp2(m_old - m_new) is never NaN
-  // The running row max moves only when a page's max exceeds it by more than this (log2 domain),
-  // so P = 2^(S - m) stays at most 2^8: exact enough in bf16, far from overflow in fp32.
-  static constexpr float kMaxSlack = 8.f;
 };
 
 static_assert(WideTraits::kSmemBytes <= 227 * 1024, "shared memory plan too large");
-static_assert(kBlockM == 64 && kPageSize == 64, "the kernel is written for 64-row tiles");
+
+// The narrow kernel (narrow.cuh): N = 16 or 32 query rows on wgmma's N.
+template <int kRows_>
+struct NarrowTraits : DenseTraits {
+  static constexpr int kRows = kRows_;  // query rows per CTA: N of every wgmma
+  static_assert(kRows == 16 || kRows == 32, "narrow kernel: N is 16 or 32");
+  static constexpr int kAcc = kRows / 2;          // fp32 registers of one m64nNk16 accumulator
+  static constexpr int kThreadRows = kRows / 4;   // query rows a thread holds (k = 2j + e below)
+  static constexpr int kQTileBytes = kRows * kTileRowBytes;  // N rows x 64 bf16, swizzled
+  static constexpr int kOStride = 260;  // floats per row of the merge area (256 columns): fragment
+                                        // stores of the 4 column pairs of a quad hit distinct banks
+
+  // Shared memory, offsets from a 1024-byte aligned base.
+  static constexpr int kOffQ = 0;    // 9 Q tiles; in the epilogue, float[N][260] (merge area)
+  static constexpr int kOffK = kOffQ + kNumKTiles * kQTileBytes;           // 2 page buffers
+  static constexpr int kOffP = kOffK + 2 * kPageBytes;                     // 2 x P^T (N x 64)
+  static constexpr int kOffRed = kOffP + 2 * kQTileBytes;                  // float[2][4][N]
+  static constexpr int kOffSum = kOffRed + 2 * 4 * kRows * 4;              // float[2][4][N]
+  static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][N]
+  static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][N]: m, l
+  static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
+  static constexpr int kSmemBytes = kOffBars + 2 * kNumKTiles * 8 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
+  static_assert(kOffK % kSwizzleAtomBytes == 0 && kOffP % kSwizzleAtomBytes == 0,
+                "swizzled tiles need 1 KiB");
+  static_assert(kRows * kOStride * 4 <= kOffK - kOffQ, "merge area must fit in the Q tiles");
+
+  // The named barrier of warpgroup w's four warps (0 is __syncthreads).
+  JFM_HOST_DEVICE static constexpr int bar_group(int w) { return 1 + w; }
+};
 
 }  // namespace sm90
 }  // namespace jax_flashmla

@@ -56,20 +56,21 @@ __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uin
   }
 }
 
-__global__ void __launch_bounds__(T::kThreads, 1)
+__global__ void __launch_bounds__(WideTraits::kThreads, 1)
     decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
                        const __grid_constant__ DecodeParams p) {
+  using W = WideTraits;
   JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
-  const uint32_t sQ = base + T::kOffQ;
-  const uint32_t sK[2] = {base + T::kOffK0, base + T::kOffK1};
-  const uint32_t bars[2] = {base + T::kOffBars, base + T::kOffBars + 8 * T::kNumKTiles};
-  float* s_row_max = reinterpret_cast<float*>(smem + T::kOffRowMax);
-  float* s_scale0 = reinterpret_cast<float*>(smem + T::kOffScale0);
-  float* s_scale1 = reinterpret_cast<float*>(smem + T::kOffScale1);
-  float* s_row_sum = reinterpret_cast<float*>(smem + T::kOffRowSum);
+  const uint32_t sQ = base + W::kOffQ;
+  const uint32_t sK[2] = {base + W::kOffK0, base + W::kOffK1};
+  const uint32_t bars[2] = {base + W::kOffBars, base + W::kOffBars + 8 * W::kNumKTiles};
+  float* s_row_max = reinterpret_cast<float*>(smem + W::kOffRowMax);
+  float* s_scale0 = reinterpret_cast<float*>(smem + W::kOffScale0);
+  float* s_scale1 = reinterpret_cast<float*>(smem + W::kOffScale1);
+  float* s_row_sum = reinterpret_cast<float*>(smem + W::kOffRowSum);
 
   const int m_block = blockIdx.x;
   const int hk = blockIdx.y;
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const bool leader = tid_wg == 0;
 
   SchedRecord rec;
-  if (!start_part(&tmap_k, p, base + T::kOffBars, part, rec)) return;
+  if (!start_part(&tmap_k, p, base + W::kOffBars, part, rec)) return;
 
   const uint64_t policy = leader ? l2_evict_first_policy() : 0;
 
@@ -93,10 +94,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (first_pair_from(p, rec, m_block, rec.begin_req, c) && leader) {
       const PageInfo pa = make_page(p, c, c.pb);
       const PageInfo pb = make_page(p, c, c.pb + 1);
-      expect_group(bars[0], pa, T::group_tiles(0, wg));
-      expect_group(bars[1], pb, T::group_tiles(1, wg));
-      issue_group(&tmap_k, sK[0], bars[0], pa, hk, T::group_tiles(0, wg), policy);
-      issue_group(&tmap_k, sK[1], bars[1], pb, hk, T::group_tiles(1, wg), policy);
+      expect_group(bars[0], pa, W::group_tiles(0, wg));
+      expect_group(bars[1], pb, W::group_tiles(1, wg));
+      issue_group(&tmap_k, sK[0], bars[0], pa, hk, W::group_tiles(0, wg), policy);
+      issue_group(&tmap_k, sK[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
     }
   }
 
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     } else {
       load_q(p, sQ, c.bi, hk, m_block);
     }
-    if (threadIdx.x < kBlockM) s_row_max[threadIdx.x] = T::kRowMaxInit;
+    if (threadIdx.x < kBlockM) s_row_max[threadIdx.x] = W::kRowMaxInit;
     fence_proxy_async_smem();
     __syncthreads();
 
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           m_new[1] = lazy_max(m_old[1], mx[1]);
           exp_rows(s, p.scale_log2, m_new, psum);
           pack_p(s, a);
-          store_p(sK[0] + T::kPTile * T::kTileBytes, a, r0, q4);
+          store_p(sK[0] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         } else {
           m_new[0] = m_old[0];
@@ -174,13 +175,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           s_scale0[r0] = sc0[0];
           s_scale0[r0 + 8] = sc0[1];
         }
-        named_bar_arrive(T::kBarP0Ready, T::kThreads);
+        named_bar_arrive(W::kBarP0Ready, W::kThreads);
 
         row_sum[0] = row_sum[0] * sc0[0] + psum[0];
         row_sum[1] = row_sum[1] * sc0[1] + psum[1];
         if (pa.loaded) {
           rescale_o(o, sc0);
-          zero_tail_v_rows(sK[0], 0, pa.n_valid, tid_wg, T::kBarWg0);
+          zero_tail_v_rows(sK[0], 0, pa.n_valid, tid_wg, W::kBarWg0);
           reg_fence(o);
           pv_rs(o, a, sK[0], 0);
         }
@@ -190,24 +191,24 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         reg_fence(o);
         // wait_group covers only the calling warp's share: all four warps must be done reading
         // before the leader lets TMA overwrite the tiles.
-        named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 0), policy);
+        named_bar_sync(W::kBarWg0, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 0), policy);
 
-        named_bar_sync(T::kBarP1Ready, T::kThreads);
+        named_bar_sync(W::kBarP1Ready, W::kThreads);
         const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
           rescale_o(o, sc1);
           for (int t = 0; t < 4; ++t) mbar_wait(bars[1] + 8 * t, phase[1]);
-          zero_tail_v_rows(sK[1], 0, pb.n_valid, tid_wg, T::kBarWg0);
+          zero_tail_v_rows(sK[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
           reg_fence(o);
-          pv_ss(o, sK[1] + T::kPTile * T::kTileBytes, sK[1], 0);
+          pv_ss(o, sK[1] + W::kPTile * kTileBytes, sK[1], 0);
           wgmma_wait<0>();
           reg_fence(o);
         }
-        named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, T::group_tiles(1, 0), policy);
+        named_bar_sync(W::kBarWg0, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, W::group_tiles(1, 0), policy);
       } else {
         // ---------------- WG1: page b ----------------
         float mx[2] = {-INFINITY, -INFINITY};
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           mask_and_row_max(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
                            vis_r1, mx);
         }
-        named_bar_sync(T::kBarP0Ready, T::kThreads);
+        named_bar_sync(W::kBarP0Ready, W::kThreads);
         const float m0[2] = {s_row_max[r0], s_row_max[r0 + 8]};
         const float sc0[2] = {s_scale0[r0], s_scale0[r0 + 8]};
         row_sum[0] *= sc0[0];
@@ -227,9 +228,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (pa.loaded) {
           rescale_o(o, sc0);
           for (int t = 4; t < 8; ++t) mbar_wait(bars[0] + 8 * t, phase[0]);
-          zero_tail_v_rows(sK[0], 4, pa.n_valid, tid_wg, T::kBarWg1);
+          zero_tail_v_rows(sK[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
           reg_fence(o);
-          pv_ss(o, sK[0] + T::kPTile * T::kTileBytes, sK[0], 4);
+          pv_ss(o, sK[0] + W::kPTile * kTileBytes, sK[0], 4);
         }
         // softmax of page b while P_a V_a runs
         const float m1[2] = {lazy_max(m0[0], mx[0]), lazy_max(m0[1], mx[1])};
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (pb.loaded) {
           exp_rows(s, p.scale_log2, m1, psum);
           pack_p(s, a);
-          store_p(sK[1] + T::kPTile * T::kTileBytes, a, r0, q4);
+          store_p(sK[1] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         }
         __syncwarp();  // the quad's other lanes have read the row max we overwrite
@@ -248,16 +249,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           s_scale1[r0] = sc1[0];
           s_scale1[r0 + 8] = sc1[1];
         }
-        named_bar_arrive(T::kBarP1Ready, T::kThreads);
+        named_bar_arrive(W::kBarP1Ready, W::kThreads);
         wgmma_wait<0>();
         reg_fence(o);
-        named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 1), policy);
+        named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 1), policy);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
         if (pb.loaded) {
           rescale_o(o, sc1);
-          zero_tail_v_rows(sK[1], 4, pb.n_valid, tid_wg, T::kBarWg1);
+          zero_tail_v_rows(sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
           reg_fence(o);
           pv_rs(o, a, sK[1], 4);
         }
@@ -268,8 +269,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           wgmma_wait<0>();
           reg_fence(o);
         }
-        named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, T::group_tiles(1, 1), policy);
+        named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, W::group_tiles(1, 1), policy);
       }
       if (pa.loaded) phase[0] ^= 1u;
       if (pb.loaded) phase[1] ^= 1u;
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
-    const int col0 = wg * T::kVColsPerWarpgroup + 2 * q4;
+    const int col0 = wg * W::kVColsPerWarpgroup + 2 * q4;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = r0 + 8 * i;
