@@ -1,4 +1,4 @@
-"""The kernel-profiling helpers of tests/cuda on the CPU: the figures of benchmarks/NOTES.md that
+"""The kernel-profiling helpers of benchmarks/cuda on the CPU: the figures of benchmarks/NOTES.md that
 come from them depend on their parsing, which needs no GPU."""
 
 import os
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cuda"))
 import parts_by_sm  # noqa: E402
 import stalls_by_line  # noqa: E402
 

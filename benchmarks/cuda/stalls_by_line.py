@@ -2,10 +2,10 @@
 """Warp-stall samples of one kernel, summed per line of its source file.
 
     ncu --clock-control none --section SourceCounters -k regex:decode_wide --launch-skip 2 \
-        --launch-count 1 -o prof tests/cuda/build/check_decode --bench --no-bw --reps 3 \
+        --launch-count 1 -o prof build/tools/bench_kernels --no-bw --reps 3 \
         --only 2,8192,128,0
     ncu --import prof.ncu-rep --page source --csv --print-source sass > sass.csv
-    python3 tests/cuda/stalls_by_line.py sass.csv tests/cuda/build/check_decode
+    python3 benchmarks/cuda/stalls_by_line.py sass.csv build/tools/bench_kernels
 
 ncu's SASS view gives samples per instruction address; the binary's line table (it is built with
 -lineinfo; read with `nvdisasm -gi`) gives, per address, the chain of inlined calls. Each

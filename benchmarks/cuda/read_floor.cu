@@ -15,9 +15,8 @@
 // Each is timed cold (20 calls after 1 s idle) and back to back under the board's power cap
 // (--calls N, default 600), with the board's energy per call (NVML).
 //
-//   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 tests/cuda/read_floor.cu \
-//        -o tests/cuda/build/read_floor
-//   tests/cuda/build/read_floor --len 8192 [--stages 2] [--hold-ns 0] [--calls 600]
+//   read_floor --len 8192 [--stages 2] [--hold-ns 0] [--calls 600]
+// (built by CMake with JAX_FLASHMLA_BUILD_TOOLS=ON; STEPS=floor benchmarks/cuda/run_device.sh)
 // (benchmarks/NOTES.md, v3.6, has what it found.)
 #include <cuda_runtime.h>
 
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(32 * kMaxStages, 1)
   if (acc == 0x9e3779b9u) *sink = acc;
 }
 
-// The decode kernel's view of the cache (decode_wgmma.cu), with a box of `rows` tokens and the
+// The decode kernel's view of the cache (sm90/decode/dense/launch.cu), with a box of `rows` tokens and the
 // given L2 promotion.
 static CUtensorMap cache_map(void* cache, int n_pages, int rows, CUtensorMapL2promotion promo) {
   void* fn = nullptr;
