@@ -38,6 +38,23 @@ struct PageInfo {
   int n_valid;     // keys of the page below the length (rows n_valid.. of V are zeroed)
 };
 
+// Where a thread sits in the CTA of both kernels: two warpgroups of four warps.
+struct ThreadPos {
+  int wg;       // warpgroup, read through a shuffle so that the compiler knows it is warp-uniform
+  int tid_wg;   // thread in the warpgroup
+  int warp_wg;  // warp in the warpgroup
+  int lane;
+};
+
+__device__ __forceinline__ ThreadPos thread_pos() {
+  ThreadPos t;
+  t.wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / T::kWarpgroupThreads, 0);
+  t.tid_wg = threadIdx.x % T::kWarpgroupThreads;
+  t.warp_wg = t.tid_wg / 32;
+  t.lane = threadIdx.x % 32;
+  return t;
+}
+
 __device__ __forceinline__ int visible_keys(const DecodeParams& p, int len, int row) {
   // Row r = s * g + j belongs to query token s; causal rows see keys [0, len - s_q + s].
   int vis = len;
@@ -336,12 +353,13 @@ __device__ __forceinline__ void zero_tail_v_rows(uint32_t s_buf, int tile0, int 
   }
 }
 
-// S = Q K^T for one page buffer (9 tiles x 4 k-steps), waiting on each tile's barrier. The V
-// tiles are taken from kFirstTile on (wrapping), the RoPE tile last: the order in which the
-// warpgroups refilled them.
-template <int kFirstTile = 0>
-__device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
-                                        uint32_t bars, uint32_t phase) {
+// Q K^T (or K Q^T) over one page buffer, 9 tiles x 4 k-steps, waiting on each K tile's barrier:
+// mma(q, k, scale_d) issues one k16 step given the descriptors of the Q and K slices (both
+// K-major; Q tiles are kQTileBytes apart). The V tiles are taken from kFirstTile on (wrapping),
+// the RoPE tile last.
+template <int kFirstTile, int kQTileBytes, class Mma>
+__device__ __forceinline__ void qk_tiles(uint32_t sQ, uint32_t s_buf, uint32_t bars,
+                                         uint32_t phase, Mma mma) {
   const uint64_t dq = make_desc_sw128(sQ, kDescKMajorLbo, kDescSbo);
   const uint64_t dk = make_desc_sw128(s_buf, kDescKMajorLbo, kDescSbo);
   wgmma_fence();
@@ -351,11 +369,21 @@ __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_
     mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t off = t * kTileBytes + kk * kKStepKMajor;
-      wgmma_m64n64k16_ss(s, desc_advance(dq, off), desc_advance(dk, off), (i | kk) != 0 ? 1 : 0);
+      mma(desc_advance(dq, t * kQTileBytes + kk * kKStepKMajor),
+          desc_advance(dk, t * kTileBytes + kk * kKStepKMajor), (i | kk) != 0 ? 1 : 0);
     }
   }
   wgmma_commit();
+}
+
+// S = Q K^T for one page buffer. The V tiles are taken from kFirstTile on: the order in which
+// the warpgroups refilled them.
+template <int kFirstTile = 0>
+__device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
+                                        uint32_t bars, uint32_t phase) {
+  qk_tiles<kFirstTile, kTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
+    wgmma_m64n64k16_ss(s, q, k, sd);
+  });
 }
 
 // O[:, half] += P V[:, half] with P from registers; V = tiles [tile0, tile0 + 4) read MN-major.

@@ -87,23 +87,13 @@ __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const Sch
   return false;
 }
 
-// S^T = K Q^T for one page buffer, waiting on each tile's barrier.
+// S^T = K Q^T for one page buffer.
 template <class NT>
 __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uint32_t s_buf,
                                           uint32_t bars, uint32_t phase) {
-  const uint64_t dk = make_desc_sw128(s_buf, kDescKMajorLbo, kDescSbo);
-  const uint64_t dq = make_desc_sw128(sQ, kDescKMajorLbo, kDescSbo);
-  wgmma_fence();
-#pragma unroll
-  for (int t = 0; t < T::kNumKTiles; ++t) {
-    mbar_wait(bars + 8 * t, phase);
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      mma_kq(s, desc_advance(dk, t * kTileBytes + kk * kKStepKMajor),
-             desc_advance(dq, t * NT::kQTileBytes + kk * kKStepKMajor), (t | kk) != 0 ? 1 : 0);
-    }
-  }
-  wgmma_commit();
+  qk_tiles<0, NT::kQTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
+    mma_kq(s, k, q, sd);
+  });
 }
 
 // O^T += V^T P^T: column block mb is V tile mb read MN-major; P^T (16 x 64 keys) from s_p.
@@ -158,10 +148,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   const int hk = blockIdx.y;
   const int part = blockIdx.z;
-  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-  const int tid_wg = threadIdx.x % 128;
-  const int warp_wg = tid_wg / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [wg, tid_wg, warp_wg, lane] = thread_pos();
   const int q4 = lane % 4;
   const int key_lo = 16 * warp_wg + lane / 4;  // this thread's keys of a page: key_lo, key_lo + 8
   const bool leader = tid_wg == 0;

@@ -56,6 +56,45 @@ __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uin
   }
 }
 
+// Hands this group's new running row max m and the scale sc that moved its sums onto it to the
+// other warpgroup through shared memory (lane 0 of each quad: the quad shares its two rows),
+// then signals `bar`.
+__device__ __forceinline__ void publish_max(float* s_row_max, float* s_scale, int r0, int q4,
+                                            const float (&m)[2], const float (&sc)[2], int bar) {
+  __syncwarp();  // the quad's other lanes have read the row max we overwrite
+  if (q4 == 0) {
+    s_row_max[r0] = m[0];
+    s_row_max[r0 + 8] = m[1];
+    s_scale[r0] = sc[0];
+    s_scale[r0 + 8] = sc[1];
+  }
+  named_bar_arrive(bar, WideTraits::kThreads);
+}
+
+// O[:, half] += P V[:, half] for the group's own page, with P from registers (a): O first moved
+// to the new row max (scales sc), V rows past the length zeroed in tiles [tile0, tile0 + 4).
+__device__ __forceinline__ void pv_own_page(float (&o)[128], const float (&sc)[2],
+                                            const uint32_t (&a)[16], uint32_t s_buf, int tile0,
+                                            int n_valid, int tid_wg, int group_bar) {
+  rescale_o(o, sc);
+  zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
+  reg_fence(o);
+  pv_rs(o, a, s_buf, tile0);
+}
+
+// O[:, half] += P V[:, half] for the page the other warpgroup scored, with its P from the
+// buffer's P tile: this group's O is first moved to the new row max (scales sc), then its V
+// tiles [tile0, tile0 + 4) of the page are awaited and rows past the length zeroed.
+__device__ __forceinline__ void pv_other_page(float (&o)[128], const float (&sc)[2],
+                                              uint32_t s_buf, uint32_t bars, uint32_t phase,
+                                              int tile0, int n_valid, int tid_wg, int group_bar) {
+  rescale_o(o, sc);
+  for (int t = tile0; t < tile0 + 4; ++t) mbar_wait(bars + 8 * t, phase);
+  zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
+  reg_fence(o);
+  pv_ss(o, s_buf + WideTraits::kPTile * kTileBytes, s_buf, tile0);
+}
+
 __global__ void __launch_bounds__(WideTraits::kThreads, 1)
     decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
                        const __grid_constant__ DecodeParams p) {
@@ -75,10 +114,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
   const int m_block = blockIdx.x;
   const int hk = blockIdx.y;
   const int part = blockIdx.z;
-  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-  const int tid_wg = threadIdx.x % 128;
-  const int warp_wg = tid_wg / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [wg, tid_wg, warp_wg, lane] = thread_pos();
   const int r0 = warp_wg * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
   const int q4 = lane % 4;                 // column pair within each 8-column chunk
   const bool leader = tid_wg == 0;
@@ -168,23 +204,11 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         }
         sc0[0] = max_scale(m_old[0], m_new[0]);
         sc0[1] = max_scale(m_old[1], m_new[1]);
-        __syncwarp();  // the quad's other lanes have read the row max we overwrite
-        if (q4 == 0) {
-          s_row_max[r0] = m_new[0];
-          s_row_max[r0 + 8] = m_new[1];
-          s_scale0[r0] = sc0[0];
-          s_scale0[r0 + 8] = sc0[1];
-        }
-        named_bar_arrive(W::kBarP0Ready, W::kThreads);
+        publish_max(s_row_max, s_scale0, r0, q4, m_new, sc0, W::kBarP0Ready);
 
         row_sum[0] = row_sum[0] * sc0[0] + psum[0];
         row_sum[1] = row_sum[1] * sc0[1] + psum[1];
-        if (pa.loaded) {
-          rescale_o(o, sc0);
-          zero_tail_v_rows(sK[0], 0, pa.n_valid, tid_wg, W::kBarWg0);
-          reg_fence(o);
-          pv_rs(o, a, sK[0], 0);
-        }
+        if (pa.loaded) pv_own_page(o, sc0, a, sK[0], 0, pa.n_valid, tid_wg, W::kBarWg0);
         // That was WG0's last read of buffer 0 (tiles 0..3). WG0 has nothing to do until WG1's
         // P1 arrives, so wait for it here and refill those tiles as early as possible.
         wgmma_wait<0>();
@@ -199,11 +223,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
-          rescale_o(o, sc1);
-          for (int t = 0; t < 4; ++t) mbar_wait(bars[1] + 8 * t, phase[1]);
-          zero_tail_v_rows(sK[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
-          reg_fence(o);
-          pv_ss(o, sK[1] + W::kPTile * kTileBytes, sK[1], 0);
+          pv_other_page(o, sc1, sK[1], bars[1], phase[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
           wgmma_wait<0>();
           reg_fence(o);
         }
@@ -226,11 +246,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         row_sum[0] *= sc0[0];
         row_sum[1] *= sc0[1];
         if (pa.loaded) {
-          rescale_o(o, sc0);
-          for (int t = 4; t < 8; ++t) mbar_wait(bars[0] + 8 * t, phase[0]);
-          zero_tail_v_rows(sK[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
-          reg_fence(o);
-          pv_ss(o, sK[0] + W::kPTile * kTileBytes, sK[0], 4);
+          pv_other_page(o, sc0, sK[0], bars[0], phase[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
         }
         // softmax of page b while P_a V_a runs
         const float m1[2] = {lazy_max(m0[0], mx[0]), lazy_max(m0[1], mx[1])};
@@ -242,26 +258,14 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
           store_p(sK[1] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         }
-        __syncwarp();  // the quad's other lanes have read the row max we overwrite
-        if (q4 == 0) {
-          s_row_max[r0] = m1[0];
-          s_row_max[r0 + 8] = m1[1];
-          s_scale1[r0] = sc1[0];
-          s_scale1[r0 + 8] = sc1[1];
-        }
-        named_bar_arrive(W::kBarP1Ready, W::kThreads);
+        publish_max(s_row_max, s_scale1, r0, q4, m1, sc1, W::kBarP1Ready);
         wgmma_wait<0>();
         reg_fence(o);
         named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
         refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 1), policy);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
-        if (pb.loaded) {
-          rescale_o(o, sc1);
-          zero_tail_v_rows(sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
-          reg_fence(o);
-          pv_rs(o, a, sK[1], 4);
-        }
+        if (pb.loaded) pv_own_page(o, sc1, a, sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
         // Both QK^T of the request's last pair are done (WG0's before P0, ours before that):
         // start copying the next request's Q into sQ while the last P.V runs.
         if (prefetch_next_q) prefetch_q_async(p, sQ, req + 1, hk, m_block, tid_wg);
