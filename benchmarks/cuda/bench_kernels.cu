@@ -173,7 +173,8 @@ static void print_cta_timing(const std::vector<int>& lens, const std::vector<Sch
     return v[static_cast<size_t>(f * (v.size() - 1))];
   };
   std::printf("  timing: span %.1f us | start max %.1f us | end min %.1f p10 %.1f median %.1f "
-              "p90 %.1f max %.1f us | fit: %.3f us/page, %.2f us/chunk (%.1f pages), %.1f us fixed\n",
+              "p90 %.1f max %.1f us | fit: %.3f us/page, %.2f us/chunk (%.1f pages), "
+              "%.1f us fixed\n",
               (t1 - t0) * 1e-3, starts.back(), ends.front(), q(ends, 0.1), q(ends, 0.5),
               q(ends, 0.9), ends.back(), coef[0], coef[1], coef[0] > 0 ? coef[1] / coef[0] : 0.0,
               coef[2]);

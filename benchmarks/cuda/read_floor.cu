@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(32 * kMaxStages, 1)
   if (acc == 0x9e3779b9u) *sink = acc;
 }
 
-// The decode kernel's view of the cache (sm90/decode/dense/launch.cu), with a box of `rows` tokens and the
-// given L2 promotion.
+// The decode kernel's view of the cache (sm90/decode/dense/launch.cu), with a box of `rows`
+// tokens and the given L2 promotion.
 static CUtensorMap cache_map(void* cache, int n_pages, int rows, CUtensorMapL2promotion promo) {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult q;

@@ -53,8 +53,8 @@ if has check; then
   fi
 fi
 if has sass; then
-  cuobjdump --dump-sass "$B/check_decode" 2>/dev/null | grep -o "HGMMA[.0-9A-Zx]*\|UTMALDG[.0-9A-Z]*" |
-    sort | uniq -c > "$OUT/sass_summary.txt"
+  cuobjdump --dump-sass "$B/check_decode" 2>/dev/null |
+    grep -o "HGMMA[.0-9A-Zx]*\|UTMALDG[.0-9A-Z]*" | sort | uniq -c > "$OUT/sass_summary.txt"
   # Registers, stack (spills show as LOCAL) and shared memory of the shipped kernels.
   cuobjdump --dump-resource-usage "$B/check_decode" 2>/dev/null | grep -A1 "Function _ZN12jax" |
     grep -v "^--" >> "$OUT/sass_summary.txt"

@@ -330,7 +330,8 @@ static bool run_case(const Case& c, bool verbose) {
   const CmpResult cl = compare(gl, rl, kLseAbs, kLseRel);
   const bool ok = co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6;
   int split_reqs = 0;
-  for (int bi = 0; bi < c.b; ++bi) split_reqs += P.call.num_splits[bi + 1] - P.call.num_splits[bi] > 1;
+  const std::vector<int>& ns = P.call.num_splits;
+  for (int bi = 0; bi < c.b; ++bi) split_reqs += ns[bi + 1] - ns[bi] > 1;
   std::printf("%-4s %-30s b=%d s_q=%d h_q=%3d h_kv=%d causal=%d parts=%3d split_reqs=%d | "
               "out maxabs %.2e fails %zu cos %.1e | lse maxabs %.2e fails %zu\n",
               ok ? "PASS" : "FAIL", c.name.c_str(), c.b, c.s_q, c.h_q, c.h_kv, c.causal,

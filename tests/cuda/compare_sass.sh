@@ -58,7 +58,8 @@ for k in sched wide narrow16 narrow32 combine; do
     echo "$k: MISSING in $([ -s "$a" ] && echo NEW || echo OLD)"
     status=1
   elif cmp -s "$a" "$b" && cmp -s "$work/old/$k.res" "$work/new/$k.res"; then
-    echo "$k: identical ($(grep -c ';' "$a") instructions,$(sed 's/ TEXTURE.*//' "$work/new/$k.res"))"
+    res=$(sed 's/ TEXTURE.*//' "$work/new/$k.res")
+    echo "$k: identical ($(grep -c ';' "$a") instructions,$res)"
   else
     echo "$k: DIFFERENT"
     diff "$work/old/$k.res" "$work/new/$k.res" | head -4 || true

@@ -1,4 +1,4 @@
-// Why compute-sanitizer's racecheck reports races in decode_narrow_sm90_kernel: a race-free
+// Why compute-sanitizer's racecheck reports races in decode_narrow_kernel: a race-free
 // program that racecheck (CUDA 13, H200) flags the same way.
 //
 //   compute-sanitizer --tool racecheck build/tools/racecheck_uneven_barriers

@@ -140,10 +140,11 @@ __device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
 }
 
 // Shared-memory matrix descriptor for wgmma with the 128-byte swizzle (layout type 1 in bits
-// 62-63); the strides of the kernels' tiles are named in tile_geometry.h. Addresses and offsets are in 16-byte units. For a K-major operand stored as rows of
+// 62-63). Addresses and offsets are in 16-byte units. For a K-major operand stored as rows of
 // 128 bytes (64 bf16), SBO is the distance between 8-row groups (1024 B) and LBO is unused.
 // For an MN-major operand (64 contiguous MN elements per 128-byte row, rows along K), LBO is the
-// distance between 64-element MN blocks and SBO the distance between 8-row K groups.
+// distance between 64-element MN blocks and SBO the distance between 8-row K groups. The values
+// for the kernels' tiles are named in tile_geometry.h.
 __device__ __forceinline__ uint64_t make_desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes,
                                                     uint32_t sbo_bytes) {
   uint64_t desc = 0;

@@ -1,5 +1,6 @@
-// The narrow sm90 dense decode kernel, for narrow query blocks: at most N = 16 or 32 query rows per kv head,
-// e.g. h_q=16 with s_q=1 (the memory-bound decode of DeepSeek-style models) or s_q=2.
+// The narrow sm90 dense decode kernel, for narrow query blocks: at most N = 16 or 32 query rows
+// per kv head, e.g. h_q=16 with s_q=1 (the memory-bound decode of DeepSeek-style models) or
+// s_q=2.
 //
 // The wide kernel (wide.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
 // of its tensor work and Q reads go to zero rows (with 32, half), and that power is taken from a
