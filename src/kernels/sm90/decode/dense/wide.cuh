@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
   // Prologue: start the loads of the first pair.
   {
     ReqCtx c;
-    if (first_pair_from(p, rec, m_block, rec.begin_req, c) && leader) {
+    if (first_chunk_from(p, rec, m_block, rec.begin_req, c) && leader) {
       const PageInfo pa = make_page(p, c, c.pb);
       const PageInfo pb = make_page(p, c, c.pb + 1);
       expect_group(bars[0], pa, W::group_tiles(0, wg));
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         nb = make_page(p, c, page + 3);
       } else {
         ReqCtx nc;
-        if (first_pair_from(p, rec, m_block, req + 1, nc)) {
+        if (first_chunk_from(p, rec, m_block, req + 1, nc)) {
           na = make_page(p, nc, nc.pb);
           nb = make_page(p, nc, nc.pb + 1);
         }
