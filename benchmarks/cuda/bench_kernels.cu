@@ -3,7 +3,7 @@
 // h_q 16/64/128, causal for s_q = 2. Per config, the median over --reps of
 //   call_us  one launch_decode (the dense kernel the policy picks, then the combine: PDL as in
 //            the library), after the shipped scheduler has run once;
-//   main_us  the dense decode kernel alone (launch_dense_decode_sm90);
+//   main_us  the same dense decode kernel alone (launch_dense_decode_sm90 with decode_policy());
 // and the bandwidth and FLOP rates they imply.
 //
 //   bench_kernels [--corners | --only s_q,L,h_q,causal] [--reps N] [--no-bw] [--json FILE]
@@ -224,7 +224,11 @@ static void time_config(const BenchOpts& o, const DecodeParams& p, cudaStream_t 
     return ms;
   };
   auto call = [&] { return launch_decode(p, st); };
-  auto decode_only = [&] { return launch_dense_decode_sm90(p, st, !o.no_pdl); };
+  // The kernel launch_decode runs (wide or narrow, with or without PDL), alone.
+  const DecodePolicy& policy = decode_policy();
+  auto decode_only = [&] {
+    return launch_dense_decode_sm90(p, st, policy.pdl, policy.allow_narrow);
+  };
   std::vector<float> t_call, t_main;
   for (int it = 0; it < o.reps + 3; ++it) {  // the first 3 warm up
     const float c = timed_ms(1, 20.0, "bench call", call);
@@ -277,7 +281,8 @@ static void time_config(const BenchOpts& o, const DecodeParams& p, cudaStream_t 
       }
     }
     std::printf("  %d calls, gap %d us, pdl %d: median %.1f us, first %.1f, last %.1f\n", o.batch,
-                o.gap_us, !o.no_pdl, median(t_each) * 1e3, t_each[0] * 1e3, t_each.back() * 1e3);
+                o.gap_us, policy.pdl, median(t_each) * 1e3, t_each[0] * 1e3,
+                t_each.back() * 1e3);
     for (auto& e : ev) CK(cudaEventDestroy(e));
   }
   CK(cudaEventDestroy(e0));
@@ -438,7 +443,7 @@ int main(int argc, char** argv) {
     }
   }
   if (o.reps < 1) return usage(argv[0]);
-  // launch_decode reads this once, at its first call: both of its launches then go without PDL.
+  // decode_policy() reads this once, at the first call: every launch then goes without PDL.
   if (o.no_pdl) setenv("JAX_FLASHMLA_DISABLE_PDL", "1", 1);
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));

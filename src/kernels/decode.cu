@@ -13,24 +13,23 @@
 #include "kernels/sm90/decode/dense/launch.h"
 
 namespace jax_flashmla {
-namespace {
 
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
+const DecodePolicy& decode_policy() {
+  static const DecodePolicy policy = [] {
+    const char* kernel = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
+    DecodePolicy p;
+    p.pdl = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
+    p.allow_narrow = kernel == nullptr || std::strcmp(kernel, "wide") != 0;
+    return p;
+  }();
+  return policy;
 }
 
-}  // namespace
-
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
-  // Read once per process. PDL (on both launches) can be switched off to rule it out when
-  // debugging or timing; the kernels are correct either way. JAX_FLASHMLA_DECODE_KERNEL=wide
-  // runs the wide kernel for every shape (A/B runs against the narrow kernel).
-  static const bool pdl = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
-  static const bool allow_narrow = !env_is("JAX_FLASHMLA_DECODE_KERNEL", "wide");
-  cudaError_t err = launch_dense_decode_sm90(params, stream, pdl, allow_narrow);
+  const DecodePolicy& policy = decode_policy();
+  cudaError_t err = launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
   if (err != cudaSuccess) return err;
-  err = launch_combine(params, stream, pdl);
+  err = launch_combine(params, stream, policy.pdl);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -14,6 +14,18 @@ cudaError_t launch_sched(const SchedParams& params, cudaStream_t stream);
 // Split-KV decode followed by the combine of split rows; both on `stream` (decode.cu).
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
 
+// The switches launch_decode follows, read from the environment once per process (the tools
+// use them too, to time the kernel launch_decode would run):
+//   JAX_FLASHMLA_DISABLE_PDL set        pdl = false: no programmatic dependent launches, to rule
+//                                       PDL out when debugging or timing (correct either way);
+//   JAX_FLASHMLA_DECODE_KERNEL=wide     allow_narrow = false: the wide kernel for every shape,
+//                                       for A/B runs against the narrow kernel.
+struct DecodePolicy {
+  bool pdl;
+  bool allow_narrow;
+};
+const DecodePolicy& decode_policy();
+
 // The last step of launch_decode (common/combine.cu): merges the partial rows of split requests
 // into out / lse. It waits for the decode kernel with griddepcontrol.wait, so it may be launched
 // as a programmatic dependent of it.
