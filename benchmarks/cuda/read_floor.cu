@@ -15,9 +15,8 @@
 // Each is timed cold (20 calls after 1 s idle) and back to back under the board's power cap
 // (--calls N, default 600), with the board's energy per call (NVML).
 //
-//   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 tests/cuda/read_floor.cu \
-//        -o tests/cuda/build/read_floor
-//   tests/cuda/build/read_floor --len 8192 [--stages 2] [--hold-ns 0] [--calls 600]
+//   read_floor --len 8192 [--stages 2] [--hold-ns 0] [--calls 600]
+// (built by CMake with JAX_FLASHMLA_BUILD_TOOLS=ON; STEPS=floor benchmarks/cuda/run_device.sh)
 // (benchmarks/NOTES.md, v3.6, has what it found.)
 #include <cuda_runtime.h>
 
@@ -31,10 +30,9 @@
 #include <thread>
 #include <vector>
 
-#include <cudaTypedefs.h>
-
-#include "../../src/kernels/sm90/ptx.cuh"
 #include "board_energy.h"
+#include "kernels/sm90/ptx.cuh"
+#include "kernels/sm90/tensor_map.h"
 
 using namespace jax_flashmla::sm90;
 
@@ -146,13 +144,14 @@ __global__ void __launch_bounds__(32 * kMaxStages, 1)
   if (acc == 0x9e3779b9u) *sink = acc;
 }
 
-// The decode kernel's view of the cache (decode_wgmma.cu), with a box of `rows` tokens and the
-// given L2 promotion.
+// The decode kernel's view of the cache (sm90/decode/dense/launch.cu), with a box of `rows`
+// tokens and the given L2 promotion.
 static CUtensorMap cache_map(void* cache, int n_pages, int rows, CUtensorMapL2promotion promo) {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult q;
-  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
-  auto encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  const auto encode = tensor_map_encode_fn();
+  if (encode == nullptr) {
+    std::fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
+    std::exit(1);
+  }
   const cuuint64_t dims[4] = {576, 1, 64, static_cast<cuuint64_t>(n_pages)};
   const cuuint64_t strides[3] = {1152, 1152, 1152 * 64};
   const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Warp-stall samples of one kernel, summed per line of its source file.
 
-    ncu --clock-control none --section SourceCounters -k regex:decode_main --launch-skip 2 \
-        --launch-count 1 -o prof tests/cuda/build/check_decode --bench --no-bw --reps 3 \
+    ncu --clock-control none --section SourceCounters -k regex:decode_wide --launch-skip 2 \
+        --launch-count 1 -o prof build/tools/bench_kernels --no-bw --reps 3 \
         --only 2,8192,128,0
     ncu --import prof.ncu-rep --page source --csv --print-source sass > sass.csv
-    python3 tests/cuda/stalls_by_line.py sass.csv tests/cuda/build/check_decode
+    python3 benchmarks/cuda/stalls_by_line.py sass.csv build/tools/bench_kernels
 
 ncu's SASS view gives samples per instruction address; the binary's line table (it is built with
 -lineinfo; read with `nvdisasm -gi`) gives, per address, the chain of inlined calls. Each
@@ -58,7 +58,7 @@ def line_table(binary, kernel, source):
 def mangled_core(ncu_name):
   """The part of the kernel's mangled name that identifies it, from ncu's demangled name:
   the unqualified function name, plus a template's integer arguments, which ncu spells
-  `decode_narrow_sm90_kernel<(int)16>` and the mangling `decode_narrow_sm90_kernelILi16EE`."""
+  `decode_narrow_kernel<(int)16>` and the mangling `decode_narrow_kernelILi16EE`."""
   name = re.sub(r"\((?:unsigned )?(?:int|long|short|char|bool)\)", "", ncu_name)  # casts
   name = re.sub(r"\(.*", "", name).split("::")[-1]  # parameters and namespaces
   name, _, targs = name.partition("<")
@@ -71,7 +71,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("csv", help="ncu --page source --csv --print-source sass output")
   p.add_argument("binary", help="the profiled executable, built with -lineinfo")
-  p.add_argument("--source", default="decode_wgmma.cuh", help="file whose lines are reported")
+  p.add_argument("--source", default="dense/wide.cuh",
+                 help="file whose lines are reported (a path suffix)")
   p.add_argument("--top", type=int, default=40)
   args = p.parse_args(argv)
 

@@ -15,9 +15,10 @@
 
 #include <cstdint>
 
-#include "device_utils.cuh"
-#include "kernel_registry.h"
-#include "params.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/common/launch_utils.h"
+#include "kernels/launch.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 namespace {
@@ -140,17 +141,17 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
 
 }  // namespace
 
-KernelLaunch combine_launch(const DecodeParams& params) {
+cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
+                           bool programmatic_dependent) {
   const int64_t num_rows = static_cast<int64_t>(params.b) * params.h_kv * params.q_rows;
   int64_t blocks = (num_rows + kWarps - 1) / kWarps;
   if (blocks > kMaxGrid) blocks = kMaxGrid;
   if (blocks < 1) blocks = 1;
-  KernelLaunch launch;
-  launch.func = reinterpret_cast<const void*>(&combine_kernel);
-  launch.grid = dim3(static_cast<unsigned>(blocks));
-  launch.block = dim3(kThreads);
-  launch.smem_bytes = 0;  // the weights are static shared memory
-  return launch;
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(blocks));
+  shape.block = dim3(kThreads);
+  shape.smem_bytes = 0;  // the weights are static shared memory
+  return launch_kernel<combine_kernel>(shape, programmatic_dependent, stream, params);
 }
 
 }  // namespace jax_flashmla

@@ -1,127 +1,46 @@
-// Building blocks of the sm90 decode kernel (work description, loads, softmax pieces, the
-// wgmma sequences), kept apart from the kernel so tests can exercise them one at a time.
+// Building blocks of the sm90 dense decode kernels (thread positions, the start of a part, loads,
+// softmax pieces, the wgmma sequences), kept apart from the kernels so tests can exercise them
+// one at a time. What a CTA makes of its scheduler record is common/split_kv.cuh.
 #pragma once
 
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cstdint>
 
-#include "../params.h"
-#include "decode_wgmma_traits.h"
-#include "ptx.cuh"
-#include "wgmma_ops.cuh"
+#include "kernels/common/split_kv.cuh"
+#include "kernels/params.h"
+#include "kernels/sm90/decode/dense/traits.h"
+#include "kernels/sm90/ptx.cuh"
+#include "kernels/sm90/tile_geometry.h"
+#include "kernels/sm90/wgmma_ops.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {
 
-using T = DecodeWgmmaTraits;
+// What both kernels share (page layout, thread counts, softmax constants); each kernel adds its
+// own plan (WideTraits, NarrowTraits<N>).
+using T = DenseTraits;
 
-// ------------------------------------------------------------------ diagnostics
+// ------------------------------------------------------------------ threads
 
-#if defined(JFM_TIMING)
-// Diagnostic builds of the standalone checker only: each CTA's start and end on the global
-// timer (ns), to see how evenly the scheduler's parts finish.
-__device__ unsigned long long g_cta_times[2 * 65536];
-__device__ __forceinline__ unsigned long long global_timer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");  // an ordering point
+// Where a thread sits in the CTA of both kernels: two warpgroups of four warps.
+struct ThreadPos {
+  int wg;       // warpgroup, read through a shuffle so that the compiler knows it is warp-uniform
+  int tid_wg;   // thread in the warpgroup
+  int warp_wg;  // warp in the warpgroup
+  int lane;
+};
+
+__device__ __forceinline__ ThreadPos thread_pos() {
+  ThreadPos t;
+  t.wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / T::kWarpgroupThreads, 0);
+  t.tid_wg = threadIdx.x % T::kWarpgroupThreads;
+  t.warp_wg = t.tid_wg / 32;
+  t.lane = threadIdx.x % 32;
   return t;
 }
-__device__ unsigned long long g_cta_marks[16 * 65536];
-__device__ __forceinline__ void record_cta_time(int which) {
-  const unsigned id = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0 && id < 65536) {
-    g_cta_times[2 * id + which] = global_timer_ns();
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    if (which == 0) g_cta_marks[16 * id + 15] = sm;  // which SM ran the part (slot 15 of its marks)
-  }
-}
-#define JFM_RECORD_CTA_TIME(which) record_cta_time(which)
-// Timestamps (thread 0) of the CTA's first request switch, in program order: pairs 0 and 2 and
-// the last pair of the first request, its loop end, epilogue steps, the next request's setup and
-// its second pair. check_decode prints the intervals ("switch" line of --bench).
-#define JFM_MARK(k, cond)                                                                      \
-  do {                                                                                         \
-    const unsigned id_ = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;        \
-    if (threadIdx.x == 0 && (cond) && id_ < 65536) g_cta_marks[16 * id_ + (k)] = global_timer_ns(); \
-  } while (0)
-#else
-#define JFM_MARK(k, cond)
-#define JFM_RECORD_CTA_TIME(which)
-#endif
 
-// ------------------------------------------------------------------ work description
-
-// One request's chunk as seen by this CTA's m block.
-struct ReqCtx {
-  int bi;        // request index
-  int len;       // effective length
-  int vis_min;   // keys visible to the m block's first row (the smallest)
-  int vis_req;   // keys visible to the request's last row (the largest over all m blocks):
-                 // the load decision uses it
-  int pb, pe;    // page range [pb, pe) of this chunk
-};
-
-struct PageInfo {
-  int kv_id;       // physical page
-  bool loaded;     // fetched and used (valid id, some key visible)
-  bool need_mask;  // some (row, key) of the page is masked
-  int n_valid;     // keys of the page below the length (rows n_valid.. of V are zeroed)
-};
-
-__device__ __forceinline__ int visible_keys(const DecodeParams& p, int len, int row) {
-  // Row r = s * g + j belongs to query token s; causal rows see keys [0, len - s_q + s].
-  int vis = len;
-  if (p.causal) {
-    const int s = row / p.g;
-    vis = min(len, len - p.s_q + s + 1);
-  }
-  return max(vis, 0);
-}
-
-__device__ __forceinline__ ReqCtx make_req(const DecodeParams& p, const SchedRecord& rec, int req,
-                                           int m_block) {
-  ReqCtx c;
-  c.bi = req;
-  c.len = effective_len(__ldg(p.seqlens + req), p.max_blocks);
-  c.vis_min = visible_keys(p, c.len, m_block * kBlockM);
-  c.vis_req = visible_keys(p, c.len, p.q_rows - 1);
-  // The scheduler charges unclamped lengths, so its page ranges may reach past the effective
-  // length: clamp them (pages there would be fully masked anyway).
-  const int pages = max((c.len + kPageSize - 1) / kPageSize, 1);
-  c.pb = (req == rec.begin_req) ? min(max(rec.begin_block, 0), pages) : 0;
-  c.pe = (req == rec.end_req) ? min(rec.end_block, pages) : pages;
-  return c;
-}
-
-__device__ __forceinline__ PageInfo make_page(const DecodeParams& p, const ReqCtx& c, int page) {
-  PageInfo pi;
-  pi.kv_id = -1;
-  if (page >= 0 && page < c.pe && page < p.max_blocks) {
-    pi.kv_id = __ldg(p.block_table + static_cast<size_t>(c.bi) * p.max_blocks + page);
-  }
-  const int start = page * kPageSize;
-  pi.loaded = page >= 0 && page < c.pe && pi.kv_id >= 0 && pi.kv_id < p.num_blocks &&
-              start < c.vis_req;
-  pi.need_mask = start + kPageSize > c.vis_min;
-  pi.n_valid = min(kPageSize, c.len - start);
-  return pi;
-}
-
-// The first non-empty chunk at or after request `req`; returns false if none.
-__device__ __forceinline__ bool first_pair_from(const DecodeParams& p, const SchedRecord& rec,
-                                                int m_block, int req, ReqCtx& out) {
-  const int last = min(rec.end_req, p.b - 1);
-  for (int r = req; r <= last; ++r) {
-    ReqCtx c = make_req(p, rec, r, m_block);
-    if (c.pb < c.pe) {
-      out = c;
-      return true;
-    }
-  }
-  return false;
-}
+// ------------------------------------------------------------------ work
 
 // The start both kernels share (all threads): tile barriers initialised, the tensor map
 // prefetched, then, after the previous kernel (PDL), this part's record. False if the record has
@@ -150,7 +69,7 @@ __device__ __forceinline__ void expect_group(uint32_t bars, const PageInfo& pi,
   if (!pi.loaded) return;
 #pragma unroll
   for (int t = 0; t < T::kNumKTiles; ++t) {
-    if ((tile_mask >> t) & 1u) mbar_arrive_expect_tx(bars + 8 * t, T::kTileBytes);
+    if ((tile_mask >> t) & 1u) mbar_arrive_expect_tx(bars + 8 * t, kTileBytes);
   }
 }
 
@@ -161,7 +80,7 @@ __device__ __forceinline__ void issue_group(const CUtensorMap* tmap, uint32_t s_
 #pragma unroll
   for (int t = 0; t < T::kNumKTiles; ++t) {
     if ((tile_mask >> t) & 1u) {
-      tma_load_4d(s_buf + t * T::kTileBytes, tmap, bars + 8 * t, t * T::kTileCols, hk, 0,
+      tma_load_4d(s_buf + t * kTileBytes, tmap, bars + 8 * t, t * kTileCols, hk, 0,
                   pi.kv_id, policy);
     }
   }
@@ -209,7 +128,7 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sQ, int b
       const int i = threadIdx.x + (half * (kIters / 2) + it) * T::kThreads;
       const int row = i / kChunksPerRow;
       const int c = i % kChunksPerRow;
-      const uint32_t dst = sQ + (c / 8) * T::kTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4);
+      const uint32_t dst = sQ + (c / 8) * kTileBytes + swizzled_offset(row, c % 8);
       st_shared_v4(dst, v[it]);
     }
   }
@@ -238,8 +157,7 @@ __device__ __forceinline__ void prefetch_q_async(const DecodeParams& p, uint32_t
       src = q + ((static_cast<size_t>(bi) * p.s_q + s) * p.h_q + hk * p.g + j) * kHeadDimK + c * 8;
       bytes = 16;
     }
-    cp_async_16(sQ + (c / 8) * T::kTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4), src,
-                bytes);
+    cp_async_16(sQ + (c / 8) * kTileBytes + swizzled_offset(row, c % 8), src, bytes);
   }
   cp_async_commit();
 }
@@ -338,9 +256,10 @@ __device__ __forceinline__ void pack_p(const float (&s)[32], uint32_t (&a)[16]) 
 __device__ __forceinline__ void store_p(uint32_t s_tile, const uint32_t (&a)[16], int r0, int q4) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const uint32_t chunk = static_cast<uint32_t>(k ^ (r0 & 7)) << 4;
-    st_shared_u32(s_tile + r0 * 128 + chunk + q4 * 4, a[2 * k]);
-    st_shared_u32(s_tile + (r0 + 8) * 128 + chunk + q4 * 4, a[2 * k + 1]);
+    // Row r0 + 8 has the same chunk position: the swizzle repeats every 8 rows.
+    const uint32_t at = s_tile + swizzled_offset(r0, k) + q4 * 4;
+    st_shared_u32(at, a[2 * k]);
+    st_shared_u32(at + 8 * kTileRowBytes, a[2 * k + 1]);
   }
 }
 
@@ -353,7 +272,7 @@ __device__ __forceinline__ void zero_v_rows(uint32_t s_buf, int tile0, int n_val
     const int rest = i >> 3;
     const int row = n_valid + rest % rows;
     const int tile = tile0 + rest / rows;
-    st_shared_zero16(s_buf + tile * T::kTileBytes + row * 128 + ch * 16);
+    st_shared_zero16(s_buf + tile * kTileBytes + row * kTileRowBytes + ch * kChunkBytes);
   }
 }
 
@@ -368,14 +287,15 @@ __device__ __forceinline__ void zero_tail_v_rows(uint32_t s_buf, int tile0, int 
   }
 }
 
-// S = Q K^T for one page buffer (9 tiles x 4 k-steps), waiting on each tile's barrier. The V
-// tiles are taken from kFirstTile on (wrapping), the RoPE tile last: the order in which the
-// warpgroups refilled them.
-template <int kFirstTile = 0>
-__device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
-                                        uint32_t bars, uint32_t phase) {
-  const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
-  const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
+// Q K^T (or K Q^T) over one page buffer, 9 tiles x 4 k-steps, waiting on each K tile's barrier:
+// mma(q, k, scale_d) issues one k16 step given the descriptors of the Q and K slices (both
+// K-major; Q tiles are kQTileBytes apart). The V tiles are taken from kFirstTile on (wrapping),
+// the RoPE tile last.
+template <int kFirstTile, int kQTileBytes, class Mma>
+__device__ __forceinline__ void qk_tiles(uint32_t sQ, uint32_t s_buf, uint32_t bars,
+                                         uint32_t phase, Mma mma) {
+  const uint64_t dq = make_desc_sw128(sQ, kDescKMajorLbo, kDescSbo);
+  const uint64_t dk = make_desc_sw128(s_buf, kDescKMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int i = 0; i < T::kNumKTiles; ++i) {
@@ -383,34 +303,45 @@ __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_
     mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t off = t * T::kTileBytes + kk * 32;
-      wgmma_m64n64k16_ss(s, desc_advance(dq, off), desc_advance(dk, off), (i | kk) != 0 ? 1 : 0);
+      mma(desc_advance(dq, t * kQTileBytes + kk * kKStepKMajor),
+          desc_advance(dk, t * kTileBytes + kk * kKStepKMajor), (i | kk) != 0 ? 1 : 0);
     }
   }
   wgmma_commit();
 }
 
+// S = Q K^T for one page buffer. The V tiles are taken from kFirstTile on: the order in which
+// the warpgroups refilled them.
+template <int kFirstTile = 0>
+__device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
+                                        uint32_t bars, uint32_t phase) {
+  qk_tiles<kFirstTile, kTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
+    wgmma_m64n64k16_ss(s, q, k, sd);
+  });
+}
+
 // O[:, half] += P V[:, half] with P from registers; V = tiles [tile0, tile0 + 4) read MN-major.
 __device__ __forceinline__ void pv_rs(float (&o)[128], const uint32_t (&a)[16], uint32_t s_buf,
                                       int tile0) {
-  const uint64_t dv = make_desc_sw128(s_buf + tile0 * T::kTileBytes, T::kTileBytes, 1024);
+  const uint64_t dv = make_desc_sw128(s_buf + tile0 * kTileBytes, kDescMnMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t ak[4] = {a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3]};
-    wgmma_m64n256k16_rs_tb(o, ak, desc_advance(dv, kk * 2048));
+    wgmma_m64n256k16_rs_tb(o, ak, desc_advance(dv, kk * kKStepMnMajor));
   }
   wgmma_commit();
 }
 
 // O[:, half] += P V[:, half] with P from the swizzled smem tile s_p.
 __device__ __forceinline__ void pv_ss(float (&o)[128], uint32_t s_p, uint32_t s_buf, int tile0) {
-  const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
-  const uint64_t dv = make_desc_sw128(s_buf + tile0 * T::kTileBytes, T::kTileBytes, 1024);
+  const uint64_t dp = make_desc_sw128(s_p, kDescKMajorLbo, kDescSbo);
+  const uint64_t dv = make_desc_sw128(s_buf + tile0 * kTileBytes, kDescMnMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    wgmma_m64n256k16_ss_tb(o, desc_advance(dp, kk * 32), desc_advance(dv, kk * 2048), 1);
+    wgmma_m64n256k16_ss_tb(o, desc_advance(dp, kk * kKStepKMajor),
+                           desc_advance(dv, kk * kKStepMnMajor), 1);
   }
   wgmma_commit();
 }

@@ -10,8 +10,9 @@
 //      time, coalesced, and broadcast with shuffles); lane 0 does the stores.
 #include <cstdint>
 
-#include "launch.h"
-#include "params.h"
+#include "kernels/common/launch_utils.h"
+#include "kernels/launch.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 namespace {
@@ -131,8 +132,10 @@ __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams p
 
 cudaError_t launch_sched(const SchedParams& params, cudaStream_t stream) {
   if (params.num_sm_parts <= 0 || params.b < 0) return cudaErrorInvalidValue;
-  sched_kernel<<<1, kWarpSize, 0, stream>>>(params);
-  return cudaGetLastError();
+  LaunchShape shape;
+  shape.grid = dim3(1);
+  shape.block = dim3(kWarpSize);
+  return launch_kernel<sched_kernel>(shape, /*programmatic_dependent=*/false, stream, params);
 }
 
 }  // namespace jax_flashmla

@@ -1,8 +1,10 @@
 """Which SMs run the decode kernel's parts fast, from the timing build's per-part dumps.
 
-    JFM_TIMING_DUMP=parts.txt tests/cuda/build/check_decode_timing --bench --no-bw --reps 5 \\
+    JFM_TIMING_DUMP=parts.txt build/tools/bench_kernels_timing --no-bw --reps 5 \\
         --only 1,8192,16,0          # once or more; each launch appends its parts
-    python3 tests/cuda/parts_by_sm.py parts.txt
+    python3 benchmarks/cuda/parts_by_sm.py parts.txt
+
+(STEPS=timing benchmarks/cuda/run_device.sh does both at the corners.)
 
 A part's pace is its time per page (end - start over pages). The scheduler gives every part about
 the same pages, so a part that ends early either got less work or ran on a faster SM. Paces are

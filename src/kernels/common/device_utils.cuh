@@ -1,5 +1,6 @@
-// Small device helpers shared by the kernels of this folder and sm90/ (whose PTX wrappers for
-// Hopper-only instructions live in sm90/ptx.cuh). Device-only; include from .cu files.
+// Small device helpers shared by every kernel: the combine in this folder and the sm90 kernels
+// (whose PTX wrappers for Hopper-only instructions live in sm90/ptx.cuh). Device-only; include
+// from .cu files.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,7 +1,8 @@
-// The sm90 decode kernel for narrow query blocks: at most N = 16 or 32 query rows per kv head,
-// e.g. h_q=16 with s_q=1 (the memory-bound decode of DeepSeek-style models) or s_q=2.
+// The narrow sm90 dense decode kernel, for narrow query blocks: at most N = 16 or 32 query rows
+// per kv head, e.g. h_q=16 with s_q=1 (the memory-bound decode of DeepSeek-style models) or
+// s_q=2.
 //
-// The wide kernel (decode_wgmma.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
+// The wide kernel (wide.cuh) puts query rows on wgmma's M, which is 64; with 16 rows, 3/4
 // of its tensor work and Q reads go to zero rows (with 32, half), and that power is taken from a
 // card that already runs at its power cap while it streams the cache. Here keys are M and query
 // rows are N:
@@ -19,39 +20,11 @@
 // Masking, skipped pages and the V rows past the length follow the wide kernel.
 #pragma once
 
-#include "decode_wgmma_blocks.cuh"
+#include "kernels/common/cta_timing.cuh"
+#include "kernels/sm90/decode/dense/blocks.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {
-
-template <int kRows_>
-struct NarrowTraits {
-  static constexpr int kRows = kRows_;  // query rows per CTA: N of every wgmma
-  static_assert(kRows == 16 || kRows == 32, "narrow kernel: N is 16 or 32");
-  static constexpr int kThreads = 256;
-  static constexpr int kAcc = kRows / 2;          // fp32 registers of one m64nNk16 accumulator
-  static constexpr int kThreadRows = kRows / 4;   // query rows a thread holds (k = 2j + e below)
-  static constexpr int kQTileBytes = kRows * 128;  // N rows x 64 bf16, 128-byte swizzle
-  static constexpr int kOStride = 260;  // floats per row of the merge area (256 columns): fragment
-                                        // stores of the 4 column pairs of a quad hit distinct banks
-
-  // Shared memory, offsets from a 1024-byte aligned base.
-  static constexpr int kOffQ = 0;    // 9 Q tiles; in the epilogue, float[N][260] (merge area)
-  static constexpr int kOffK = kOffQ + T::kNumKTiles * kQTileBytes;        // 2 page buffers
-  static constexpr int kOffP = kOffK + 2 * T::kPageBytes;                  // 2 x P^T (N x 64)
-  static constexpr int kOffRed = kOffP + 2 * kQTileBytes;                  // float[2][4][N]
-  static constexpr int kOffSum = kOffRed + 2 * 4 * kRows * 4;              // float[2][4][N]
-  static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][N]
-  static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][N]: m, l
-  static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
-  static constexpr int kSmemBytes = kOffBars + 2 * T::kNumKTiles * 8 + 1024;
-  static_assert(kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
-  static_assert(kOffK % 1024 == 0 && kOffP % 1024 == 0, "swizzled tiles need 1 KiB");
-  static_assert(kRows * kOStride * 4 <= kOffK - kOffQ, "merge area must fit in the Q tiles");
-
-  // The named barrier of warpgroup w's four warps (0 is __syncthreads).
-  JFM_HOST_DEVICE static constexpr int bar_group(int w) { return 1 + w; }
-};
 
 // One k16 step of S^T = K Q^T (both K-major) and of O^T += V^T P^T (V^T MN-major), for N = 16, 32.
 __device__ __forceinline__ void mma_kq(float (&d)[8], uint64_t a, uint64_t b, int scale_d) {
@@ -95,7 +68,7 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t sQ
     if (i < kChunks) {
       const int row = i / kChunksPerRow;
       const int c = i % kChunksPerRow;
-      st_shared_v4(sQ + (c / 8) * NT::kQTileBytes + row * 128 + (((c % 8) ^ (row % 8)) << 4), v[it]);
+      st_shared_v4(sQ + (c / 8) * NT::kQTileBytes + swizzled_offset(row, c % 8), v[it]);
     }
   }
 }
@@ -115,23 +88,13 @@ __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const Sch
   return false;
 }
 
-// S^T = K Q^T for one page buffer, waiting on each tile's barrier.
+// S^T = K Q^T for one page buffer.
 template <class NT>
 __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uint32_t s_buf,
                                           uint32_t bars, uint32_t phase) {
-  const uint64_t dk = make_desc_sw128(s_buf, 16, 1024);
-  const uint64_t dq = make_desc_sw128(sQ, 16, 1024);
-  wgmma_fence();
-#pragma unroll
-  for (int t = 0; t < T::kNumKTiles; ++t) {
-    mbar_wait(bars + 8 * t, phase);
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      mma_kq(s, desc_advance(dk, t * T::kTileBytes + kk * 32),
-             desc_advance(dq, t * NT::kQTileBytes + kk * 32), (t | kk) != 0 ? 1 : 0);
-    }
-  }
-  wgmma_commit();
+  qk_tiles<0, NT::kQTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
+    mma_kq(s, k, q, sd);
+  });
 }
 
 // O^T += V^T P^T: column block mb is V tile mb read MN-major; P^T (16 x 64 keys) from s_p.
@@ -139,14 +102,15 @@ __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uin
 // the second is still read.
 template <class NT>
 __device__ __forceinline__ void pv_narrow(float (&o)[8][NT::kAcc], uint32_t s_p, uint32_t s_buf) {
-  const uint64_t dv = make_desc_sw128(s_buf, T::kTileBytes, 1024);
-  const uint64_t dp = make_desc_sw128(s_p, 16, 1024);
+  const uint64_t dv = make_desc_sw128(s_buf, kDescMnMajorLbo, kDescSbo);
+  const uint64_t dp = make_desc_sw128(s_p, kDescKMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int mb = 0; mb < T::kNumVTiles; ++mb) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      mma_vp(o[mb], desc_advance(dv, mb * T::kTileBytes + kk * 2048), desc_advance(dp, kk * 32));
+      mma_vp(o[mb], desc_advance(dv, mb * kTileBytes + kk * kKStepMnMajor),
+             desc_advance(dp, kk * kKStepKMajor));
     }
     if (mb == 3 || mb == 7) wgmma_commit();
   }
@@ -172,24 +136,20 @@ __device__ __forceinline__ void release_tiles(int bar, bool leader,
 __device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2 * q4 + (k & 1); }
 
 template <int kRows>
-__global__ void __launch_bounds__(256, 1)
-    decode_narrow_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
-                              const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(T::kThreads, 1)
+    decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap_k,
+                         const __grid_constant__ DecodeParams p) {
   using NT = NarrowTraits<kRows>;
   constexpr int kAcc = NT::kAcc;
   constexpr int kThreadRows = NT::kThreadRows;
-  static_assert(NT::kThreads == 256, "launch bounds");
-  JFM_RECORD_CTA_TIME(0);
+  JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
 
   const int hk = blockIdx.y;
   const int part = blockIdx.z;
-  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-  const int tid_wg = threadIdx.x % 128;
-  const int warp_wg = tid_wg / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [wg, tid_wg, warp_wg, lane] = thread_pos();
   const int q4 = lane % 4;
   const int key_lo = 16 * warp_wg + lane / 4;  // this thread's keys of a page: key_lo, key_lo + 8
   const bool leader = tid_wg == 0;
@@ -205,10 +165,7 @@ __global__ void __launch_bounds__(256, 1)
   float* s_o = reinterpret_cast<float*>(smem + NT::kOffQ);  // the merge area, in the epilogue
 
   SchedRecord rec;
-  if (!start_part(&tmap_k, p, base + NT::kOffBars, part, rec)) {
-    JFM_RECORD_CTA_TIME(1);
-    return;
-  }
+  if (!start_part(&tmap_k, p, base + NT::kOffBars, part, rec)) return;
   const uint64_t policy = leader ? l2_evict_first_policy() : 0;
   constexpr uint32_t kAllTiles = (1u << T::kNumKTiles) - 1;
 
@@ -227,10 +184,6 @@ __global__ void __launch_bounds__(256, 1)
     load_q_narrow<NT>(p, sQ, c.bi, hk);
     fence_proxy_async_smem();
     __syncthreads();
-    // Timing builds: the wide kernel's marks at the same points, seen from WG0's pages (pb, pb+2,
-    // ...; the other group works on the pages between), so check_decode's "switch" line reads
-    // the same; here the O merge falls in its "stores" interval, with the output.
-    JFM_MARK(8, req == rec.begin_req + 1);
 
     int vis[kThreadRows];
 #pragma unroll
@@ -249,10 +202,6 @@ __global__ void __launch_bounds__(256, 1)
     }
 
     for (int page = c.pb + wg; page < c.pe; page += 2) {
-      JFM_MARK(0, req == rec.begin_req && page == c.pb);
-      JFM_MARK(1, req == rec.begin_req && page == c.pb + 4);
-      JFM_MARK(2, req == rec.begin_req && page + 2 >= c.pe);
-      JFM_MARK(9, req == rec.begin_req + 1 && page == c.pb + 2);
       const PageInfo pi = make_page(p, c, page);
       // The group's next page (maybe in a later request): the leader refills the buffer with it
       // as this page's last reads of each tile group retire (RoPE tile after S^T, then V halves).
@@ -341,8 +290,7 @@ __global__ void __launch_bounds__(256, 1)
         for (int r = 0; r < kAcc; ++r) {
           const int n = frag_row(q4, 2 * (r >> 2) + (r & 1));
           const int key = key_lo + 8 * ((r >> 1) & 1);
-          st_shared_u16(s_p + n * 128 + (((key >> 3) ^ (n & 7)) << 4) + (key & 7) * 2,
-                        bf16_bits(s[r]));
+          st_shared_u16(s_p + swizzled_offset(n, key >> 3) + (key & 7) * 2, bf16_bits(s[r]));
         }
         if (pi.n_valid < kPageSize) {
           zero_v_rows(s_buf, 0, pi.n_valid, tid_wg);
@@ -362,7 +310,6 @@ __global__ void __launch_bounds__(256, 1)
       }
     }
 
-    JFM_MARK(3, req == rec.begin_req);
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: merge the two groups' (max, sum, O^T), write this request ----
@@ -407,8 +354,6 @@ __global__ void __launch_bounds__(256, 1)
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
-    JFM_MARK(4, req == rec.begin_req);
-    JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
 
     // This group's share of half h of O^T, scaled to the merged row max, into the merge area:
     // stored (WG1) or added to what is there (WG0).
@@ -463,10 +408,7 @@ __global__ void __launch_bounds__(256, 1)
       }
       __syncthreads();  // the merge area is rewritten by the next half, sQ by the next request
     }
-    JFM_MARK(6, req == rec.begin_req);
-    JFM_MARK(7, req == rec.begin_req);
   }
-  JFM_RECORD_CTA_TIME(1);
 }
 
 }  // namespace sm90

@@ -1,4 +1,4 @@
-// The board's energy counter for the standalone CUDA tools (check_decode, read_floor).
+// The board's energy counter for the standalone CUDA tools (bench_kernels, read_floor).
 #pragma once
 
 #include <dlfcn.h>

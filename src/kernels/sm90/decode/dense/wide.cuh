@@ -1,4 +1,5 @@
-// The sm90 paged MLA decode kernel: TMA-fed, wgmma-based, two consumer warpgroups.
+// The wide sm90 dense decode kernel: TMA-fed, wgmma-based, two consumer warpgroups, query rows
+// on wgmma's M (64 per CTA). Shapes with at most 32 query rows per kv head run narrow.cuh.
 //
 // One CTA per (m block, kv head, sm part) walks the (request, page range) chunks of its
 // SchedRecord. Pages are consumed in pairs: page a sits in buffer 0, page b in buffer 1.
@@ -36,7 +37,8 @@
 // are zeroed in shared memory before P.V (unused cache slots may hold NaN, and 0 * NaN = NaN).
 #pragma once
 
-#include "decode_wgmma_blocks.cuh"
+#include "kernels/common/cta_timing.cuh"
+#include "kernels/sm90/decode/dense/blocks.cuh"
 
 namespace jax_flashmla {
 namespace sm90 {
@@ -54,50 +56,84 @@ __device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uin
   }
 }
 
-__global__ void __launch_bounds__(T::kThreads, 1)
-    decode_main_sm90_kernel(const __grid_constant__ CUtensorMap tmap_k,
-                            const __grid_constant__ DecodeParams p) {
-  JFM_RECORD_CTA_TIME(0);
+// Hands this group's new running row max m and the scale sc that moved its sums onto it to the
+// other warpgroup through shared memory (lane 0 of each quad: the quad shares its two rows),
+// then signals `bar`.
+__device__ __forceinline__ void publish_max(float* s_row_max, float* s_scale, int r0, int q4,
+                                            const float (&m)[2], const float (&sc)[2], int bar) {
+  __syncwarp();  // the quad's other lanes have read the row max we overwrite
+  if (q4 == 0) {
+    s_row_max[r0] = m[0];
+    s_row_max[r0 + 8] = m[1];
+    s_scale[r0] = sc[0];
+    s_scale[r0 + 8] = sc[1];
+  }
+  named_bar_arrive(bar, WideTraits::kThreads);
+}
+
+// O[:, half] += P V[:, half] for the group's own page, with P from registers (a): O first moved
+// to the new row max (scales sc), V rows past the length zeroed in tiles [tile0, tile0 + 4).
+__device__ __forceinline__ void pv_own_page(float (&o)[128], const float (&sc)[2],
+                                            const uint32_t (&a)[16], uint32_t s_buf, int tile0,
+                                            int n_valid, int tid_wg, int group_bar) {
+  rescale_o(o, sc);
+  zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
+  reg_fence(o);
+  pv_rs(o, a, s_buf, tile0);
+}
+
+// O[:, half] += P V[:, half] for the page the other warpgroup scored, with its P from the
+// buffer's P tile: this group's O is first moved to the new row max (scales sc), then its V
+// tiles [tile0, tile0 + 4) of the page are awaited and rows past the length zeroed.
+__device__ __forceinline__ void pv_other_page(float (&o)[128], const float (&sc)[2],
+                                              uint32_t s_buf, uint32_t bars, uint32_t phase,
+                                              int tile0, int n_valid, int tid_wg, int group_bar) {
+  rescale_o(o, sc);
+  for (int t = tile0; t < tile0 + 4; ++t) mbar_wait(bars + 8 * t, phase);
+  zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
+  reg_fence(o);
+  pv_ss(o, s_buf + WideTraits::kPTile * kTileBytes, s_buf, tile0);
+}
+
+__global__ void __launch_bounds__(WideTraits::kThreads, 1)
+    decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
+                       const __grid_constant__ DecodeParams p) {
+  using W = WideTraits;
+  JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
-  const uint32_t sQ = base + T::kOffQ;
-  const uint32_t sK[2] = {base + T::kOffK0, base + T::kOffK1};
-  const uint32_t bars[2] = {base + T::kOffBars, base + T::kOffBars + 8 * T::kNumKTiles};
-  float* s_row_max = reinterpret_cast<float*>(smem + T::kOffRowMax);
-  float* s_scale0 = reinterpret_cast<float*>(smem + T::kOffScale0);
-  float* s_scale1 = reinterpret_cast<float*>(smem + T::kOffScale1);
-  float* s_row_sum = reinterpret_cast<float*>(smem + T::kOffRowSum);
+  const uint32_t sQ = base + W::kOffQ;
+  const uint32_t sK[2] = {base + W::kOffK0, base + W::kOffK1};
+  const uint32_t bars[2] = {base + W::kOffBars, base + W::kOffBars + 8 * W::kNumKTiles};
+  float* s_row_max = reinterpret_cast<float*>(smem + W::kOffRowMax);
+  float* s_scale0 = reinterpret_cast<float*>(smem + W::kOffScale0);
+  float* s_scale1 = reinterpret_cast<float*>(smem + W::kOffScale1);
+  float* s_row_sum = reinterpret_cast<float*>(smem + W::kOffRowSum);
 
   const int m_block = blockIdx.x;
   const int hk = blockIdx.y;
   const int part = blockIdx.z;
-  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-  const int tid_wg = threadIdx.x % 128;
-  const int warp_wg = tid_wg / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [wg, tid_wg, warp_wg, lane] = thread_pos();
   const int r0 = warp_wg * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
   const int q4 = lane % 4;                 // column pair within each 8-column chunk
   const bool leader = tid_wg == 0;
 
   SchedRecord rec;
-  if (!start_part(&tmap_k, p, base + T::kOffBars, part, rec)) {
-    JFM_RECORD_CTA_TIME(1);
-    return;
-  }
+  if (!start_part(&tmap_k, p, base + W::kOffBars, part, rec)) return;
 
   const uint64_t policy = leader ? l2_evict_first_policy() : 0;
 
   // Prologue: start the loads of the first pair.
   {
     ReqCtx c;
-    if (first_pair_from(p, rec, m_block, rec.begin_req, c) && leader) {
+    if (first_chunk_from(p, rec, m_block, rec.begin_req, c) && leader) {
       const PageInfo pa = make_page(p, c, c.pb);
       const PageInfo pb = make_page(p, c, c.pb + 1);
-      expect_group(bars[0], pa, T::group_tiles(0, wg));
-      expect_group(bars[1], pb, T::group_tiles(1, wg));
-      issue_group(&tmap_k, sK[0], bars[0], pa, hk, T::group_tiles(0, wg), policy);
-      issue_group(&tmap_k, sK[1], bars[1], pb, hk, T::group_tiles(1, wg), policy);
+      expect_group(bars[0], pa, W::group_tiles(0, wg));
+      expect_group(bars[1], pb, W::group_tiles(1, wg));
+      issue_group(&tmap_k, sK[0], bars[0], pa, hk, W::group_tiles(0, wg), policy);
+      issue_group(&tmap_k, sK[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
     }
   }
 
@@ -115,21 +151,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     } else {
       load_q(p, sQ, c.bi, hk, m_block);
     }
-    if (threadIdx.x < kBlockM) s_row_max[threadIdx.x] = T::kRowMaxInit;
+    if (threadIdx.x < kBlockM) s_row_max[threadIdx.x] = W::kRowMaxInit;
     fence_proxy_async_smem();
     __syncthreads();
 
-    JFM_MARK(8, req == rec.begin_req + 1);
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float row_sum[2] = {0.f, 0.f};
 
     for (int page = c.pb; page < c.pe; page += 2) {
-      JFM_MARK(0, req == rec.begin_req && page == c.pb);
-      JFM_MARK(1, req == rec.begin_req && page == c.pb + 4);
-      JFM_MARK(2, req == rec.begin_req && page + 2 >= c.pe);
-      JFM_MARK(9, req == rec.begin_req + 1 && page == c.pb + 2);
       const bool prefetch_next_q = page + 2 >= c.pe && req < last_req;
       const PageInfo pa = make_page(p, c, page);
       const PageInfo pb = make_page(p, c, page + 1);  // not loaded if page + 1 >= pe
@@ -142,7 +173,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         nb = make_page(p, c, page + 3);
       } else {
         ReqCtx nc;
-        if (first_pair_from(p, rec, m_block, req + 1, nc)) {
+        if (first_chunk_from(p, rec, m_block, req + 1, nc)) {
           na = make_page(p, nc, nc.pb);
           nb = make_page(p, nc, nc.pb + 1);
         }
@@ -165,7 +196,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           m_new[1] = lazy_max(m_old[1], mx[1]);
           exp_rows(s, p.scale_log2, m_new, psum);
           pack_p(s, a);
-          store_p(sK[0] + T::kPTile * T::kTileBytes, a, r0, q4);
+          store_p(sK[0] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         } else {
           m_new[0] = m_old[0];
@@ -173,47 +204,31 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
         sc0[0] = max_scale(m_old[0], m_new[0]);
         sc0[1] = max_scale(m_old[1], m_new[1]);
-        __syncwarp();  // the quad's other lanes have read the row max we overwrite
-        if (q4 == 0) {
-          s_row_max[r0] = m_new[0];
-          s_row_max[r0 + 8] = m_new[1];
-          s_scale0[r0] = sc0[0];
-          s_scale0[r0 + 8] = sc0[1];
-        }
-        named_bar_arrive(T::kBarP0Ready, T::kThreads);
+        publish_max(s_row_max, s_scale0, r0, q4, m_new, sc0, W::kBarP0Ready);
 
         row_sum[0] = row_sum[0] * sc0[0] + psum[0];
         row_sum[1] = row_sum[1] * sc0[1] + psum[1];
-        if (pa.loaded) {
-          rescale_o(o, sc0);
-          zero_tail_v_rows(sK[0], 0, pa.n_valid, tid_wg, T::kBarWg0);
-          reg_fence(o);
-          pv_rs(o, a, sK[0], 0);
-        }
+        if (pa.loaded) pv_own_page(o, sc0, a, sK[0], 0, pa.n_valid, tid_wg, W::kBarWg0);
         // That was WG0's last read of buffer 0 (tiles 0..3). WG0 has nothing to do until WG1's
         // P1 arrives, so wait for it here and refill those tiles as early as possible.
         wgmma_wait<0>();
         reg_fence(o);
         // wait_group covers only the calling warp's share: all four warps must be done reading
         // before the leader lets TMA overwrite the tiles.
-        named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 0), policy);
+        named_bar_sync(W::kBarWg0, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 0), policy);
 
-        named_bar_sync(T::kBarP1Ready, T::kThreads);
+        named_bar_sync(W::kBarP1Ready, W::kThreads);
         const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
-          rescale_o(o, sc1);
-          for (int t = 0; t < 4; ++t) mbar_wait(bars[1] + 8 * t, phase[1]);
-          zero_tail_v_rows(sK[1], 0, pb.n_valid, tid_wg, T::kBarWg0);
-          reg_fence(o);
-          pv_ss(o, sK[1] + T::kPTile * T::kTileBytes, sK[1], 0);
+          pv_other_page(o, sc1, sK[1], bars[1], phase[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
           wgmma_wait<0>();
           reg_fence(o);
         }
-        named_bar_sync(T::kBarWg0, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, T::group_tiles(1, 0), policy);
+        named_bar_sync(W::kBarWg0, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, W::group_tiles(1, 0), policy);
       } else {
         // ---------------- WG1: page b ----------------
         float mx[2] = {-INFINITY, -INFINITY};
@@ -225,17 +240,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           mask_and_row_max(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
                            vis_r1, mx);
         }
-        named_bar_sync(T::kBarP0Ready, T::kThreads);
+        named_bar_sync(W::kBarP0Ready, W::kThreads);
         const float m0[2] = {s_row_max[r0], s_row_max[r0 + 8]};
         const float sc0[2] = {s_scale0[r0], s_scale0[r0 + 8]};
         row_sum[0] *= sc0[0];
         row_sum[1] *= sc0[1];
         if (pa.loaded) {
-          rescale_o(o, sc0);
-          for (int t = 4; t < 8; ++t) mbar_wait(bars[0] + 8 * t, phase[0]);
-          zero_tail_v_rows(sK[0], 4, pa.n_valid, tid_wg, T::kBarWg1);
-          reg_fence(o);
-          pv_ss(o, sK[0] + T::kPTile * T::kTileBytes, sK[0], 4);
+          pv_other_page(o, sc0, sK[0], bars[0], phase[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
         }
         // softmax of page b while P_a V_a runs
         const float m1[2] = {lazy_max(m0[0], mx[0]), lazy_max(m0[1], mx[1])};
@@ -244,29 +255,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (pb.loaded) {
           exp_rows(s, p.scale_log2, m1, psum);
           pack_p(s, a);
-          store_p(sK[1] + T::kPTile * T::kTileBytes, a, r0, q4);
+          store_p(sK[1] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         }
-        __syncwarp();  // the quad's other lanes have read the row max we overwrite
-        if (q4 == 0) {
-          s_row_max[r0] = m1[0];
-          s_row_max[r0 + 8] = m1[1];
-          s_scale1[r0] = sc1[0];
-          s_scale1[r0 + 8] = sc1[1];
-        }
-        named_bar_arrive(T::kBarP1Ready, T::kThreads);
+        publish_max(s_row_max, s_scale1, r0, q4, m1, sc1, W::kBarP1Ready);
         wgmma_wait<0>();
         reg_fence(o);
-        named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[0], bars[0], na, hk, T::group_tiles(0, 1), policy);
+        named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 1), policy);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
-        if (pb.loaded) {
-          rescale_o(o, sc1);
-          zero_tail_v_rows(sK[1], 4, pb.n_valid, tid_wg, T::kBarWg1);
-          reg_fence(o);
-          pv_rs(o, a, sK[1], 4);
-        }
+        if (pb.loaded) pv_own_page(o, sc1, a, sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
         // Both QK^T of the request's last pair are done (WG0's before P0, ours before that):
         // start copying the next request's Q into sQ while the last P.V runs.
         if (prefetch_next_q) prefetch_q_async(p, sQ, req + 1, hk, m_block, tid_wg);
@@ -274,14 +273,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           wgmma_wait<0>();
           reg_fence(o);
         }
-        named_bar_sync(T::kBarWg1, T::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, T::group_tiles(1, 1), policy);
+        named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
+        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, W::group_tiles(1, 1), policy);
       }
       if (pa.loaded) phase[0] ^= 1u;
       if (pb.loaded) phase[1] ^= 1u;
     }
 
-    JFM_MARK(3, req == rec.begin_req);
     if (req == last_req) pdl_launch_dependents();
 
     // ---------------- epilogue: combine the two groups' row sums, write this request ----------
@@ -295,7 +293,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       s_row_sum[wg * kBlockM + r0 + 8] = row_sum[1];
     }
     __syncthreads();
-    JFM_MARK(4, req == rec.begin_req);
 
     const int split_begin = __ldg(p.num_splits + c.bi);
     const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
@@ -304,8 +301,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int64_t slot =
         static_cast<int64_t>(split_begin) + ((req == rec.begin_req) ? rec.begin_split : 0);
     const bool slot_ok = slot >= 0 && slot < static_cast<int64_t>(p.b) + p.num_sm_parts;
-    JFM_MARK(5, req == rec.begin_req && split_begin > -7);  // (waits for the load above)
-    const int col0 = wg * T::kVColsPerWarpgroup + 2 * q4;
+    const int col0 = wg * W::kVColsPerWarpgroup + 2 * q4;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = r0 + 8 * i;
@@ -341,12 +337,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       }
     }
-    JFM_MARK(6, req == rec.begin_req);
     __syncthreads();  // sQ, the row max and the row sums are rewritten by the next request
     q_prefetched = c.pb < c.pe && req < last_req;
-    JFM_MARK(7, req == rec.begin_req);
   }
-  JFM_RECORD_CTA_TIME(1);
 }
 
 }  // namespace sm90
