@@ -4,6 +4,7 @@ model, `load_for_serving` with and without a tokenizer, and the command line."""
 
 import functools
 import json
+import pathlib
 import re
 import shutil
 
@@ -17,13 +18,21 @@ pytest.importorskip("safetensors")
 
 from hlo_aliasing import aliased_parameters, parameters_named  # noqa: E402
 from jax_flashmla.models import deepseek  # noqa: E402
-from test_deepseek_golden import DATA  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data" / "deepseek"
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny_model():
   config = deepseek.DeepseekConfig.from_hf(dict(deepseek.TINY, num_hidden_layers=2))
   return deepseek.random_model(config, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  # On a GPU, float32 matmuls would otherwise run in TF32 (the tolerances are float32's).
+  with jax.default_matmul_precision("float32"):
+    yield
 
 
 def test_generate_equals_one_forward_pass():

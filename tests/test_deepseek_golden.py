@@ -43,6 +43,13 @@ def _model(name, param_dtype):
   return deepseek.from_pretrained(DATA / name, param_dtype=param_dtype)
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  # On a GPU, float32 matmuls would otherwise run in TF32 (the tolerances are float32's).
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 @functools.lru_cache(maxsize=None)
 def _golden(name):
   return dict(np.load(DATA / name / "golden.npz"))

@@ -27,6 +27,13 @@ def _layer(**kw):
   return nnx.jit(lambda: MultiHeadLatentAttention(config, rngs=nnx.Rngs(0)))()
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  # On a GPU, float32 matmuls would otherwise run in TF32 (the tolerances are float32's).
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _step(graphdef, state, cache, xs, positions):
   return nnx.merge(graphdef, state)(xs, cache, positions=positions, implementation="xla")

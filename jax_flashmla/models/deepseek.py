@@ -313,14 +313,19 @@ class MoE(nnx.Module):
     combine = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], experts].add(weights)
 
     dtype = self.dtype or self.expert_gate[...].dtype
-    xs = tokens.astype(dtype)
-    gate = jnp.einsum("th,ehn->ten", xs, self.expert_gate[...].astype(dtype))
-    up = jnp.einsum("th,ehn->ten", xs, self.expert_up[...].astype(dtype))
+    # Experts as a batch axis of both operands: batched matmuls read `[e, hidden, inter]` as it
+    # is stored (with `e` only in the weights, XLA would transpose them to `[hidden, e * inter]`
+    # first, a copy of every expert's weights per step).
+    xs = jnp.broadcast_to(tokens.astype(dtype), (e,) + tokens.shape)
+    gate = jnp.einsum("eth,ehn->etn", xs, self.expert_gate[...].astype(dtype))
+    up = jnp.einsum("eth,ehn->etn", xs, self.expert_up[...].astype(dtype))
     act = jax.nn.silu(gate) * up
     # Weight before the down projection (linear, so the same sum); `where` keeps an expert that
     # was not chosen out even if its activations overflowed.
-    act = jnp.where(combine[..., None] != 0, act.astype(jnp.float32) * combine[..., None], 0)
-    y = jnp.einsum("ten,enh->th", act.astype(dtype), self.expert_down[...].astype(dtype))
+    w = combine.T[..., None]                                     # [e, t, 1]
+    act = jnp.where(w != 0, act.astype(jnp.float32) * w, 0).astype(dtype)
+    # Contracting experts and inter together: `[e * inter, hidden]` is the weights' own layout.
+    y = jnp.einsum("etn,enh->th", act, self.expert_down[...].astype(dtype))
     y = y.reshape(shape)
     if self.shared is not None:
       y = y + self.shared(x)
