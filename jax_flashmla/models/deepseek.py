@@ -11,11 +11,13 @@ RMSNorm; LM head. Routing, as DeepSeek's code does it:
 
 - V2 (`scoring_func="softmax"`): softmax scores; `greedy` top-k, or `group_limited_greedy`: keep
   the `topk_group` groups with the highest single score, then top-k within them; weights are the
-  scores times `routed_scaling_factor` (normalised instead when `norm_topk_prob`).
+  scores times `routed_scaling_factor` (normalised instead when `norm_topk_prob`, which no
+  published V2 config sets and transformers' V2 ignores).
 - V3, R1, Kimi-K2 (`scoring_func="sigmoid"`, `topk_method="noaux_tc"`): sigmoid scores; experts
   are chosen on scores plus `e_score_correction_bias`, within the `topk_group` groups whose two
-  best biased scores sum highest; weights are the unbiased scores, normalised when
-  `norm_topk_prob`, times `routed_scaling_factor`.
+  best biased scores sum highest (the others masked with -inf, as DeepSeek's inference code and
+  transformers do); weights are the unbiased scores, normalised when `norm_topk_prob`, times
+  `routed_scaling_factor`.
 
 The experts run densely: every expert's SwiGLU on every token, weighted by the routing (zero for
 experts not chosen). Exact, jit-friendly and bounded in memory, but `num_experts /
@@ -30,7 +32,7 @@ has `num_layers` and `attention` (the `MLAConfig`).
 `python -m jax_flashmla.models.deepseek --random v2-lite` times greedy generation on a
 random-weight DeepSeek-V2-Lite-shaped model; `--checkpoint DIR` runs a checkpoint.
 
-Needs Flax; loading needs `safetensors` (`pip install safetensors`), not torch.
+Needs Flax; loading needs `safetensors`, not torch (`pip install 'jax_flashmla[models]'`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import numpy as np
 try:
   from flax import nnx
 except ImportError as e:  # flax is an optional dependency of jax_flashmla
-  raise ImportError("jax_flashmla.models needs Flax: pip install 'jax_flashmla[flax]'") from e
+  raise ImportError("jax_flashmla.models needs Flax: pip install 'jax_flashmla[models]'") from e
 
 from jax_flashmla.allocator import PageAllocator
 from jax_flashmla.cache import PagedKVCache
@@ -861,6 +863,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk", type=int, default=64, help="prompt tokens read per step")
   p.add_argument("--prompt", default=None,
                  help="(with --checkpoint) one prompt: token ids '1,2,3' or text (tokenizer.json)")
+  p.add_argument("--serve", type=int, default=0, metavar="N",
+                 help="instead: the demo's serving loop on N requests of 4..prompt-len tokens and "
+                      "up to new-tokens new ones, batch-size slots")
   p.add_argument("--implementation", choices=sorted(IMPLEMENTATIONS), default="auto",
                  help="attention; auto: CUDA kernels on Hopper, pure-JAX reference elsewhere")
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -869,7 +874,30 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv=None, log=print) -> Generation:
+def _serve(model, args, implementation, rng, log):
+  """The demo's continuous-batching loop (ragged prompts, chunked prefill, pages reused)."""
+  from jax_flashmla import demo  # the demo's Server drives any model with the call contract
+
+  requests = demo.make_requests(rng, args.serve, args.prompt_len, args.new_tokens,
+                                model.config.vocab_size)
+  max_seq_len = max(r.max_cached_tokens for r in requests)
+  pages = -(-max_seq_len // 64)
+  server = demo.Server(model, batch_size=args.batch_size, max_seq_len=max_seq_len,
+                       num_blocks=args.batch_size * pages, chunk=args.chunk,
+                       implementation=implementation, log=log, log_every=50)
+  log(f"  serving {args.serve} requests over {args.batch_size} slots (prompts of 4.."
+      f"{args.prompt_len} tokens, up to {args.new_tokens} new); attention: "
+      f"{args.implementation} on {jax.devices()[0].device_kind}; bf16 cache")
+  log(f"  compiled (chunk and decode steps) in {server.compile():.1f} s")
+  stats = server.serve(requests)
+  log(f"served: {stats.tokens} tokens generated (after {stats.prompt_tokens} prompt tokens) in "
+      f"{stats.seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s [{stats.steps} steps, "
+      f"{stats.chunk_steps} with prompt chunks]")
+  return stats
+
+
+def main(argv=None, log=print):
+  """The command line; returns the `Generation` (or the demo's `ServeStats` with --serve)."""
   args = _parser().parse_args(argv)
   implementation = IMPLEMENTATIONS[args.implementation]
   on_gpu = jax.default_backend() == "gpu"
@@ -897,6 +925,8 @@ def main(argv=None, log=print) -> Generation:
       f"{time.perf_counter() - t0:.1f} s")
 
   rng = np.random.default_rng(args.seed)
+  if args.serve:
+    return _serve(model, args, implementation, rng, log)
   if args.prompt is not None:
     prompts = [encode_prompt(args.prompt, tokenizer, bos_token_id=config.bos_token_id)]
   else:
