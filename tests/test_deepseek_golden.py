@@ -128,7 +128,9 @@ def test_kernels_give_the_reference_logits(name):
   with jax.default_matmul_precision("highest"):
     cuda = _generate(name, jnp.float32, jnp.bfloat16, implementation="cuda", forced=True)
     xla = _generate(name, jnp.float32, jnp.bfloat16, implementation="xla", forced=True)
+  # Both round the cache and queries to bf16 alike; the kernels also feed bf16 probabilities
+  # to the P @ V product, which the reference keeps in float32.
   for got, want in zip(cuda.logits, xla.logits, strict=True):
     err = _errors(got, want)
-    assert err.max() <= 5e-3, f"{name}: kernels vs pure JAX, errors per step {err}"
+    assert err.max() <= 1e-2, f"{name}: kernels vs pure JAX, errors per step {err}"
   _check(name, cuda, BF16_CACHE_TOL, tokens=False)
