@@ -464,12 +464,13 @@ class _CheckpointWeights:
       w = hf.interleave_rope_rows(w, rope_heads, head_dim, self.config.attention.qk_rope_head_dim)
     return w.T
 
-  def experts(self, prefix: str, which: str) -> np.ndarray:
+  def experts(self, prefix: str, which: str, dtype) -> np.ndarray:
     """Stacked expert weights in our layout, from per-expert tensors (as DeepSeek publishes
-    them and transformers saves them) or from transformers' fused `gate_up_proj`/`down_proj`."""
+    them and transformers saves them) or from transformers' fused `gate_up_proj`/`down_proj`.
+    Each expert is cast to `dtype` before stacking (dequantized FP8 is float32: 4x the bytes)."""
     c = self.config
     if f"{prefix}.experts.0.{_MLP[which]}.weight" in self.ckpt:
-      return np.stack([self.kernel(f"{prefix}.experts.{e}.{_MLP[which]}")
+      return np.stack([self.kernel(f"{prefix}.experts.{e}.{_MLP[which]}").astype(dtype)
                        for e in range(c.num_routed_experts)])
     if which == "down":
       return np.swapaxes(self.tensor(f"{prefix}.experts.down_proj"), 1, 2)
@@ -478,8 +479,12 @@ class _CheckpointWeights:
     part = fused[:, :n] if which == "gate" else fused[:, n:]
     return np.swapaxes(part, 1, 2)
 
-  def value(self, path: tuple) -> np.ndarray:
-    """The checkpoint's value of the parameter at `path` (an `nnx` state path)."""
+  def value(self, path: tuple, dtype) -> np.ndarray:
+    """The checkpoint's value of the parameter at `path` (an `nnx` state path), as `dtype`."""
+    # A copy: never hand JAX a view of the read-only memory map (the CPU backend may alias it).
+    return np.asarray(self._value(path, dtype)).astype(dtype)
+
+  def _value(self, path: tuple, dtype) -> np.ndarray:
     a = self.config.attention
     if path == ("embed", "embedding"):
       return self.tensor("model.embed_tokens.weight")
@@ -509,7 +514,7 @@ class _CheckpointWeights:
     if rest == ("mlp", "router_bias"):
       return self.tensor(f"{mlp}.gate.e_score_correction_bias")
     if rest[1].startswith("expert_"):
-      return self.experts(mlp, rest[1][len("expert_"):])
+      return self.experts(mlp, rest[1][len("expert_"):], dtype)
     if rest[1] == "shared":
       return self.kernel(f"{mlp}.shared_experts.{_MLP[rest[2]]}")
     return self.kernel(f"{mlp}.{_MLP[rest[1]]}")
@@ -560,7 +565,7 @@ def from_pretrained(directory, *, param_dtype=None, dtype=None,
     for path, var in nnx.to_flat_state(state):
       want = var.get_value()
       try:
-        value = weights.value(path)
+        value = weights.value(path, want.dtype)
       except KeyError as e:
         raise ValueError(f"{directory}: no tensor for parameter {'/'.join(map(str, path))}: "
                          f"{e.args[0]}") from None
@@ -568,7 +573,7 @@ def from_pretrained(directory, *, param_dtype=None, dtype=None,
         raise ValueError(f"{directory}: parameter {'/'.join(map(str, path))}: expected shape "
                          f"{list(want.shape)} from config.json, got {list(value.shape)} from "
                          "the checkpoint")
-      leaves.append((path, var.replace(jnp.asarray(np.asarray(value).astype(want.dtype)))))
+      leaves.append((path, var.replace(jnp.asarray(value))))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
