@@ -5,5 +5,5 @@
 - `jax_flashmla.models.hf`: Hugging Face configs, safetensors shards and FP8 weight blocks in
   NumPy (no torch).
 
-Nothing is imported here, so `import jax_flashmla.models.hf` needs neither Flax nor JAX.
+Nothing is imported here, so `import jax_flashmla.models.hf` needs no Flax.
 """

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints without torch: `config.json`, safetensors shards, FP8 weight blocks.
 
-Plain Python and NumPy (no Flax, no JAX), shared by `MLAConfig.from_hf` and
+Python and NumPy (no Flax, no torch), shared by `MLAConfig.from_hf` and
 `jax_flashmla.models.deepseek`:
 
 - `read_hf_config`: a `config.json` path or directory, a dict or a transformers config, as a dict;
