@@ -82,10 +82,7 @@ def test_generator_reuses_its_pages_and_compiled_steps():
 def test_the_demo_server_drives_the_model():
   # The serving loop needs only the call contract (tokens, caches, num_new, metadata,
   # implementation) and config.num_layers / config.attention.
-  try:
-    from jax_flashmla import serving as loop
-  except ImportError:
-    from jax_flashmla import demo as loop
+  from jax_flashmla import demo as loop
   model = _tiny_model()
   requests = loop.make_requests(np.random.default_rng(2), 4, max_prompt_len=40,
                                 max_new_tokens=5, vocab_size=256)
