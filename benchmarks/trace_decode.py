@@ -114,7 +114,7 @@ def main(argv=None):
       cur = []
     cur.append(ev)
   runs.append(cur)
-  ours_names = ("decode_main", "decode_narrow", "decode_simt", "combine_kernel")
+  ours_names = ("decode_wide", "decode_narrow", "combine_kernel")
   is_ours = lambda n: any(k in n for k in ours_names)
   for i, r in enumerate(runs):
     start, end = r[0][1], max(e[1] + e[2] for e in r)

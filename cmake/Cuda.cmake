@@ -6,7 +6,8 @@
 #   OFF             CPU-only module (registrations() is empty), e.g. for CI without a toolkit
 #
 # Sets JAX_FLASHMLA_WITH_CUDA (bool) and, when true, JAX_FLASHMLA_CUDA_FLAGS /
-# JAX_FLASHMLA_CUDA_ARCHS for the kernel library.
+# JAX_FLASHMLA_CUDA_ARCHS, and defines jax_flashmla_cuda_target(), which applies them: the one
+# place CUDA compile settings are stated, for the kernel library and the CUDA tools alike.
 
 set(JAX_FLASHMLA_ENABLE_CUDA "AUTO" CACHE STRING "Build the CUDA kernels: AUTO, ON or OFF")
 set_property(CACHE JAX_FLASHMLA_ENABLE_CUDA PROPERTY STRINGS AUTO ON OFF)
@@ -41,8 +42,8 @@ if(JAX_FLASHMLA_WITH_CUDA)
   endif()
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)
-  if(CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 12.3)
-    message(FATAL_ERROR "jax_flashmla needs CUDA >= 12.3 (found ${CMAKE_CUDA_COMPILER_VERSION})")
+  if(CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 12.8)
+    message(FATAL_ERROR "jax_flashmla needs CUDA >= 12.8 (found ${CMAKE_CUDA_COMPILER_VERSION})")
   endif()
 
   set(JAX_FLASHMLA_CUDA_ARCHS "90a")
@@ -59,3 +60,15 @@ option(JAX_FLASHMLA_PTXAS_VERBOSE "Print ptxas register/smem/spill usage per ker
 if(JAX_FLASHMLA_WITH_CUDA AND JAX_FLASHMLA_PTXAS_VERBOSE)
   list(APPEND JAX_FLASHMLA_CUDA_FLAGS -Xptxas=-v)
 endif()
+
+# Compiles `target`'s CUDA sources the way the shipped kernels are compiled.
+function(jax_flashmla_cuda_target target)
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${JAX_FLASHMLA_CUDA_FLAGS}>)
+  set_target_properties(${target} PROPERTIES
+    CUDA_STANDARD 17
+    CUDA_STANDARD_REQUIRED ON
+    CUDA_ARCHITECTURES OFF            # JAX_FLASHMLA_CUDA_FLAGS' -gencode says sm_90a
+    CUDA_SEPARABLE_COMPILATION OFF    # no device linking: each .cu is self-contained
+    CUDA_RUNTIME_LIBRARY Static
+    POSITION_INDEPENDENT_CODE ON)     # the kernels are linked into a shared Python module
+endfunction()

@@ -6,7 +6,7 @@
 #   JAX_FLASHMLA_XLA_FFI_INCLUDE_DIR  folder holding xla/ffi/api/ffi.h
 #   JAX_FLASHMLA_JAXLIB_VERSION       jaxlib version whose headers define our FFI ABI
 
-find_package(Python 3.9 REQUIRED
+find_package(Python 3.11 REQUIRED
              COMPONENTS Interpreter Development.Module ${SKBUILD_SABI_COMPONENT})
 
 # nanobind is a build requirement (pip-installed), not a system package: ask it where its CMake

@@ -34,7 +34,11 @@ from jax_flashmla.constants import HEAD_DIM_K, HEAD_DIM_V
 class MLAConfig:
   """Shapes of one MLA layer; defaults are DeepSeek-V2-Lite's (V2/V3 set `q_lora_rank=1536`).
 
-  `kv_lora_rank` and `qk_rope_head_dim` are fixed by the kernels (512 + 64 = 576 per row).
+  `kv_lora_rank` and `qk_rope_head_dim` are fixed by the kernels (512 + 64 = 576 per row). The
+  default YaRN is V2's (`mscale = mscale_all_dim = 0.707`); V3, R1 and Kimi-K2 use 1.0, so build
+  their configs with `MLAConfig.from_hf` rather than by hand. `rope_interleave=False` says the
+  rotary rows of `wq`/`wq_b` and `wkv_a` pair the two halves of the 64 dims (transformers'
+  `rope_interleave=False` layout) instead of neighbours (DeepSeek's).
   """
 
   hidden_size: int = 2048
@@ -47,12 +51,55 @@ class MLAConfig:
   rope_theta: float = 10000.0
   rope_scaling: rope.YarnScaling | None = rope.YarnScaling()
   rms_norm_eps: float = 1e-6
+  rope_interleave: bool = True
 
   def __post_init__(self):
     if (self.kv_lora_rank, self.qk_rope_head_dim) != (HEAD_DIM_V, HEAD_DIM_K - HEAD_DIM_V):
       raise ValueError(f"kv_lora_rank, qk_rope_head_dim: expected {HEAD_DIM_V}, "
                        f"{HEAD_DIM_K - HEAD_DIM_V} (a 576-wide cache row), got "
                        f"{self.kv_lora_rank}, {self.qk_rope_head_dim}")
+
+  @classmethod
+  def from_hf(cls, config) -> MLAConfig:
+    """The attention of a Hugging Face DeepSeek-V2/V3-style config (any MLA model whose cache row
+    is 512 + 64: DeepSeek-V2, V2-Lite, V3, R1, V3.1, Kimi-K2, ...).
+
+    Args:
+      config: a `config.json` path (or the directory holding it), its dict, or a transformers
+        config object. Both spellings of the RoPE settings are read: the published `rope_theta`
+        plus `rope_scaling`, and transformers 5's `rope_parameters`.
+
+    Returns:
+      The config with every attention field of `config`, YaRN included (`factor`,
+      `original_max_position_embeddings`, `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`,
+      with DeepSeek's defaults for missing keys), and `rope_interleave` (default True).
+
+    Raises:
+      ValueError: a key the layer needs is missing, or a setting it cannot run (attention
+        biases, a latent other than 512 + 64, RoPE scaling other than YaRN).
+    """
+    from jax_flashmla.models import hf  # no flax or safetensors there; imported only when used
+
+    c = hf.read_hf_config(config)
+    hf.require_keys(c, ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                        "qk_rope_head_dim", "v_head_dim"))
+    if c.get("attention_bias"):
+      raise ValueError("config: expected attention_bias false (the layer's projections have no "
+                       "biases), got true")
+    theta, scaling = hf.rope_from_hf(c)
+    return cls(
+        hidden_size=int(c["hidden_size"]),
+        num_heads=int(c["num_attention_heads"]),
+        q_lora_rank=int(c["q_lora_rank"]) if c.get("q_lora_rank") else None,
+        kv_lora_rank=int(c["kv_lora_rank"]),
+        qk_nope_head_dim=int(c["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(c["qk_rope_head_dim"]),
+        v_head_dim=int(c["v_head_dim"]),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rope_interleave=bool(c.get("rope_interleave", True)),
+    )
 
   @property
   def qk_head_dim(self) -> int:
@@ -129,8 +176,9 @@ class MultiHeadLatentAttention(nnx.Module):
     kv = self.wkv_a(x)
     c_kv = self.kv_norm(kv[..., : c.kv_lora_rank])
     freqs, factor = self.rope_frequencies, rope.rope_attention_factor(c.rope_scaling)
-    q_pe = rope.apply_rope(q_pe, positions, freqs, factor)
-    k_pe = rope.apply_rope(kv[..., c.kv_lora_rank:], positions, freqs, factor)
+    q_pe = rope.apply_rope(q_pe, positions, freqs, factor, interleaved=c.rope_interleave)
+    k_pe = rope.apply_rope(kv[..., c.kv_lora_rank:], positions, freqs, factor,
+                           interleaved=c.rope_interleave)
     return q_nope, q_pe, c_kv, k_pe
 
   def __call__(
@@ -141,6 +189,7 @@ class MultiHeadLatentAttention(nnx.Module):
       num_new: jax.Array | None = None,
       metadata: MetadataLike = None,
       implementation: str | None = None,
+      positions: jax.Array | None = None,
   ) -> tuple[jax.Array, PagedKVCache]:
     """Attends the step's `s` tokens (each to its sequence's cache and itself) and caches them.
 
@@ -153,6 +202,10 @@ class MultiHeadLatentAttention(nnx.Module):
       metadata: `get_mla_metadata(cache.lengths + num_new, s * num_heads, 1)`, computed once
         per step and shared by all layers; None computes it here.
       implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
+      positions: `[b, s]` integer RoPE positions of the step's tokens (entries of padding are
+        ignored). Default: each token's index in its sequence, `cache.lengths[i] + j - (s -
+        num_new[i])`. Positions only rotate q and k: where a row is cached and which rows it
+        attends to still follow the cache lengths.
 
     Returns:
       `[b, s, hidden]` in x's dtype and the cache with the step's rows written.
@@ -162,9 +215,13 @@ class MultiHeadLatentAttention(nnx.Module):
     if cache.num_kv_heads != 1:
       raise ValueError(f"cache: MLA caches one latent head, got h_kv={cache.num_kv_heads}")
     num_new = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
-    # Token j of row i sits at position lengths[i] + j - (s - num_new[i]); padding gets 0.
-    offset = jnp.arange(s, dtype=jnp.int32)[None, :] - (s - num_new)[:, None]
-    positions = jnp.maximum(cache.lengths[:, None] + offset, 0)
+    if positions is None:
+      # Token j of row i sits at position lengths[i] + j - (s - num_new[i]); padding gets 0.
+      offset = jnp.arange(s, dtype=jnp.int32)[None, :] - (s - num_new)[:, None]
+      positions = jnp.maximum(cache.lengths[:, None] + offset, 0)
+    elif tuple(positions.shape) != (b, s) or not jnp.issubdtype(positions.dtype, jnp.integer):
+      raise ValueError(f"positions: expected an integer array of shape ({b}, {s}) (from x), got "
+                       f"{positions.dtype}{list(positions.shape)}")
 
     q_nope, q_pe, c_kv, k_pe = self.project(x, positions)
     w_uk, w_uv = self.absorbed_weights()

@@ -11,7 +11,9 @@ DeepSeek configs use it (`rope_scaling: {type: yarn, factor: 40, ...}`):
 - cos/sin are multiplied by `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` (1 for the
   published configs, where the two are equal).
 
-Pairs are interleaved, (x0, x1), (x2, x3), ..., as in DeepSeek's checkpoints.
+Pairs are interleaved, (x0, x1), (x2, x3), ..., as in DeepSeek's checkpoints; `interleaved=False`
+pairs the two halves instead, (x0, x32), (x1, x33), ..., as transformers' `rope_interleave=False`
+checkpoints do (their rows are DeepSeek's, permuted).
 """
 
 from __future__ import annotations
@@ -85,14 +87,16 @@ def rope_attention_factor(scaling: YarnScaling | None) -> float:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, frequencies: np.ndarray,
-               attention_factor: float = 1.0) -> jax.Array:
-  """Rotates interleaved pairs of the last axis of `x` by `positions * frequencies`.
+               attention_factor: float = 1.0, *, interleaved: bool = True) -> jax.Array:
+  """Rotates pairs of the last axis of `x` by `positions * frequencies`.
 
   Args:
     x: `[b, s, h, dim]` (or `[b, s, dim]`).
     positions: `[b, s]` integer token positions.
     frequencies: `[dim // 2]` from `rope_frequencies`.
     attention_factor: multiplies cos and sin (see `rope_attention_factor`).
+    interleaved: pair `i` is `(x[2i], x[2i + 1])` (DeepSeek's layout); False: `(x[i],
+      x[i + dim // 2])` (transformers' `rope_interleave=False`).
 
   Returns:
     x rotated, in x's dtype (computed in float32).
@@ -102,7 +106,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, frequencies: np.ndarray,
   sin = jnp.sin(angles) * attention_factor
   if x.ndim == 4:
     cos, sin = cos[:, :, None], sin[:, :, None]
-  pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
-  even, odd = pairs[..., 0], pairs[..., 1]
-  rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+  half = x.shape[-1] // 2
+  if interleaved:
+    pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (half, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+  else:
+    even, odd = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  parts = [even * cos - odd * sin, odd * cos + even * sin]
+  rotated = jnp.stack(parts, axis=-1) if interleaved else jnp.concatenate(parts, axis=-1)
   return rotated.reshape(x.shape).astype(x.dtype)

@@ -4,8 +4,8 @@
         --kernel-name kns=_kernel python3 -P tests/gpu_memcheck.py
 
 The platform allocator gives every buffer its own allocation, so an out-of-bounds access is not
-hidden inside XLA's memory pool; `kns=_kernel` instruments our kernels (decode_main_sm90_kernel,
-decode_narrow_sm90_kernel, combine_kernel, sched_kernel) and leaves XLA's own alone. Exits non-zero
+hidden inside XLA's memory pool; `kns=_kernel` instruments our kernels (decode_wide_kernel,
+decode_narrow_kernel, combine_kernel, sched_kernel) and leaves XLA's own alone. Exits non-zero
 if a kept row differs from the reference.
 
 Hand-made scheduler records (negative request indices, split indices and prefix sums past the

@@ -87,14 +87,14 @@ def test_gpu_kernel_events_reads_only_gpu_streams(tmp_path):
       {"ph": "X", "pid": 1, "tid": 5, "name": "host work", "ts": 0, "dur": 1000},
       {"ph": "X", "pid": 2, "tid": 11, "name": "custom-call", "ts": 100, "dur": 400},
       {"ph": "X", "pid": 2, "tid": 10, "name": "combine_kernel", "ts": 300, "dur": 5},
-      {"ph": "X", "pid": 2, "tid": 10, "name": "decode_main_sm90_kernel", "ts": 100, "dur": 200},
+      {"ph": "X", "pid": 2, "tid": 10, "name": "decode_wide_kernel", "ts": 100, "dur": 200},
   ]
   d = tmp_path / "plugins" / "profile" / "run"
   d.mkdir(parents=True)
   with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
   assert bench_decode.gpu_kernel_events(str(tmp_path)) == [
-      ("decode_main_sm90_kernel", 100.0, 200.0), ("combine_kernel", 300.0, 5.0)]
+      ("decode_wide_kernel", 100.0, 200.0), ("combine_kernel", 300.0, 5.0)]
 
 
 def test_trace_decode_dispatches_steps_programs_per_run(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The kernel-profiling helpers of tests/cuda on the CPU: the figures of benchmarks/NOTES.md that
+"""The kernel-profiling helpers of benchmarks/cuda on the CPU: the figures of benchmarks/NOTES.md that
 come from them depend on their parsing, which needs no GPU."""
 
 import os
@@ -6,26 +6,26 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cuda"))
 import parts_by_sm  # noqa: E402
 import stalls_by_line  # noqa: E402
 
 
 @pytest.mark.parametrize("ncu_name, core", [
-    ("void jax_flashmla::sm90::decode_narrow_sm90_kernel<(int)16>(CUtensorMap_st, "
-     "jax_flashmla::DecodeParams)", "decode_narrow_sm90_kernelILi16EE"),
-    ("void jax_flashmla::sm90::decode_narrow_sm90_kernel<(int)32>(CUtensorMap_st, "
-     "jax_flashmla::DecodeParams)", "decode_narrow_sm90_kernelILi32EE"),
-    ("jax_flashmla::sm90::decode_main_sm90_kernel(CUtensorMap_st, jax_flashmla::DecodeParams)",
-     "decode_main_sm90_kernel"),
+    ("void jax_flashmla::sm90::decode_narrow_kernel<(int)16>(CUtensorMap_st, "
+     "jax_flashmla::DecodeParams)", "decode_narrow_kernelILi16EE"),
+    ("void jax_flashmla::sm90::decode_narrow_kernel<(int)32>(CUtensorMap_st, "
+     "jax_flashmla::DecodeParams)", "decode_narrow_kernelILi32EE"),
+    ("jax_flashmla::sm90::decode_wide_kernel(CUtensorMap_st, jax_flashmla::DecodeParams)",
+     "decode_wide_kernel"),
 ])
 def test_mangled_core_tells_template_instances_apart(ncu_name, core):
   assert stalls_by_line.mangled_core(ncu_name) == core
   # ...and is found in the real mangled names nvcc gives the kernels.
   params = "14CUtensorMap_stNS_12DecodeParamsE"
-  mangled = {16: "_ZN12jax_flashmla4sm9025decode_narrow_sm90_kernelILi16EEEv" + params,
-             32: "_ZN12jax_flashmla4sm9025decode_narrow_sm90_kernelILi32EEEv" + params,
-             0: "_ZN12jax_flashmla4sm9023decode_main_sm90_kernelE" + params}
+  mangled = {16: "_ZN12jax_flashmla4sm9020decode_narrow_kernelILi16EEEv" + params,
+             32: "_ZN12jax_flashmla4sm9020decode_narrow_kernelILi32EEEv" + params,
+             0: "_ZN12jax_flashmla4sm9018decode_wide_kernelE" + params}
   hits = [k for k, m in mangled.items() if core in m]
   assert len(hits) == 1
 

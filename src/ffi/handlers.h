@@ -1,6 +1,7 @@
 // The XLA FFI handlers this module exports, by custom-call target name. module.cc wraps each
 // pointer in a PyCapsule for jax.ffi.register_ffi_target; the names are a contract with the
 // Python package (versioned: a changed signature gets a new name, old ones stay registered).
+// No CUDA here: module.cc includes this in CPU-only builds too, for constants().
 #pragma once
 
 #include "xla/ffi/api/c_api.h"

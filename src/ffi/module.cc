@@ -7,14 +7,15 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>  // std::string <-> str
 
+#include <cstdint>
 #include <string>
 
+#include "ffi/handlers.h"
+#include "kernels/params.h"
 #include "xla/ffi/api/c_api.h"
 
 #ifdef JAX_FLASHMLA_WITH_CUDA
 #include <cuda_runtime_api.h>
-
-#include "ffi/handlers.h"
 #endif
 
 namespace nb = nanobind;
@@ -53,6 +54,23 @@ nb::dict BuildInfo() {
   return info;
 }
 
+// The layout facts the Python package must agree with, read from their C++ sources of truth
+// (params.h, handlers.h) so that a test can compare. Plain C++: present without CUDA too.
+nb::dict Constants() {
+  namespace jfm = jax_flashmla;
+  nb::dict c;
+  c["head_dim_k"] = jfm::kHeadDimK;
+  c["head_dim_v"] = jfm::kHeadDimV;
+  c["page_size"] = jfm::kPageSize;
+  c["block_m"] = jfm::kBlockM;
+  c["max_sm_parts"] = jfm::kMaxSplits;
+  c["sched_record_ints"] = static_cast<int>(sizeof(jfm::SchedRecord) / sizeof(int32_t));
+  c["fixed_overhead_blocks"] = jfm::kFixedOverheadBlocks;
+  c["metadata_target"] = jfm::kMlaMetadataTarget;
+  c["decode_target"] = jfm::kMlaDecodeTarget;
+  return c;
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -62,4 +80,8 @@ NB_MODULE(_ext, m) {
   m.def("build_info", &BuildInfo,
         "Dict describing this build: cuda, cuda_version, cuda_archs, xla_ffi_api, "
         "jaxlib_headers.");
+  m.def("constants", &Constants,
+        "Dict of the layout constants the kernels are built with: head_dim_k, head_dim_v, "
+        "page_size, block_m, max_sm_parts, sched_record_ints, fixed_overhead_blocks, "
+        "metadata_target, decode_target.");
 }

@@ -1,77 +1,35 @@
-// launch_decode: the launch policy of a decode call. The split-KV kernel runs first; the combine
-// kernel follows on the same stream as a programmatic dependent launch (PDL), so its launch
-// latency hides behind the decode kernel's tail while griddepcontrol.wait inside it keeps the
-// data dependency exact.
+// launch_decode: the decode policy. Which kernel runs the split-KV decode (today the sm90 dense
+// kernels, which pick wide or narrow themselves), then the combine of split rows. The combine
+// follows on the same stream as a programmatic dependent launch (PDL), so its launch latency
+// hides behind the decode kernel's tail while griddepcontrol.wait inside it keeps the data
+// dependency exact.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
-#include <string>
+#include <cstring>
 
-#include "kernel_registry.h"
-#include "launch.h"
-#include "params.h"
-#include "per_device_once.h"
-#include "sm90/launch_sm90.h"
+#include "kernels/launch.h"
+#include "kernels/params.h"
+#include "kernels/sm90/decode/dense/launch.h"
 
 namespace jax_flashmla {
-namespace {
 
-// PDL (on both launches) can be switched off (JAX_FLASHMLA_DISABLE_PDL=1) to rule it out when
-// debugging or timing; the kernels are correct either way.
-bool use_pdl() {
-  static const bool enabled = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
-  return enabled;
-}
-
-cudaError_t launch_kernel(const KernelLaunch& k, const DecodeParams& params, cudaStream_t stream,
-                          bool programmatic_dependent) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = k.grid;
-  config.blockDim = k.block;
-  config.dynamicSmemBytes = static_cast<size_t>(k.smem_bytes);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  if (programmatic_dependent) {
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-  }
-  void* args[] = {const_cast<DecodeParams*>(&params)};
-  return cudaLaunchKernelExC(&config, k.func, args);
-}
-
-// JAX_FLASHMLA_DECODE_KERNEL selects a kernel for cross-checks and A/B runs: "simt" the CUDA-core
-// kernel (an independent implementation of the same contract), "wide" the sm90 wide kernel for
-// every shape (no narrow kernel for <= 32 query rows). Unset: the sm90 kernels' own choice.
-bool kernel_is(const char* name) {
-  static const std::string choice = [] {
-    const char* v = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
-    return std::string(v != nullptr ? v : "");
+const DecodePolicy& decode_policy() {
+  static const DecodePolicy policy = [] {
+    const char* kernel = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
+    DecodePolicy p;
+    p.pdl = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
+    p.allow_narrow = kernel == nullptr || std::strcmp(kernel, "wide") != 0;
+    return p;
   }();
-  return choice == name;
+  return policy;
 }
-
-cudaError_t launch_simt(const DecodeParams& params, cudaStream_t stream) {
-  const KernelLaunch decode = decode_simt_launch(params);
-  static PerDeviceOnce decode_smem_opt_in;
-  cudaError_t err = decode_smem_opt_in.run([&] {
-    return cudaFuncSetAttribute(decode.func, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                decode.smem_bytes);
-  });
-  if (err != cudaSuccess) return err;
-  return launch_kernel(decode, params, stream, /*programmatic_dependent=*/false);
-}
-
-}  // namespace
 
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
-  const bool allow_narrow = !kernel_is("wide");
-  cudaError_t err = kernel_is("simt")
-                        ? launch_simt(params, stream)
-                        : launch_decode_main_sm90(params, stream, use_pdl(), allow_narrow);
+  const DecodePolicy& policy = decode_policy();
+  cudaError_t err = launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
   if (err != cudaSuccess) return err;
-  err = launch_kernel(combine_launch(params), params, stream, use_pdl());
+  err = launch_combine(params, stream, policy.pdl);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -1,17 +1,35 @@
 // Host-callable launchers for the device code. They know nothing of XLA: the FFI handlers in
-// src/ffi/ fill the params structs and call these on XLA's stream.
+// src/ffi/ fill the params structs and call launch_sched / launch_decode on XLA's stream.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "params.h"
+#include "kernels/params.h"
 
 namespace jax_flashmla {
 
 // Scheduler: reads seqlens on the device, writes sched[num_sm_parts] and num_splits[b + 1].
 cudaError_t launch_sched(const SchedParams& params, cudaStream_t stream);
 
-// Split-KV decode followed by the combine of split rows; both on `stream`.
+// Split-KV decode followed by the combine of split rows; both on `stream` (decode.cu).
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
+
+// The switches launch_decode follows, read from the environment once per process (the tools
+// use them too, to time the kernel launch_decode would run):
+//   JAX_FLASHMLA_DISABLE_PDL set        pdl = false: no programmatic dependent launches, to rule
+//                                       PDL out when debugging or timing (correct either way);
+//   JAX_FLASHMLA_DECODE_KERNEL=wide     allow_narrow = false: the wide kernel for every shape,
+//                                       for A/B runs against the narrow kernel.
+struct DecodePolicy {
+  bool pdl;
+  bool allow_narrow;
+};
+const DecodePolicy& decode_policy();
+
+// The last step of launch_decode (common/combine.cu): merges the partial rows of split requests
+// into out / lse. It waits for the decode kernel with griddepcontrol.wait, so it may be launched
+// as a programmatic dependent of it.
+cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
+                           bool programmatic_dependent);
 
 }  // namespace jax_flashmla

@@ -10,14 +10,17 @@ bin=$1
 cu=${2:-cuobjdump}
 "$cu" --dump-sass "$bin" | awk '
   /Function :/ { f = $3 }
-  f ~ /decode_(main|narrow)_sm90/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
-  f ~ /decode_(main|narrow)_sm90/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
+  f ~ /decode_(wide|narrow)_kernel/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
+  f ~ /decode_(wide|narrow)_kernel/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
   END {
     bad = 0
+    n = 0
     for (k in mma) {
+      n++
       printf "%-90s HGMMA %3d  closing %3d  WARPGROUP.DEPBAR %3d\n", k, mma[k], closed[k], dep[k]
       if (dep[k] > 16) bad = 1
     }
+    if (n == 0) { print "FAIL: no decode kernel with HGMMA in the binary"; exit 1 }
     if (bad) { print "FAIL: wgmma serialized (a wait after (nearly) every HGMMA)"; exit 1 }
     print "ok: wgmma batches are not serialized"
   }'

@@ -1,8 +1,8 @@
-// Why compute-sanitizer's racecheck reports races in decode_narrow_sm90_kernel: a race-free
+// Why compute-sanitizer's racecheck reports races in decode_narrow_kernel: a race-free
 // program that racecheck (CUDA 13, H200) flags the same way.
 //
-//   nvcc -arch=sm_90a -lineinfo tests/cuda/racecheck_uneven_barriers.cu -o /tmp/rc
-//   compute-sanitizer --tool racecheck /tmp/rc
+//   compute-sanitizer --tool racecheck build/tools/racecheck_uneven_barriers
+// (built by CMake with JAX_FLASHMLA_BUILD_TOOLS=ON, see benchmarks/cuda/run_device.sh)
 //
 // Each warpgroup loops over its own named barrier (ids 1 and 2, 128 threads), then the whole
 // block exchanges values across __syncthreads. Every shared access is ordered by a barrier.

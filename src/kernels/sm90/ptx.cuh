@@ -8,7 +8,7 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
-#include "../device_utils.cuh"  // cp.async (cp_async_*), PDL (pdl_*)
+#include "kernels/common/device_utils.cuh"  // cp.async (cp_async_*), PDL (pdl_*)
 
 namespace jax_flashmla {
 namespace sm90 {
@@ -143,7 +143,8 @@ __device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
 // 62-63). Addresses and offsets are in 16-byte units. For a K-major operand stored as rows of
 // 128 bytes (64 bf16), SBO is the distance between 8-row groups (1024 B) and LBO is unused.
 // For an MN-major operand (64 contiguous MN elements per 128-byte row, rows along K), LBO is the
-// distance between 64-element MN blocks and SBO the distance between 8-row K groups.
+// distance between 64-element MN blocks and SBO the distance between 8-row K groups. The values
+// for the kernels' tiles are named in tile_geometry.h.
 __device__ __forceinline__ uint64_t make_desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes,
                                                     uint32_t sbo_bytes) {
   uint64_t desc = 0;

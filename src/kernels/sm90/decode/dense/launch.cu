@@ -1,0 +1,75 @@
+// Host side of the sm90 dense decode kernels (wide and narrow): the TMA descriptor of the paged
+// cache, the choice of kernel, and the launch.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "kernels/common/launch_utils.h"
+#include "kernels/sm90/decode/dense/launch.h"
+#include "kernels/sm90/decode/dense/narrow.cuh"
+#include "kernels/sm90/decode/dense/wide.cuh"
+#include "kernels/sm90/tensor_map.h"
+
+namespace jax_flashmla {
+
+// k_cache [num_blocks, 64, h_kv, 576] bf16 viewed as a 4-D tensor, innermost first:
+// (576 columns, h_kv, 64 tokens, num_blocks); one box is 64 columns x 1 head x 64 tokens x 1
+// page, i.e. one 64x64 tile of a page, written to shared memory with the 128-byte swizzle.
+// Coordinates past num_blocks (never issued by the kernel) would read as zeros.
+// L2 promotion is 128 B, the width of a tile row. Measured (benchmarks/cuda/read_floor.cu, H200): the
+// nine tile loads per page stream 4.16 TB/s with 256-byte promotion and 4.51 with 128 or none,
+// as fast as one bulk copy per page. Presumably each 256-byte fill around a 128-byte tile row
+// (a head's row is 1152 bytes) brings in half of another tile, which the evict-first stream
+// then reads from DRAM again.
+cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p) {
+  auto encode = sm90::tensor_map_encode_fn();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(kHeadDimK) * 2;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDimK),
+                              static_cast<cuuint64_t>(p.h_kv),
+                              static_cast<cuuint64_t>(kPageSize),
+                              static_cast<cuuint64_t>(p.num_blocks > 0 ? p.num_blocks : 1)};
+  // strides[i] is the byte stride of dimension i + 1.
+  const cuuint64_t strides[3] = {row_bytes, row_bytes * p.h_kv, row_bytes * p.h_kv * kPageSize};
+  const cuuint32_t box[4] = {sm90::kTileCols, 1, static_cast<cuuint32_t>(kPageSize), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(p.k_cache),
+                      dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+#if defined(JFM_TIMING)
+cudaError_t read_cta_timing_sm90(unsigned long long* host, size_t ctas) {
+  return read_cta_timing(host, ctas);  // this file's copy: the one the kernels above write
+}
+#endif
+
+cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
+                                     bool programmatic_dependent, bool allow_narrow) {
+  if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
+    return cudaSuccess;  // nothing to do
+  }
+  CUtensorMap map;
+  const cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
+  if (err != cudaSuccess) return err;
+  LaunchShape shape;
+  shape.grid = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
+  shape.block = dim3(sm90::DenseTraits::kThreads);  // the same for all three kernels
+  // At most 16 or 32 query rows per kv head: the transposed kernel (narrow.cuh).
+  if (allow_narrow && params.q_rows <= 16) {
+    shape.smem_bytes = sm90::NarrowTraits<16>::kSmemBytes;
+    return launch_kernel<sm90::decode_narrow_kernel<16>>(shape, programmatic_dependent, stream,
+                                                          map, params);
+  }
+  if (allow_narrow && params.q_rows <= 32) {
+    shape.smem_bytes = sm90::NarrowTraits<32>::kSmemBytes;
+    return launch_kernel<sm90::decode_narrow_kernel<32>>(shape, programmatic_dependent, stream,
+                                                          map, params);
+  }
+  shape.smem_bytes = sm90::WideTraits::kSmemBytes;
+  return launch_kernel<sm90::decode_wide_kernel>(shape, programmatic_dependent, stream, map,
+                                                 params);
+}
+
+}  // namespace jax_flashmla
