@@ -149,6 +149,7 @@ class PagedKVCache:
       rows were dropped as above.
 
     Raises:
+      TypeError: `kv` or `num_new` is not an array (a list: wrap it with `jnp.asarray`).
       ValueError: `kv` is not `[b, s_new >= 1, h_kv, d]` for this cache, or `num_new` is not
         an integer array of shape `[b]`.
 
@@ -167,9 +168,11 @@ class PagedKVCache:
     s_new = kv.shape[1]
     if num_new is None:
       num_new = jnp.full((b,), s_new, jnp.int32)
-    elif tuple(num_new.shape) != (b,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
-      raise ValueError(f"num_new: expected an integer array of shape ({b},), got "
-                       f"{num_new.dtype}{list(num_new.shape)}")
+    else:
+      shapes._expect_array("num_new", num_new)
+      if tuple(num_new.shape) != (b,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
+        raise ValueError(f"num_new: expected an integer array of shape ({b},), got "
+                         f"{num_new.dtype}{list(num_new.shape)}")
     num_new = jnp.clip(num_new.astype(jnp.int32), 0, s_new)
 
     # Row j of sequence i is token k = j - (s_new - num_new[i]) of this step (valid if k >= 0).
@@ -196,8 +199,9 @@ class PagedKVCache:
 
 
 def _check_rows(kv, cache: PagedKVCache) -> None:
+  shapes._expect_array("kv", kv)
   want = (cache.batch_size, cache.num_kv_heads, cache.head_dim)
-  if not hasattr(kv, "shape") or kv.ndim != 4 or \
+  if kv.ndim != 4 or \
       (kv.shape[0], kv.shape[2], kv.shape[3]) != want:
     raise ValueError(f"kv: expected shape [b={want[0]}, s_new, h_kv={want[1]}, "
                      f"head_dim={want[2]}] for this cache, got "

@@ -134,6 +134,11 @@ def test_write_argument_errors():
     cache.write(jnp.zeros((2, 3, 576), jnp.bfloat16))
   with pytest.raises(ValueError, match=r"num_new: expected an integer array of shape \(2,\)"):
     cache.write(jnp.zeros((2, 3, 1, 576), jnp.bfloat16), jnp.zeros((3,), jnp.int32))
+  with pytest.raises(TypeError, match=r"^kv: expected a jax.Array or numpy array, got list; "
+                                      r"wrap it with jnp.asarray$"):
+    cache.write(np.zeros((2, 3, 1, 576)).tolist())
+  with pytest.raises(TypeError, match=r"^num_new: expected a jax.Array or numpy array, got list"):
+    cache.write(jnp.zeros((2, 3, 1, 576), jnp.bfloat16), [1, 2])
   with pytest.raises(TypeError, match="cache: expected a PagedKVCache"):
     mla_decode(jnp.zeros((2, 1, 16, 576), jnp.bfloat16), cache.pages)
 
