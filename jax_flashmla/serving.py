@@ -378,7 +378,9 @@ class Server:
 
     self.caches, self._prev = self._compiled[s](*self._args(tokens, num_new, use_prev,
                                                             self._restart, self._prev))
-    self._restart[:] = False
+    # A new array, not `[:] = False`: the transfer to the device may still be reading the old
+    # one after the call returns (it does on the CPU, and the rows then restart at random).
+    self._restart = np.zeros(b, bool)
     self.steps += 1
     self.chunk_steps += s > 1
     self.prompt_tokens_read += prompt_tokens
