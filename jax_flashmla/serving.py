@@ -248,6 +248,10 @@ class Server:
     """Nothing waits and nothing runs (outputs may still be on the device: see `drain`)."""
     return not self._waiting and not any(self._slots)
 
+  def waiting_ids(self) -> list[int]:
+    """Ids of the waiting requests, the next to be admitted first."""
+    return [r.id for r in self._waiting]
+
   def slot_lengths(self) -> np.ndarray:
     """`[b]` tokens each slot's request has in the cache after the last step; -1: no request."""
     return np.array([-1 if sl is None else sl.length for sl in self._slots], np.int64)
@@ -412,6 +416,11 @@ class Server:
                       prompt_tokens=prompt_tokens, admitted=tuple(admitted),
                       finished=tuple(finished), completed=completed, pool_wait=pool_wait)
 
+  def wait(self) -> None:
+    """Blocks until the steps dispatched so far have run (to time them, or to read the device
+    memory with no step's temporaries in it)."""
+    jax.block_until_ready((self.caches, self._prev))
+
   def drain(self) -> list[Request]:
     """Fetches every output still on the device; returns the requests completed since the last
     step (done or cancelled) and lets go of them."""
@@ -431,7 +440,7 @@ class Server:
       steps += 1
       done += result.generated
       if steps % self.log_every == 0 or self.idle:
-        jax.block_until_ready(self._prev)
+        self.wait()
         elapsed = time.perf_counter() - t0
         self.log(f"  step {steps:4d}  {'chunk ' if result.width > 1 else 'decode'}  "
                  f"running {self.num_running}/{b}  waiting {self.num_waiting:2d}  "
