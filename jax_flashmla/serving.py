@@ -213,6 +213,7 @@ class Server:
                                             dtype=cache_dtype)
                         for _ in range(self.num_layers))
     self.allocator = PageAllocator.for_cache(self.caches[0])
+    self._device_table, self._table_changed = None, True
     self.step_fn = make_step(self.graphdef, implementation)
     self._compiled = {}
     self.compile_seconds = 0.0
@@ -317,9 +318,22 @@ class Server:
 
   def _args(self, tokens, num_new, use_prev, restart, prev):
     # The block table is passed beside the caches, never inside them: the caches are donated,
-    # and the allocator keeps handing out the same device table until it changes.
-    return (self.state, self.caches, self.allocator.device_block_table(), jnp.asarray(tokens),
+    # and the same device table is passed again until it changes.
+    return (self.state, self.caches, self._block_table(), jnp.asarray(tokens),
             jnp.asarray(num_new), jnp.asarray(use_prev), jnp.asarray(restart), prev)
+
+  def _block_table(self) -> jax.Array:
+    """The allocator's table on the device, sent again only after it changed.
+
+    Sent from a private host copy rather than by `PageAllocator.device_block_table()`: that
+    sends the allocator's own array, which it later edits in place, and the transfer may still
+    be reading it when the call has returned (on the CPU it is, and a step then saw pages that
+    were reserved or freed after it was dispatched).
+    """
+    if self._table_changed:
+      self._device_table = jnp.asarray(np.array(self.allocator.block_table))
+      self._table_changed = False
+    return self._device_table
 
   def _admit(self) -> tuple[list[int], bool]:
     """Moves waiting requests into free slots while their worst case fits in the pool."""
@@ -378,6 +392,7 @@ class Server:
     for pages in alloc.reserve_many(growth).values():
       self.pages_reused += len(self._ever_used.intersection(pages))
       self._ever_used.update(pages)
+      self._table_changed |= bool(pages)
     self.peak_pages = max(self.peak_pages, alloc.num_used)
 
     self.caches, self._prev = self._compiled[s](*self._args(tokens, num_new, use_prev,
@@ -473,7 +488,7 @@ class Server:
   def _release(self, slot: int) -> None:
     """Frees a slot's pages and its worst-case reservation; the next step resets its length."""
     request = self._slots[slot].request
-    self.allocator.free(slot)
+    self._table_changed |= bool(self.allocator.free(slot))
     self._committed -= self.allocator.pages_for(request.max_cached_tokens)
     self._slots[slot] = None
     self._restart[slot] = True
