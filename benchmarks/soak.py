@@ -448,8 +448,9 @@ class Soak:
     self.saturated_steps = self.steps_in_phase = 0
     vclock, next_arrival = 0.0, self.arrivals.gap() / rate if rate else math.inf
     next_burst = self.arrivals.burst_gap() if phase == "measure" else math.inf
-    next_progress, last, last_line = start + args.progress_every, start, (start, 0)
     generated_at_start = server.tokens_generated
+    next_progress, last = start + args.progress_every, start
+    last_line = (start, generated_at_start)  # the tokens/s of a progress line: since the last
     while True:
       t = self.now()
       elapsed = t - start
