@@ -225,9 +225,9 @@ def test_clock_sampler_reads_nvidia_smi_without_waiting(tmp_path, monkeypatch):
   assert soak.ClockSampler(enabled=False).summary({}) is None
 
 
-def test_soak_reports_memory_and_clocks_and_fails_on_a_lost_page(tmp_path, monkeypatch):
-  # The GPU-only parts of the summary, with a fake memory counter and a fake nvidia-smi; and a
-  # fault (a finished request's pages not given back) must fail the run.
+def test_soak_reports_memory_and_clocks_and_fails_when_an_audit_does(tmp_path, monkeypatch):
+  # The GPU-only parts of the summary, with a fake memory counter and a fake nvidia-smi; and one
+  # failed audit of the pool (of thousands) must fail the run.
   fake = tmp_path / "nvidia-smi"
   fake.write_text("#!/bin/sh\necho '1980, 650.00, 700.00'\n")
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
