@@ -11,7 +11,7 @@ The ten-minute H200 run (bf16 cache; its summary goes to tests/GPU_RESULTS.md):
 What runs: `jax_flashmla.serving.Server`, the demo's loop (one shared page pool, the
 `PageAllocator`, one jitted step with the caches donated in two compiled shapes, the scheduler
 records once per step), driving the demo's model (`--preset full`: 4 layers, hidden 1024,
-16 heads, 32 slots, chunk 64, prompts of 4 … 4096 tokens, 1 … 256 new tokens, a pool of 330
+16 heads, 32 slots, chunk 64, prompts of 4 … 4096 tokens, 1 … 256 new tokens, a pool of 495
 pages). The requests come from a seeded random process (the n-th request's prompt, budget and
 fate depend on `--seed` only):
 
