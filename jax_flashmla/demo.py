@@ -12,6 +12,9 @@ of very different lengths, the way a serving loop does:
 - slots and pages: a request takes a free slot, its pages come from one shared pool as it
   grows (`PageAllocator`), and go back when it finishes, for the next request to reuse.
 
+The loop itself is `jax_flashmla.serving.Server` (this module keeps the model and the command
+line); `benchmarks/soak.py` drives the same loop for minutes with requests coming and going.
+
 Needs Flax (`pip install jax_flashmla[flax]`). `--implementation` picks the attention: `auto`
 (the CUDA kernels on a Hopper GPU, the pure-JAX reference elsewhere), `cuda` or `xla`.
 """
@@ -19,10 +22,8 @@ Needs Flax (`pip install jax_flashmla[flax]`). `--implementation` picks the atte
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +35,10 @@ except ImportError as e:  # flax is an optional dependency of jax_flashmla
   raise ImportError("jax_flashmla.demo needs Flax: pip install 'jax_flashmla[flax]'") from e
 
 from jax_flashmla import _extension
-from jax_flashmla.allocator import PageAllocator
-from jax_flashmla.cache import PagedKVCache
 from jax_flashmla.constants import PAGE_SIZE
 from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention
-from jax_flashmla.metadata import get_mla_metadata
+# Re-exported: the serving loop used to live here.
+from jax_flashmla.serving import Request, ServeStats, Server, make_step  # noqa: F401
 
 IMPLEMENTATIONS = {"auto": None, "cuda": "cuda", "xla": "xla"}
 
@@ -96,205 +96,6 @@ class DemoModel(nnx.Module):
       x, cache = block(x, cache, **attn_kwargs)
       new_caches.append(cache)
     return self.lm_head(self.norm(x[:, -1])).astype(jnp.float32), tuple(new_caches)
-
-
-def make_step(graphdef, implementation):
-  """The jitted step: one chunk of tokens per row, caches donated, next tokens sampled.
-
-  Args (of the returned function):
-    state: the model's parameters (`nnx.split`).
-    caches: one `PagedKVCache` per layer (donated).
-    block_table: `[b, max_blocks]` int32 from the allocator (shared by every layer).
-    tokens: `[b, s]` int32, each row's new tokens left-padded.
-    num_new: `[b]` int32 new tokens per row (0: the row is idle this step).
-    use_prev: `[b]` bool: the row's one new token is its last sampled token (`prev`).
-    restart: `[b]` bool: the row's sequence starts over (length 0) before this step.
-    prev: `[b]` int32 last sampled tokens.
-
-  Returns:
-    `(caches, next [b] int32)`, greedy; rows with `num_new == 0` keep `prev`.
-  """
-
-  def step(state, caches, block_table, tokens, num_new, use_prev, restart, prev):
-    model = nnx.merge(graphdef, state)
-    caches = tuple(c.replace(block_table=block_table).reset(restart) for c in caches)
-    tokens = tokens.at[:, -1].set(jnp.where(use_prev, prev, tokens[:, -1]))
-    heads = model.config.attention.num_heads
-    # The step's scheduler records: once, for every layer (MLA caches one latent head).
-    metadata = get_mla_metadata(caches[0].lengths + num_new, tokens.shape[1] * heads, 1,
-                                implementation=implementation)
-    logits, caches = model(tokens, caches, num_new=num_new, metadata=metadata,
-                           implementation=implementation)
-    sampled = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return caches, jnp.where(num_new > 0, sampled, prev)
-
-  return jax.jit(step, donate_argnums=(1,))
-
-
-# ------------------------------------------------------------------------------------------------
-# The serving loop
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Request:
-  prompt: np.ndarray          # [n] int32 token ids
-  max_new_tokens: int
-  output: list[int] = dataclasses.field(default_factory=list)
-
-  @property
-  def max_cached_tokens(self) -> int:  # the last sampled token is never written to the cache
-    return len(self.prompt) + self.max_new_tokens - 1
-
-
-@dataclasses.dataclass
-class _Slot:
-  request_id: int
-  prompt_read: int = 0   # prompt tokens already in the cache
-  length: int = 0        # tokens in the cache
-  generated: int = 0
-
-
-@dataclasses.dataclass
-class ServeStats:
-  tokens: int             # generated
-  prompt_tokens: int
-  seconds: float          # the serving loop, after compilation
-  compile_seconds: float
-  steps: int
-  chunk_steps: int
-  peak_pages: int
-  pages_reused: int       # page hand-outs that reused a page freed by an earlier request
-
-  @property
-  def tokens_per_second(self) -> float:
-    return self.tokens / self.seconds
-
-
-class Server:
-  """Continuous batching over `batch_size` slots and one page pool (host-side scheduling)."""
-
-  def __init__(self, model: DemoModel, *, batch_size: int, max_seq_len: int, num_blocks: int,
-               chunk: int, implementation: str | None, log=print, log_every: int = 10):
-    self.batch_size, self.chunk, self.log, self.log_every = batch_size, chunk, log, log_every
-    self.graphdef, self.state = nnx.split(model)
-    self.caches = tuple(PagedKVCache.create(batch_size, max_seq_len, num_blocks=num_blocks)
-                        for _ in range(model.config.num_layers))
-    self.allocator = PageAllocator.for_cache(self.caches[0])
-    self.step_fn = make_step(self.graphdef, implementation)
-    self._compiled = {}
-    self.compile_seconds = 0.0
-
-  def compile(self) -> float:
-    """Compiles both step shapes ahead of time; returns the seconds it took."""
-    t0 = time.perf_counter()
-    b = self.batch_size
-    for s in sorted({1, self.chunk}):
-      args = self._args(np.zeros((b, s), np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
-                        np.zeros(b, bool), jnp.zeros((b,), jnp.int32))
-      self._compiled[s] = self.step_fn.lower(*args).compile()
-    self.compile_seconds = time.perf_counter() - t0
-    return self.compile_seconds
-
-  def _args(self, tokens, num_new, use_prev, restart, prev):
-    return (self.state, self.caches, self.allocator.device_block_table(), jnp.asarray(tokens),
-            jnp.asarray(num_new), jnp.asarray(use_prev), jnp.asarray(restart), prev)
-
-  def serve(self, requests: list[Request]) -> ServeStats:
-    alloc, b = self.allocator, self.batch_size
-    for i, r in enumerate(requests):
-      need = alloc.pages_for(r.max_cached_tokens)
-      if need > min(alloc.num_blocks, alloc.max_blocks_per_seq):
-        raise ValueError(f"request {i}: {r.max_cached_tokens} tokens need {need} pages; the "
-                         f"pool has {alloc.num_blocks}, a sequence at most "
-                         f"{alloc.max_blocks_per_seq}")
-    if not self._compiled:
-      self.compile()
-    waiting = collections.deque(range(len(requests)))
-    slots: list[_Slot | None] = [None] * b
-    committed = 0  # pages the running requests may still grow into (admission control)
-    restart = np.zeros(b, bool)
-    prev = jnp.zeros((b,), jnp.int32)
-    emitted = []  # per step: (next tokens on the device, [(request id, slot)] that count)
-    steps = chunk_steps = peak = reused = 0
-    ever_used = set()
-    t0 = time.perf_counter()
-
-    while waiting or any(slots):
-      # Admit waiting requests into free slots while their worst case fits in the pool.
-      for slot in range(b):
-        if slots[slot] is None and waiting:
-          need = alloc.pages_for(requests[waiting[0]].max_cached_tokens)
-          if committed + need > alloc.num_blocks:
-            break
-          committed += need
-          slots[slot] = _Slot(waiting.popleft())
-
-      s = self.chunk if any(sl and sl.prompt_read < len(requests[sl.request_id].prompt)
-                            for sl in slots) else 1
-      tokens = np.zeros((b, s), np.int32)
-      num_new = np.zeros(b, np.int32)
-      use_prev = np.zeros(b, bool)
-      growth = {}
-      for slot, sl in enumerate(slots):
-        if sl is None:
-          continue
-        prompt = requests[sl.request_id].prompt
-        if sl.prompt_read < len(prompt):
-          n = min(s, len(prompt) - sl.prompt_read)
-          tokens[slot, s - n:] = prompt[sl.prompt_read: sl.prompt_read + n]
-        else:
-          n, use_prev[slot] = 1, True
-        num_new[slot] = n
-        growth[slot] = sl.length + n
-      for pages in alloc.reserve_many(growth).values():
-        reused += len(ever_used.intersection(pages))
-        ever_used.update(pages)
-      peak = max(peak, alloc.num_used)
-
-      self.caches, prev = self._compiled[s](*self._args(tokens, num_new, use_prev, restart,
-                                                        prev))
-      restart[:] = False
-      steps += 1
-      chunk_steps += s > 1
-
-      counted = []
-      for slot, sl in enumerate(slots):
-        if sl is None:
-          continue
-        request = requests[sl.request_id]
-        sl.length += int(num_new[slot])
-        if sl.prompt_read < len(request.prompt):
-          sl.prompt_read += int(num_new[slot])
-          if sl.prompt_read < len(request.prompt):
-            continue  # this step's sample is not a token yet: the prompt is not read
-        sl.generated += 1
-        counted.append((sl.request_id, slot))
-        if sl.generated == request.max_new_tokens:
-          alloc.free(slot)
-          committed -= alloc.pages_for(request.max_cached_tokens)
-          slots[slot], restart[slot] = None, True
-      emitted.append((prev, counted))
-
-      if steps % self.log_every == 0 or not (waiting or any(slots)):
-        jax.block_until_ready(prev)
-        done = sum(len(c) for _, c in emitted)
-        elapsed = time.perf_counter() - t0
-        self.log(f"  step {steps:4d}  {'chunk ' if s > 1 else 'decode'}  "
-                 f"running {sum(sl is not None for sl in slots)}/{b}  waiting {len(waiting):2d}  "
-                 f"pages {alloc.num_used:3d}/{alloc.num_blocks}  generated {done:5d}  "
-                 f"{done / elapsed:8.1f} tok/s")
-
-    jax.block_until_ready(prev)
-    seconds = time.perf_counter() - t0
-    for step_tokens, (_, counted) in zip(jax.device_get([t for t, _ in emitted]), emitted,
-                                         strict=True):
-      for request_id, slot in counted:
-        requests[request_id].output.append(int(step_tokens[slot]))
-    return ServeStats(
-        tokens=sum(len(r.output) for r in requests),
-        prompt_tokens=sum(len(r.prompt) for r in requests), seconds=seconds,
-        compile_seconds=self.compile_seconds, steps=steps, chunk_steps=chunk_steps,
-        peak_pages=peak, pages_reused=reused)
 
 
 # ------------------------------------------------------------------------------------------------

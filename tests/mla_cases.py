@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+# The tolerances (DESIGN.md §4) and FlashMLA's comparison live in the package, where
+# benchmarks/soak.py uses the same ones on the device.
+from jax_flashmla.testing import LSE_TOL, OUT_TOL  # noqa: F401
+from jax_flashmla.testing import assert_close as check_close
+
 PAGE = 64
 D = 576
 DV = 512
 INVALID_PAGE = 2147480000
-
-# docs/design.md, "Numerics contract"
-OUT_TOL = dict(abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
-LSE_TOL = dict(abs_tol=1e-6, rel_tol=8.01 / 65536, cos_tol=0.0)
 
 
 @dataclasses.dataclass
@@ -108,31 +109,6 @@ def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
                      np.inf)
     lse[i] = lse_i.reshape(s_q, h_q).T
   return out, lse
-
-
-def check_close(name: str, got, want, *, abs_tol: float, rel_tol: float, cos_tol: float):
-  """FlashMLA-style comparison: same inf/NaN positions, per element abs OR rel, global cosine."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  for kind, fn in (("nan", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
-    mismatch = fn(got) != fn(want)
-    assert not mismatch.any(), (
-        f"{name}: {kind} positions differ at {np.argwhere(mismatch)[:5].tolist()} "
-        f"(got {got[mismatch][:5]}, want {want[mismatch][:5]})")
-  finite = np.isfinite(want)
-  g, w = got[finite], want[finite]
-  err = np.abs(g - w)
-  ok = (err <= abs_tol) | (err <= rel_tol * np.abs(w))
-  if not ok.all():
-    worst = np.argmax(np.where(ok, 0, err))
-    raise AssertionError(
-        f"{name}: {np.count_nonzero(~ok)} of {ok.size} elements out of tolerance; worst got "
-        f"{g[worst]!r} want {w[worst]!r} (abs {abs_tol}, rel {rel_tol})")
-  if cos_tol and g.size:
-    denom = np.sum(g * g + w * w)
-    cos_diff = 1 - 2 * np.sum(g * w) / denom if denom > 0 else 0.0
-    assert cos_diff <= cos_tol, f"{name}: cosine difference {cos_diff:.3g} > {cos_tol}"
 
 
 def check_decode(out, lse, want_out, want_lse):
