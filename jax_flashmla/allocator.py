@@ -195,7 +195,9 @@ class PageAllocator:
     that holds it does; so a donated step may be given the table again every step.
     """
     if self._device_table is None or self._device_table.is_deleted():
-      self._device_table = jnp.array(self._table, copy=True)  # never a view of _table
+      # From a host copy of its own: the transfer may still read it after this returns, and
+      # _table is edited in place by the next reserve or free.
+      self._device_table = jnp.asarray(np.array(self._table))
     return self._device_table
 
   def _check_slot(self, slot) -> None:
