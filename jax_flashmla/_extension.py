@@ -89,6 +89,18 @@ def kernels_missing_reason() -> str | None:
   return None
 
 
+def kernels_unavailable_reason() -> str | None:
+  """Why the kernels cannot run in this process (None when they can): no GPU, a GPU that is not
+  a Hopper, or an installation without them."""
+  gpus = local_gpus()
+  if not gpus:
+    return "no NVIDIA GPU is visible to JAX"
+  if not local_hopper_gpus():
+    kinds = sorted({getattr(d, "device_kind", "?") for d in gpus})
+    return f"the GPU is not a Hopper (compute capability 9.0) part: {kinds}"
+  return kernels_missing_reason()
+
+
 def local_hopper_gpus() -> list:
   """Local CUDA devices of compute capability 9.0 (H100/H200)."""
   try:
