@@ -70,10 +70,10 @@ def fallback_reason(platform: str, dtype=None) -> str | None:
 
 def _warn_fallback(reason: str) -> None:
   # The default filter shows each distinct message once per location: once per reason here.
-  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX decode (12-27x slower) "
-                f"where the CUDA kernels could run: {reason}. Pass implementation='xla' to "
-                f"choose the pure-JAX path on purpose.", _extension.KernelFallbackWarning,
-                stacklevel=2)
+  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX decode (12-27x slower on "
+                f"an H200) where the CUDA kernels could run: {reason}. Pass "
+                f"implementation='xla' to choose the pure-JAX path on purpose.",
+                _extension.KernelFallbackWarning, stacklevel=2)
 
 
 def _use_kernels(implementation, platform: str, dtype=None) -> bool:
