@@ -1,16 +1,17 @@
 // Plain structs that cross from the FFI handlers (host) to the kernels (device).
 //
 // Layout contract (all row-major, contiguous):
-//   q            [b, s_q, h_q, 576]          bf16
-//   k_cache      [num_blocks, 64, h_kv, 576] bf16   (V is columns 0..511 of the same rows)
+//   q            [b, s_q, h_q, 576]          E
+//   k_cache      [num_blocks, 64, h_kv, 576] E      (V is columns 0..511 of the same rows)
 //   block_table  [b, max_blocks]             int32
 //   seqlens      [b]                         int32
 //   sched        [num_sm_parts]              SchedRecord (8 int32 each)
 //   num_splits   [b + 1]                     int32  exclusive prefix sum of splits per request
-//   out          [b, s_q, h_q, 512]          bf16
+//   out          [b, s_q, h_q, 512]          E
 //   lse          [b, h_q, s_q]               float32, natural log, +inf for empty rows
 //   lse_accum    [b + num_sm_parts, h_kv, q_rows]       float32, log2 domain, -inf if empty
 //   o_accum      [b + num_sm_parts, h_kv, q_rows, 512]  float32, already divided by the row sum
+// E, the element type, is bf16 or f16 (DecodeParams::elem_type), the same for q, k_cache and out.
 //
 // Heads sharing one KV head are folded with the query tokens into "query rows":
 //   g = h_q / h_kv, q_rows = s_q * g, row r = s * g + j  <->  (token s, head hk * g + j).
@@ -61,14 +62,18 @@ struct SchedParams {
   int num_sm_parts;
 };
 
+// The element type of q, k_cache and out. The kernels are instantiated for each; what differs is
+// the wgmma operand type, the rounding of P and of the output, and the TMA descriptor's type.
+enum class ElemType : uint8_t { kBF16 = 0, kF16 = 1 };
+
 struct DecodeParams {
-  const void* q;            // bf16
-  const void* k_cache;      // bf16
+  const void* q;            // elem_type
+  const void* k_cache;      // elem_type
   const int32_t* block_table;
   const int32_t* seqlens;
   const SchedRecord* sched;
   const int32_t* num_splits;
-  void* out;                // bf16
+  void* out;                // elem_type
   float* lse;
   float* lse_accum;
   float* o_accum;
@@ -83,6 +88,7 @@ struct DecodeParams {
   float scale;              // softmax scale
   float scale_log2;         // scale * log2(e)
   bool causal;
+  ElemType elem_type;       // one byte, in what was the tail padding: no offset moved
 };
 
 // Run-time value rules shared by every kernel and by the pure-JAX reference, so that values no
