@@ -3,7 +3,8 @@
 // launch_decode), against a float64 host reference.
 //
 //   check_decode [--quick]    correctness over many shapes (--quick: fewer head configurations)
-//   check_decode --prims      the building blocks alone: TMA tile load, QK^T (SS), P.V (RS, SS)
+//   check_decode --prims      the building blocks alone: TMA tile load, QK^T (SS), P.V (RS, SS),
+//                             in bf16 and in f16
 //   check_decode --noop       exits 0: "does this binary run here?"
 //
 // Built by CMake with JAX_FLASHMLA_BUILD_TOOLS=ON (cmake/Tools.cmake), also as check_decode_wd
@@ -14,7 +15,10 @@
 // length and all unused pages hold NaN; block tables are random permutations, entries past the
 // used pages are invalid ids; lengths vary (zeros included). Outputs and partials are poisoned
 // with NaN before each call, so an element the kernels failed to write fails the comparison.
+// Cases run in bf16 unless their name says f16 (q, k_cache and out in float16); the reference
+// reads the element type's values.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -53,7 +57,16 @@ static float bf2f(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-static constexpr uint16_t kBfNaN = 0x7fc0;
+
+// The kernels' element types on the host: bits <-> float, round to nearest even.
+static uint16_t to_elem(ElemType e, float f) {
+  return e == ElemType::kF16 ? __half_as_ushort(__float2half_rn(f)) : f2bf(f);
+}
+static float from_elem(ElemType e, uint16_t h) {
+  return e == ElemType::kF16 ? __half2float(__ushort_as_half(h)) : bf2f(h);
+}
+static uint16_t elem_nan(ElemType e) { return e == ElemType::kF16 ? 0x7e00 : 0x7fc0; }
+static const char* elem_name(ElemType e) { return e == ElemType::kF16 ? "f16" : "bf16"; }
 
 template <typename F>
 static void parallel_for(int n, F f) {
@@ -80,6 +93,7 @@ struct Case {
   bool bad_ids = false;  // put out-of-range ids inside used pages
   float scale = 0.f;     // 0: 576^-0.5
   uint64_t seed = 1;
+  ElemType elem = ElemType::kBF16;  // of q, k_cache and out
 };
 
 // A case's data on the host and the device, and its decode call.
@@ -103,7 +117,8 @@ static void build(Problem& P, const Case& c) {
   P.c = c;
   std::mt19937_64 rng(c.seed);
   std::normal_distribution<float> nd(0.f, 1.f);
-  auto rnd = [&] { return f2bf(std::min(1.f, std::max(-1.f, nd(rng) / 10.f))); };
+  auto rnd = [&] { return to_elem(c.elem, std::min(1.f, std::max(-1.f, nd(rng) / 10.f))); };
+  const uint16_t nan = elem_nan(c.elem);
   const int b = c.b;
   P.g = c.h_q / c.h_kv;
   P.q_rows = c.s_q * P.g;
@@ -154,14 +169,14 @@ static void build(Problem& P, const Case& c) {
       page_used[id] = 1;
       for (int t = 0; t < 64; ++t) {
         if (j * 64 + t >= L) {
-          std::fill_n(P.kv.begin() + (static_cast<size_t>(id) * 64 + t) * row, row, kBfNaN);
+          std::fill_n(P.kv.begin() + (static_cast<size_t>(id) * 64 + t) * row, row, nan);
         }
       }
     }
   }
   for (int id = 0; id < P.num_blocks; ++id) {
     if (!page_used[id]) {
-      std::fill_n(P.kv.begin() + static_cast<size_t>(id) * 64 * row, 64 * row, kBfNaN);
+      std::fill_n(P.kv.begin() + static_cast<size_t>(id) * 64 * row, 64 * row, nan);
     }
   }
   P.q.resize(static_cast<size_t>(b) * c.s_q * c.h_q * kHeadDimK);
@@ -180,12 +195,14 @@ static void build(Problem& P, const Case& c) {
   shape.causal = c.causal;
   shape.scale = P.scale;
   shape.parts = c.parts;
+  shape.elem = c.elem;
   P.call.init(P.d_q, P.d_kv, P.num_blocks, P.bt, P.max_blocks, c.lens, shape);
 }
 
 // ------------------------------------------------------------------ reference and comparison
 
-// out [b, s_q, h_q, 512] and lse [b, h_q, s_q] in float64 (DESIGN §4).
+// out [b, s_q, h_q, 512] and lse [b, h_q, s_q] in float64 (DESIGN §4), from the values of the
+// case's element type.
 static void reference(const Problem& P, std::vector<double>& out, std::vector<double>& lse) {
   const Case& c = P.c;
   out.assign(P.call.n_out, 0.0);
@@ -202,7 +219,7 @@ static void reference(const Problem& P, std::vector<double>& out, std::vector<do
     vis = std::max(vis, 0);
     const uint16_t* q = P.q.data() + static_cast<size_t>(idx) * kHeadDimK;
     double qd[kHeadDimK];
-    for (int d = 0; d < kHeadDimK; ++d) qd[d] = bf2f(q[d]);
+    for (int d = 0; d < kHeadDimK; ++d) qd[d] = from_elem(c.elem, q[d]);
     std::vector<double> sc;
     std::vector<const uint16_t*> kp;
     for (int t = 0; t < vis; ++t) {
@@ -211,7 +228,7 @@ static void reference(const Problem& P, std::vector<double>& out, std::vector<do
       const uint16_t* k = P.kv.data() + (static_cast<size_t>(id) * 64 + t % 64) * row +
                           static_cast<size_t>(hk) * kHeadDimK;
       double acc = 0;
-      for (int d = 0; d < kHeadDimK; ++d) acc += qd[d] * bf2f(k[d]);
+      for (int d = 0; d < kHeadDimK; ++d) acc += qd[d] * from_elem(c.elem, k[d]);
       sc.push_back(acc * P.scale);
       kp.push_back(k);
     }
@@ -226,7 +243,7 @@ static void reference(const Problem& P, std::vector<double>& out, std::vector<do
     for (size_t t = 0; t < sc.size(); ++t) {
       const double e = std::exp(sc[t] - m);
       sum += e;
-      for (int d = 0; d < kHeadDimV; ++d) o[d] += e * bf2f(kp[t][d]);
+      for (int d = 0; d < kHeadDimV; ++d) o[d] += e * from_elem(c.elem, kp[t][d]);
     }
     for (int d = 0; d < kHeadDimV; ++d) o[d] /= sum;
     l = m + std::log(sum);
@@ -319,12 +336,12 @@ static bool run_case(const Case& c, bool verbose) {
   CK(launch_decode(P.call.p, st));
   wait_or_die(st, 20.0, c.name.c_str());
 
-  std::vector<uint16_t> out_bf(P.call.n_out);
+  std::vector<uint16_t> out_e(P.call.n_out);
   std::vector<float> lse_f(P.call.n_lse);
-  CK(cudaMemcpy(out_bf.data(), P.call.p.out, out_bf.size() * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(out_e.data(), P.call.p.out, out_e.size() * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(lse_f.data(), P.call.p.lse, lse_f.size() * 4, cudaMemcpyDeviceToHost));
-  std::vector<double> go(out_bf.size()), gl(lse_f.begin(), lse_f.end()), ro, rl;
-  for (size_t i = 0; i < out_bf.size(); ++i) go[i] = bf2f(out_bf[i]);
+  std::vector<double> go(out_e.size()), gl(lse_f.begin(), lse_f.end()), ro, rl;
+  for (size_t i = 0; i < out_e.size(); ++i) go[i] = from_elem(c.elem, out_e[i]);
   reference(P, ro, rl);
   const CmpResult co = compare(go, ro, kOutAbs, kOutRel);
   const CmpResult cl = compare(gl, rl, kLseAbs, kLseRel);
@@ -477,6 +494,21 @@ static int run_correctness(bool quick) {
     z.parts = 5;
     add(z);
   }
+  // float16: the f16 instantiations (wide, narrow<16>, narrow<32>, the combine) on copies of
+  // cases that reach each of them, split requests and empty rows included.
+  const char* f16_cases[] = {
+      "basic h16 split",     "long h16 s1",             "long h16 s2 causal (32 rows)",
+      "long h128 s2 causal", "s_q=4 causal h128/2",     "bad page ids h64 causal",
+      "all zero lengths"};
+  for (const char* name : f16_cases) {
+    for (size_t i = 0, n = cases.size(); i < n; ++i) {
+      if (cases[i].name != name) continue;
+      Case c = cases[i];
+      c.name += " f16";
+      c.elem = ElemType::kF16;
+      add(c);
+    }
+  }
   int fails = 0;
   for (auto& c : cases) fails += run_case(c, true) ? 0 : 1;
   std::printf("correctness: %zu passed, %d failed\n", cases.size() - fails, fails);
@@ -485,6 +517,8 @@ static int run_correctness(bool quick) {
 
 // ------------------------------------------------------------------ building-block test
 
+// E: the element type of the page, Q and P (the wgmma operands).
+template <class E>
 __global__ void __launch_bounds__(256, 1)
     prims_kernel(const __grid_constant__ CUtensorMap tmap, const __grid_constant__ DecodeParams p,
                  int kv_id, int hk, float* out_s, float* out_o_rs, float* out_o_ss) {
@@ -511,7 +545,7 @@ __global__ void __launch_bounds__(256, 1)
   fence_proxy_async_smem();
   __syncthreads();
   float s[32];
-  qk_page(s, sQ, sK, bars, 0);
+  qk_page<E>(s, sQ, sK, bars, 0);
   wgmma_wait<0>();
   reg_fence(s);
   if (wg == 0) {
@@ -522,11 +556,11 @@ __global__ void __launch_bounds__(256, 1)
       }
   }
   uint32_t a[16];
-  pack_p(s, a);
+  pack_p<E>(s, a);
   float o[128];
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   reg_fence(o);
-  pv_rs(o, a, sK, wg * 4);
+  pv_rs<E>(o, a, sK, wg * 4);
   wgmma_wait<0>();
   reg_fence(o);
   const int col0 = wg * 256 + 2 * q4;
@@ -540,7 +574,7 @@ __global__ void __launch_bounds__(256, 1)
   named_bar_sync(3 + wg, 128);
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   reg_fence(o);
-  pv_ss(o, sP + wg * kTileBytes, sK, wg * 4);
+  pv_ss<E>(o, sP + wg * kTileBytes, sK, wg * 4);
   wgmma_wait<0>();
   reg_fence(o);
   for (int k = 0; k < 32; ++k)
@@ -550,9 +584,10 @@ __global__ void __launch_bounds__(256, 1)
     }
 }
 
-static int run_prims() {
+static int run_prims(ElemType elem) {
   // One page (id 3 of 5, kv head 1 of 2) against a 64-row Q block (48 real rows).
   Case c;
+  c.elem = elem;
   c.b = 1;
   c.s_q = 1;
   c.h_q = 96;  // g = 48 rows for kv head 0; the test reads kv head `hk` of the page
@@ -572,8 +607,13 @@ static int run_prims() {
   shape.grid = dim3(1);
   shape.block = dim3(256);
   shape.smem_bytes = 2 * sm90::DenseTraits::kPageBytes + 2 * sm90::kTileBytes + 128 + 1024;
-  CK(launch_kernel<prims_kernel>(shape, false, nullptr, map, P.call.p, kv_id, hk, d_s, d_ors,
-                                 d_oss));
+  if (elem == ElemType::kF16) {
+    CK(launch_kernel<prims_kernel<__half>>(shape, false, nullptr, map, P.call.p, kv_id, hk, d_s,
+                                           d_ors, d_oss));
+  } else {
+    CK(launch_kernel<prims_kernel<__nv_bfloat16>>(shape, false, nullptr, map, P.call.p, kv_id, hk,
+                                                  d_s, d_ors, d_oss));
+  }
   wait_or_die(nullptr, 10.0, "prims_kernel");
   std::vector<float> S(64 * 64), Ors(64 * 512), Oss(64 * 512);
   CK(cudaMemcpy(S.data(), d_s, S.size() * 4, cudaMemcpyDeviceToHost));
@@ -582,8 +622,8 @@ static int run_prims() {
   // Q rows r < 48 are heads 0..47 of token 0 (kv head 0's group); rows >= 48 are zero.
   const size_t krow = static_cast<size_t>(c.h_kv) * kHeadDimK;
   auto kval = [&](int t, int d) {
-    return static_cast<double>(bf2f(P.kv[(static_cast<size_t>(kv_id) * 64 + t) * krow +
-                                         static_cast<size_t>(hk) * kHeadDimK + d]));
+    return static_cast<double>(from_elem(elem, P.kv[(static_cast<size_t>(kv_id) * 64 + t) * krow +
+                                                    static_cast<size_t>(hk) * kHeadDimK + d]));
   };
   double es = 0, ns = 0, ers = 0, nrs = 0, ess = 0, nss = 0;
   int bad_s = -1;
@@ -592,12 +632,14 @@ static int run_prims() {
     for (int t = 0; t < 64; ++t) {
       double acc = 0;
       if (r < P.q_rows)
-        for (int d = 0; d < kHeadDimK; ++d) acc += bf2f(P.q[static_cast<size_t>(r) * kHeadDimK + d]) * kval(t, d);
+        for (int d = 0; d < kHeadDimK; ++d) {
+          acc += from_elem(elem, P.q[static_cast<size_t>(r) * kHeadDimK + d]) * kval(t, d);
+        }
       const double e = std::fabs(acc - S[r * 64 + t]);
       if (e > 1e-3 + 1e-2 * std::fabs(acc) && bad_s < 0) bad_s = r * 64 + t;
       es += e * e;
       ns += acc * acc;
-      pr[t] = bf2f(f2bf(S[r * 64 + t]));  // the kernel rounds its own S to bf16
+      pr[t] = from_elem(elem, to_elem(elem, S[r * 64 + t]));  // the kernel rounds its own S
     }
     for (int d = 0; d < kHeadDimV; ++d) {
       double acc = 0;
@@ -611,8 +653,8 @@ static int run_prims() {
   const double rs = std::sqrt(es / std::max(ns, 1e-30)), rrs = std::sqrt(ers / std::max(nrs, 1e-30)),
                rss = std::sqrt(ess / std::max(nss, 1e-30));
   const bool ok = rs < 1e-4 && rrs < 1e-4 && rss < 1e-4;
-  std::printf("%s prims: QK^T rel err %.2e, P.V (RS) rel err %.2e, P.V (SS) rel err %.2e\n",
-              ok ? "PASS" : "FAIL", rs, rrs, rss);
+  std::printf("%s prims %s: QK^T rel err %.2e, P.V (RS) rel err %.2e, P.V (SS) rel err %.2e\n",
+              ok ? "PASS" : "FAIL", elem_name(elem), rs, rrs, rss);
   if (bad_s >= 0) {
     const int r = bad_s / 64, t = bad_s % 64;
     std::printf("     first bad S[%d][%d] = %f; S row %d: ", r, t, S[bad_s], r);
@@ -647,5 +689,10 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, sm_%d%d\n", prop.name, prop.multiProcessorCount, prop.major,
               prop.minor);
-  return prims ? run_prims() : run_correctness(quick);
+  if (prims) {
+    const int bf16 = run_prims(ElemType::kBF16);
+    const int f16 = run_prims(ElemType::kF16);
+    return bf16 | f16;
+  }
+  return run_correctness(quick);
 }
