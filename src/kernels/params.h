@@ -43,15 +43,34 @@ constexpr int kMaxSplits = 160;  // combine handles up to this many splits of on
 // where pages(i) = max(ceil(len_i / 64), 1) counts a zero-length row as one (empty) page.
 // A part with no work has begin_req >= b. The chunk of begin_req is split number
 // begin_split of that request; chunks of the other requests are split number 0.
+// len_fingerprint: the lengths the part was scheduled for (len_fingerprint_term below); 0 in a
+// part with no work. pad is 0.
 struct SchedRecord {
   int32_t begin_req;
   int32_t begin_block;
   int32_t end_req;
   int32_t end_block;
   int32_t begin_split;
-  int32_t pad[3];
+  int32_t len_fingerprint;
+  int32_t pad[2];
 };
 static_assert(sizeof(SchedRecord) == 8 * sizeof(int32_t), "records are [num_sm_parts, 8] int32");
+
+// A record's len_fingerprint is the sum over its requests i in [begin_req, end_req] of
+// len_fingerprint_term(seqlens[i], i), in wrapping uint32 arithmetic, stored as the int32 with the
+// same bits; len_i is the raw length the scheduler read (not clamped). Records are computed once
+// per step and reused by every layer, so records made for other lengths (another step's, another
+// batch's) are an easy mistake, and the kernels would silently compute wrong rows from them. So
+// each decode CTA recomputes the sum from the call's seqlens over the requests it walks,
+// [begin_req, min(end_req, b - 1)], and if it differs writes NaN into every row it writes: out
+// and lse of unsplit requests, lse_accum and o_accum of split ones (the combine turns a NaN
+// partial into a NaN row), empty rows included. The odd weights 2i + 1 make the sum depend on
+// which request has which length (swapping the lengths of requests i and j changes it by
+// 2 (len_i - len_j)(i - j), not 0 unless that product of differences is a multiple of 2^31); the
+// + 1 makes a zero length count.
+JFM_HOST_DEVICE inline uint32_t len_fingerprint_term(int32_t len, int32_t i) {
+  return (static_cast<uint32_t>(len) + 1u) * (2u * static_cast<uint32_t>(i) + 1u);
+}
 
 struct SchedParams {
   const int32_t* seqlens;   // [b]

@@ -183,6 +183,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     }
   }
 
+  // Records made for other lengths give NaN rows (split_kv.cuh), checked while the first pages'
+  // loads are in flight and applied in each request's epilogue.
+  const bool stale = stale_record(p, rec);
+
   uint32_t phase = 0;
   const int last_req = min(rec.end_req, p.b - 1);
   for (int req = rec.begin_req; req <= last_req; ++req) {
@@ -392,7 +396,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (n >= p.q_rows) break;
         const float m = s_final[n];
         const float l = s_final[NT::kRows + n];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        // A stale record's rows are NaN, empty ones too (0 * NaN is NaN).
+        const float inv = stale ? NAN : (l > 0.f ? 1.f / l : 0.f);
         const float4 v = *reinterpret_cast<const float4*>(s_o + n * NT::kOStride + col_h);
         const int s_tok = n / p.g;
         const int head = hk * p.g + (n - s_tok * p.g);
@@ -403,13 +408,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
               ElemOps<E>::pack2(v.x * inv, v.y * inv), ElemOps<E>::pack2(v.z * inv, v.w * inv));
           if (col == 0) {
             p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
-                l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+                stale ? NAN : (l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY);
           }
         } else if (slot_ok) {
           const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + n;
           *reinterpret_cast<float4*>(p.o_accum + idx * kHeadDimV + col) =
               make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-          if (col == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+          if (col == 0) p.lse_accum[idx] = stale ? NAN : (l > 0.f ? m + __log2f(l) : -INFINITY);
         }
       }
       __syncthreads();  // the merge area is rewritten by the next half, sQ by the next request

@@ -141,6 +141,10 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
     }
   }
 
+  // Records made for other lengths give NaN rows (split_kv.cuh), checked while the first pair's
+  // loads are in flight and applied in each request's epilogue.
+  const bool stale = stale_record(p, rec);
+
   uint32_t phase[2] = {0, 0};
   bool q_prefetched = false;  // sQ already holds (copies in flight of) this request's Q
   const int last_req = min(rec.end_req, p.b - 1);
@@ -312,7 +316,8 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
       const int row = m_block * kBlockM + r;
       const float l = s_row_sum[r] + s_row_sum[kBlockM + r];
       const float m = s_row_max[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // A stale record's rows are NaN, empty ones too (0 * NaN is NaN).
+      const float inv = stale ? NAN : (l > 0.f ? 1.f / l : 0.f);
       if (row < p.q_rows) {
         if (!split) {
           const int s_tok = row / p.g;
@@ -327,7 +332,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
           }
           if (wg == 0 && q4 == 0) {
             p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
-                l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+                stale ? NAN : (l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY);
           }
         } else if (slot_ok) {
           const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + row;
@@ -337,7 +342,9 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
             *reinterpret_cast<float2*>(oacc + col0 + 8 * k) =
                 make_float2(o[4 * k + 2 * i] * inv, o[4 * k + 2 * i + 1] * inv);
           }
-          if (wg == 0 && q4 == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+          if (wg == 0 && q4 == 0) {
+            p.lse_accum[idx] = stale ? NAN : (l > 0.f ? m + __log2f(l) : -INFINITY);
+          }
         }
       }
     }
