@@ -2,7 +2,8 @@
 // decode kernels and the combine, called through the library's own launchers (launch_sched,
 // launch_decode), against a float64 host reference.
 //
-//   check_decode [--quick]    correctness over many shapes (--quick: fewer head configurations)
+//   check_decode [--quick]    correctness over many shapes (--quick: fewer head configurations),
+//                             the scheduler's records and their length fingerprints included
 //   check_decode --prims      the building blocks alone: TMA tile load, QK^T (SS), P.V (RS, SS),
 //                             in bf16 and in f16
 //   check_decode --noop       exits 0: "does this binary run here?"
@@ -94,6 +95,9 @@ struct Case {
   float scale = 0.f;     // 0: 576^-0.5
   uint64_t seed = 1;
   ElemType elem = ElemType::kBF16;  // of q, k_cache and out
+  // Stale records: the scheduler runs on these lengths, the decode on `lens`. The requests of
+  // every part whose len_fingerprint then differs must come out NaN, the others right.
+  std::vector<int> sched_lens;
 };
 
 // A case's data on the host and the device, and its decode call.
@@ -324,6 +328,33 @@ static void print_failures(const Problem& P, const std::vector<double>& go,
   }
 }
 
+// The len_fingerprint of a record over lengths `lens` (params.h), as the kernels recompute it:
+// over [begin_req, min(end_req, b - 1)].
+static uint32_t fingerprint(const SchedRecord& r, const std::vector<int>& lens) {
+  uint32_t sum = 0;
+  const int last = std::min(r.end_req, static_cast<int>(lens.size()) - 1);
+  for (int i = r.begin_req; i <= last; ++i) sum += len_fingerprint_term(lens[i], i);
+  return sum;
+}
+
+// The scheduler's records carry the fingerprint of the lengths it read (0 in parts without
+// work) and zero padding. Prints and returns false otherwise.
+static bool records_ok(const DecodeCall& call, const std::vector<int>& lens) {
+  bool ok = true;
+  for (size_t k = 0; k < call.recs.size(); ++k) {
+    const SchedRecord& r = call.recs[k];
+    const bool work = r.begin_req >= 0 && r.begin_req < call.p.b;
+    const uint32_t want = work ? fingerprint(r, lens) : 0u;
+    if (static_cast<uint32_t>(r.len_fingerprint) != want || r.pad[0] != 0 || r.pad[1] != 0) {
+      std::printf("     record %zu [%d %d %d %d %d | %d %d %d]: len_fingerprint should be %d\n", k,
+                  r.begin_req, r.begin_block, r.end_req, r.end_block, r.begin_split,
+                  r.len_fingerprint, r.pad[0], r.pad[1], static_cast<int32_t>(want));
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 // One case through the shipped path: launch_sched, then launch_decode (the dense kernel the
 // policy picks, then the combine), as the two FFI handlers run them.
 static bool run_case(const Case& c, bool verbose) {
@@ -331,7 +362,24 @@ static bool run_case(const Case& c, bool verbose) {
   build(P, c);
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
+  const bool stale_case = !c.sched_lens.empty();
+  const std::vector<int>& sched_lens = stale_case ? c.sched_lens : c.lens;
+  int32_t* d_lens = const_cast<int32_t*>(P.call.p.seqlens);
+  if (stale_case) {
+    CK(cudaMemcpy(d_lens, sched_lens.data(), c.b * 4, cudaMemcpyHostToDevice));
+  }
   P.call.schedule(st);
+  const bool recs_ok = records_ok(P.call, sched_lens);
+  // Requests covered by a part whose fingerprint no longer matches: NaN rows expected.
+  std::vector<char> stale_req(c.b, 0);
+  if (stale_case) {
+    CK(cudaMemcpy(d_lens, c.lens.data(), c.b * 4, cudaMemcpyHostToDevice));
+    for (const SchedRecord& r : P.call.recs) {
+      if (r.begin_req < 0 || r.begin_req >= c.b) continue;
+      if (fingerprint(r, c.lens) == static_cast<uint32_t>(r.len_fingerprint)) continue;
+      for (int i = r.begin_req; i <= std::min(r.end_req, c.b - 1); ++i) stale_req[i] = 1;
+    }
+  }
   P.call.poison(st);
   CK(launch_decode(P.call.p, st));
   wait_or_die(st, 20.0, c.name.c_str());
@@ -343,9 +391,20 @@ static bool run_case(const Case& c, bool verbose) {
   std::vector<double> go(out_e.size()), gl(lse_f.begin(), lse_f.end()), ro, rl;
   for (size_t i = 0; i < out_e.size(); ++i) go[i] = from_elem(c.elem, out_e[i]);
   reference(P, ro, rl);
+  int n_stale = 0;
+  for (int bi = 0; bi < c.b; ++bi) {
+    if (!stale_req[bi]) continue;
+    ++n_stale;
+    const size_t per_req = static_cast<size_t>(c.s_q) * c.h_q;
+    std::fill_n(ro.begin() + bi * per_req * kHeadDimV, per_req * kHeadDimV, NAN);
+    std::fill_n(rl.begin() + bi * per_req, per_req, NAN);  // lse [b, h_q, s_q]
+  }
+  // A stale case must have both kinds of requests to test anything.
+  const bool stale_ok = !stale_case || (n_stale > 0 && n_stale < c.b);
   const CmpResult co = compare(go, ro, kOutAbs, kOutRel);
   const CmpResult cl = compare(gl, rl, kLseAbs, kLseRel);
-  const bool ok = co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6;
+  const bool ok =
+      co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6 && recs_ok && stale_ok;
   int split_reqs = 0;
   const std::vector<int>& ns = P.call.num_splits;
   for (int bi = 0; bi < c.b; ++bi) split_reqs += ns[bi + 1] - ns[bi] > 1;
@@ -354,6 +413,13 @@ static bool run_case(const Case& c, bool verbose) {
               ok ? "PASS" : "FAIL", c.name.c_str(), c.b, c.s_q, c.h_q, c.h_kv, c.causal,
               P.call.p.num_sm_parts, split_reqs, co.max_abs, co.fails, co.cos_diff, cl.max_abs,
               cl.fails);
+  if (stale_case) {
+    std::printf("     stale records: NaN expected in %d of %d requests:", n_stale, c.b);
+    for (int bi = 0; bi < c.b; ++bi) {
+      if (stale_req[bi]) std::printf(" %d", bi);
+    }
+    std::printf("\n");
+  }
   if (!ok && verbose) print_failures(P, go, gl, ro, rl);
   P.free_dev();
   CK(cudaStreamDestroy(st));
@@ -494,12 +560,35 @@ static int run_correctness(bool quick) {
     z.parts = 5;
     add(z);
   }
+  {
+    // Records scheduled for other lengths: the lengths of requests 1 and 2 (request 1 is empty,
+    // so request 2 becomes an empty row of a stale part) and of 7 and 9 swapped after scheduling,
+    // over 5 parts so that some requests are split. Each kernel form, and the f16 copy below.
+    const int shapes[][4] = {{1, 16, 1, 0}, {2, 16, 1, 1}, {2, 64, 1, 0}, {1, 128, 2, 0}};
+    for (auto& sh : shapes) {
+      Case c;
+      c.s_q = sh[0];
+      c.h_q = sh[1];
+      c.h_kv = sh[2];
+      c.causal = sh[3] != 0;
+      c.b = 12;
+      c.parts = 5;
+      c.sched_lens = rand_lens(c.b, 0, 700, 31, true);
+      c.lens = c.sched_lens;
+      std::swap(c.lens[1], c.lens[2]);
+      std::swap(c.lens[7], c.lens[9]);
+      c.seed = 31;
+      c.name = "stale records h" + std::to_string(c.h_q) + "/" + std::to_string(c.h_kv) +
+               " s_q=" + std::to_string(c.s_q);
+      add(c);
+    }
+  }
   // float16: the f16 instantiations (wide, narrow<16>, narrow<32>, the combine) on copies of
   // cases that reach each of them, split requests and empty rows included.
   const char* f16_cases[] = {
       "basic h16 split",     "long h16 s1",             "long h16 s2 causal (32 rows)",
       "long h128 s2 causal", "s_q=4 causal h128/2",     "bad page ids h64 causal",
-      "all zero lengths"};
+      "all zero lengths",    "stale records h16/1 s_q=2"};
   for (const char* name : f16_cases) {
     for (size_t i = 0, n = cases.size(); i < n; ++i) {
       if (cases[i].name != name) continue;
