@@ -25,13 +25,15 @@ const DecodePolicy& decode_policy() {
   return policy;
 }
 
+// Every launch returns its own status (cudaLaunchKernelEx reports a bad launch and errors left by
+// earlier work on the context), so no cudaGetLastError follows: it would only cost a runtime call
+// per decode and hand us, and clear, an error some other code on this thread left behind.
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   const DecodePolicy& policy = decode_policy();
-  cudaError_t err = launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
+  const cudaError_t err =
+      launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
   if (err != cudaSuccess) return err;
-  err = launch_combine(params, stream, policy.pdl);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  return launch_combine(params, stream, policy.pdl);
 }
 
 }  // namespace jax_flashmla
