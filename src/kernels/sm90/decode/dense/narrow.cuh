@@ -184,8 +184,14 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   }
 
   // Records made for other lengths give NaN rows (split_kv.cuh), checked while the first pages'
-  // loads are in flight and applied in each request's epilogue.
-  const bool stale = stale_record(p, rec);
+  // loads are in flight and applied in each request's epilogue. The flag waits in shared memory
+  // (published by the request's first barrier): a register held across the page loop costs
+  // N = 32 a spill in the tools' instrumented builds.
+  volatile int* s_stale = reinterpret_cast<volatile int*>(smem + NT::kOffStale);
+  {
+    const bool stale = stale_record(p, rec);
+    if (threadIdx.x == 0) *s_stale = stale;
+  }
 
   uint32_t phase = 0;
   const int last_req = min(rec.end_req, p.b - 1);
@@ -327,6 +333,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // (The split count first: its latency then overlaps the merge.)
     const int split_begin = __ldg(p.num_splits + c.bi);
     const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
+    const bool stale = *s_stale != 0;
 #pragma unroll
     for (int k = 0; k < kThreadRows; ++k) {
       l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 4);
