@@ -14,6 +14,9 @@
 //     --no-pdl                 every launch without programmatic dependent launch (sets
 //                              JAX_FLASHMLA_DISABLE_PDL for the process)
 //     --energy N               board energy per call over N calls back to back (NVML)
+//   bench_kernels --floor [--reps N] [--no-pdl]
+//                            the per-call floor: an empty batch (b=3, lengths 0, h_q=64) and two
+//                            tiny ones, timed on the host and on the GPU (run_floor below)
 //
 // bench_kernels_timing (the same file, built with JFM_TIMING) also prints, per config, how the
 // parts of the last decode launch start and end (common/cta_timing.cuh), and with
@@ -23,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -34,6 +38,7 @@
 
 #include "board_energy.h"
 #include "kernels/common/cta_timing.cuh"  // kCtaTimingFields
+#include "kernels/common/launch_utils.h"
 #include "kernels/launch.h"
 #include "kernels/params.h"
 #include "kernels/sm90/decode/dense/launch.h"
@@ -92,6 +97,7 @@ struct BenchOpts {
   int gap_us = -1;               // >= 0: time each call of the batch alone, after this long idle
   bool no_pdl = false;
   int energy_calls = 0;          // > 0: board energy per call over this many calls back to back
+  bool floor = false;            // the per-call floor instead of the grid
 };
 
 #if defined(JFM_TIMING)
@@ -404,10 +410,168 @@ static int run_bench(const BenchOpts& o) {
   return 0;
 }
 
+// ------------------------------------------------------------------ --floor
+
+__global__ void empty_kernel() {}
+
+// Host microseconds per call of launch() over batches of n calls without a sync (the batch is
+// waited for afterwards, untimed): the median over `reps` batches.
+template <class Launch>
+static double host_us_per_call(int n, int reps, cudaStream_t st, Launch launch) {
+  std::vector<float> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) CK(launch());
+    const auto t1 = std::chrono::steady_clock::now();
+    wait_or_die(st, 20.0, "floor batch");
+    t.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count() / n);
+  }
+  return median(t);
+}
+
+// GPU microseconds per call: events around n calls enqueued back to back, median over reps.
+template <class Launch>
+static double stream_us_per_call(int n, int reps, cudaStream_t st, Launch launch) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> t;
+  for (int r = 0; r < reps; ++r) {
+    CK(cudaEventRecord(e0, st));
+    for (int i = 0; i < n; ++i) CK(launch());
+    CK(cudaEventRecord(e1, st));
+    wait_or_die(st, 20.0, "floor stream");
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1e3f / n);
+  }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return median(t);
+}
+
+// The calls captured into one CUDA graph (`calls` decode calls), then replayed `replays` times back
+// to back: GPU microseconds per decode call, median over reps. With many calls in the graph the
+// host is out of the picture; with one call per graph it is FlashMLA's way of timing (its kit
+// replays a graph of one call).
+static double graph_us_per_call(int calls, int replays, int reps, cudaStream_t st,
+                                const DecodeParams& p) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) CK(launch_decode(p, st));
+  CK(cudaStreamEndCapture(st, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  CK(cudaGraphLaunch(exec, st));  // warm-up (uploads the graph)
+  wait_or_die(st, 20.0, "floor graph");
+  const double us =
+      stream_us_per_call(replays, reps, st, [&] { return cudaGraphLaunch(exec, st); });
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  return us / calls;
+}
+
+// The per-call floor (issue: an empty batch inside a jitted 20-layer program costs 12-17 us per
+// decode call, FlashMLA's CUDA-graph replay of its two kernels 6.3). Per case, in microseconds:
+//   host       host time of one launch_decode (the shipped path: descriptor cache, two
+//              cudaLaunchKernelEx), calls enqueued without a sync
+//   host+enc   the same with one descriptor encode added per call: the path before the cache
+//   encode     make_kcache_tensor_map_sm90 alone (cuTensorMapEncodeTiled)
+//   lookup     kcache_tensor_map_sm90 on a hit (the cache the launcher uses)
+//   graph      GPU time per call, host excluded: N calls captured in one CUDA graph, replayed
+//   graph1     a graph of one call replayed N times back to back (FlashMLA's kit's method)
+//   stream     events around N plain calls back to back: max(host, GPU) per call
+// and, once, the same host and stream times for an empty kernel (one launch: the runtime's own
+// floor, of which a call makes two).
+static int run_floor(const BenchOpts& o) {
+  struct FloorCase {
+    const char* name;
+    int b, len, h_q;
+  };
+  const FloorCase cases[] = {{"b=3 len 0 h_q=64 (empty)", 3, 0, 64},
+                             {"b=1 len 256 h_q=16", 1, 256, 16},
+                             {"b=16 len 512 h_q=128", 16, 512, 128}};
+  const int n = 200;  // calls per batch
+  const int reps = std::max(o.reps, 3);
+  cudaStream_t st;
+  CK(cudaStreamCreate(&st));
+  const DecodePolicy& policy = decode_policy();
+
+  LaunchShape empty_shape;
+  empty_shape.grid = dim3(1);
+  empty_shape.block = dim3(32);
+  auto empty = [&] { return launch_kernel<empty_kernel>(empty_shape, false, st); };
+  for (int i = 0; i < 100; ++i) CK(empty());
+  wait_or_die(st, 20.0, "empty kernel");
+  std::printf("floor: %d calls per batch, median of %d batches, pdl %d, combine carveout %s\n", n,
+              reps, policy.pdl, policy.combine_max_carveout ? "max" : "default");
+  std::printf("empty kernel, one cudaLaunchKernelEx: host %.2f us, stream %.2f us per launch\n",
+              host_us_per_call(n, reps, st, empty), stream_us_per_call(n, reps, st, empty));
+  std::printf("%-26s %-9s %-12s %7s %9s %7s %7s %7s %7s %7s\n", "case", "kernel", "grid", "host",
+              "host+enc", "encode", "lookup", "graph", "graph1", "stream");
+
+  for (const FloorCase& fc : cases) {
+    const int pages = std::max((fc.len + 63) / 64, 1);
+    const int num_blocks = fc.b * pages + 1;
+    const size_t kv_elems = static_cast<size_t>(num_blocks) * 64 * kHeadDimK;
+    const size_t q_elems = static_cast<size_t>(fc.b) * fc.h_q * kHeadDimK;
+    uint16_t *d_kv, *d_q;
+    CK(cudaMalloc(&d_kv, kv_elems * 2));
+    CK(cudaMalloc(&d_q, q_elems * 2));
+    fill_bf16_kernel<<<256, 256>>>(d_kv, kv_elems, 7);
+    fill_bf16_kernel<<<256, 256>>>(d_q, q_elems, 8);
+    CK(cudaGetLastError());
+    std::vector<int> bt(static_cast<size_t>(fc.b) * pages);
+    std::iota(bt.begin(), bt.end(), 0);
+    std::vector<int> lens(fc.b, fc.len);
+    CallShape shape;
+    shape.b = fc.b;
+    shape.h_q = fc.h_q;
+    shape.scale = 1.f / std::sqrt(576.f);
+    DecodeCall call;
+    call.init(d_q, d_kv, num_blocks, bt, pages, lens, shape);
+    call.schedule(st);
+    const DecodeParams& p = call.p;
+    const char* kernel = !policy.allow_narrow || p.q_rows > 32 ? "wide"
+                         : p.q_rows > 16                      ? "narrow32"
+                                                              : "narrow16";
+    char grid[32];
+    std::snprintf(grid, sizeof(grid), "%dx%dx%d", p.num_m_blocks, p.h_kv, p.num_sm_parts);
+
+    auto decode = [&] { return launch_decode(p, st); };
+    for (int i = 0; i < 50; ++i) CK(decode());  // warm-up: opt-ins, the descriptor cache
+    wait_or_die(st, 20.0, "floor warm-up");
+    CUtensorMap map;
+    const CUtensorMap* cached;
+    const double host = host_us_per_call(n, reps, st, decode);
+    const double host_enc = host_us_per_call(n, reps, st, [&] {
+      const cudaError_t err = make_kcache_tensor_map_sm90(&map, p);
+      return err != cudaSuccess ? err : launch_decode(p, st);
+    });
+    const double encode = host_us_per_call(n, reps, st, [&] {
+      return make_kcache_tensor_map_sm90(&map, p);
+    });
+    const double lookup = host_us_per_call(n, reps, st, [&] {
+      return kcache_tensor_map_sm90(p, &cached);
+    });
+    const double graph = graph_us_per_call(n, 5, reps, st, p);
+    const double graph1 = graph_us_per_call(1, n, reps, st, p);
+    const double stream = stream_us_per_call(n, reps, st, decode);
+    std::printf("%-26s %-9s %-12s %7.2f %9.2f %7.2f %7.3f %7.2f %7.2f %7.2f\n", fc.name, kernel,
+                grid, host, host_enc, encode, lookup, graph, graph1, stream);
+    call.free();
+    CK(cudaFree(d_kv));
+    CK(cudaFree(d_q));
+  }
+  CK(cudaStreamDestroy(st));
+  return 0;
+}
+
 static int usage(const char* argv0) {
   std::printf("usage: %s [--corners | --only s_q,L,h_q,causal] [--reps N] [--no-bw] "
-              "[--json FILE] [--batch N [--gap-us G]] [--no-pdl] [--energy N] [--noop]\n",
-              argv0);
+              "[--json FILE] [--batch N [--gap-us G]] [--no-pdl] [--energy N] [--noop]\n"
+              "       %s --floor [--reps N] [--no-pdl]\n",
+              argv0, argv0);
   return 2;
 }
 
@@ -423,6 +587,8 @@ int main(int argc, char** argv) {
       o.skip_bw = true;
     } else if (!std::strcmp(a, "--no-pdl")) {
       o.no_pdl = true;
+    } else if (!std::strcmp(a, "--floor")) {
+      o.floor = true;
     } else if (!std::strcmp(a, "--json") && has_value) {
       o.json = argv[++i];
     } else if (!std::strcmp(a, "--reps") && has_value) {
@@ -449,5 +615,5 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, sm_%d%d\n", prop.name, prop.multiProcessorCount, prop.major,
               prop.minor);
-  return run_bench(o);
+  return o.floor ? run_floor(o) : run_bench(o);
 }

@@ -18,6 +18,9 @@
 #           stalls_by_line.py (needs nvdisasm there; without it, run the script elsewhere on the
 #           returned CSVs)
 #   floor   read_floor at the memory corner (what reading the cache's bytes alone costs)
+#   percall the per-call floor (bench_kernels --floor): an empty batch and two tiny ones, host and
+#           GPU microseconds per decode call; then without PDL, and with the combine's
+#           shared-memory carveout at its maximum (JAX_FLASHMLA_COMBINE_CARVEOUT=max)
 set -u  # a failing step does not stop the next ones
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-_out}
@@ -107,5 +110,13 @@ if has stalls; then
 fi
 if has floor; then
   timeout 300 "$B/read_floor" --len 8192 2>&1 | tee "$OUT/read_floor.log"
+fi
+if has percall; then
+  {
+    timeout 120 "$B/bench_kernels" --floor
+    echo "== no PDL"; timeout 120 "$B/bench_kernels" --floor --no-pdl
+    echo "== JAX_FLASHMLA_COMBINE_CARVEOUT=max"
+    JAX_FLASHMLA_COMBINE_CARVEOUT=max timeout 120 "$B/bench_kernels" --floor
+  } 2>&1 | grep -v "^device" | tee "$OUT/percall.log"
 fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/gpu.txt" 2>&1

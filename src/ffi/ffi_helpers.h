@@ -51,6 +51,47 @@ inline ffi::Error CheckDims(const char* target, const char* name, ffi::Span<cons
                                      want + ", got " + DimsToString(got));
 }
 
+// The name XLA gives a dtype in its messages (the FFI enum's names), for the ones a caller might
+// pass; any other by number.
+inline std::string DataTypeName(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::PRED: return "PRED";
+    case ffi::DataType::S8: return "S8";
+    case ffi::DataType::S16: return "S16";
+    case ffi::DataType::S32: return "S32";
+    case ffi::DataType::S64: return "S64";
+    case ffi::DataType::U8: return "U8";
+    case ffi::DataType::U16: return "U16";
+    case ffi::DataType::U32: return "U32";
+    case ffi::DataType::U64: return "U64";
+    case ffi::DataType::F16: return "F16";
+    case ffi::DataType::F32: return "F32";
+    case ffi::DataType::F64: return "F64";
+    case ffi::DataType::BF16: return "BF16";
+    case ffi::DataType::F8E4M3FN: return "F8E4M3FN";
+    case ffi::DataType::F8E5M2: return "F8E5M2";
+    default: return "dtype #" + std::to_string(static_cast<int>(dtype));
+  }
+}
+
+// InvalidArgument naming the buffer, the dtype it must have (q's), and the dtype it has.
+inline ffi::Error CheckDtypeOfQ(const char* target, const char* name, ffi::DataType got,
+                                ffi::DataType q_dtype) {
+  if (got == q_dtype) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(target) + ": " + name + " must have dtype " +
+                                     DataTypeName(q_dtype) + " (the dtype of q), got " +
+                                     DataTypeName(got));
+}
+
+// For untyped buffers (AnyBuffer), whose rank XLA does not check: InvalidArgument naming the
+// buffer, the rank it must have and the shape it has.
+inline ffi::Error CheckRank(const char* target, const char* name, ffi::Span<const int64_t> got,
+                            size_t rank) {
+  if (got.size() == rank) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(target) + ": " + name + " must have rank " +
+                                     std::to_string(rank) + ", got shape " + DimsToString(got));
+}
+
 // Kernel parameters are int32; reject sizes that would not fit rather than wrap.
 inline bool FitsInt32(int64_t value) {
   return value >= 0 && value <= std::numeric_limits<int32_t>::max();

@@ -1,13 +1,16 @@
 // FFI handler "jax_flashmla_mla_decode_v1": paged MLA decode (split-KV kernel + combine).
 //
 // Operands                                    Results
-//   q                     BF16[b, s_q, h_q, 576]     out       BF16[b, s_q, h_q, 512]
-//   k_cache               BF16[nb, 64, h_kv, 576]    lse       F32[b, h_q, s_q]
+//   q                     E[b, s_q, h_q, 576]        out       E[b, s_q, h_q, 512]
+//   k_cache               E[nb, 64, h_kv, 576]       lse       F32[b, h_q, s_q]
 //   block_table           S32[b, max_blocks]         lse_accum F32[b + P, h_kv, q_rows]
 //   cache_seqlens         S32[b]                     o_accum   F32[b + P, h_kv, q_rows, 512]
 //   tile_scheduler_metadata S32[P, 8]
 //   num_splits            S32[b + 1]
 // Attributes: softmax_scale (f32), causal (pred). q_rows = s_q * h_q / h_kv.
+// E is BF16 or F16, the same for q, k_cache and out. The three are decoded as untyped buffers and
+// their dtypes checked here, so that the target name (and programs exported with BF16 before F16
+// existed) stays the same.
 //
 // lse_accum / o_accum are the split-KV partials. They are results rather than scratch because
 // XLA's scratch memory is released when the handler returns, before the kernels have run.
@@ -32,14 +35,32 @@ ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument(std::string(kTarget) + ": " + message);
 }
 
-ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16, 4> q,
-                         ffi::Buffer<ffi::BF16, 4> k_cache, ffi::Buffer<ffi::S32, 2> block_table,
+ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                         ffi::Buffer<ffi::S32, 2> block_table,
                          ffi::Buffer<ffi::S32, 1> cache_seqlens,
                          ffi::Buffer<ffi::S32, 2> sched, ffi::Buffer<ffi::S32, 1> num_splits,
-                         ffi::ResultBuffer<ffi::BF16, 4> out, ffi::ResultBuffer<ffi::F32, 3> lse,
+                         ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32, 3> lse,
                          ffi::ResultBuffer<ffi::F32, 3> lse_accum,
                          ffi::ResultBuffer<ffi::F32, 4> o_accum, float softmax_scale,
                          bool causal) {
+  // The untyped buffers' dtypes and ranks (XLA checks the typed ones while decoding).
+  ElemType elem_type;
+  switch (q.element_type()) {
+    case ffi::DataType::BF16:
+      elem_type = ElemType::kBF16;
+      break;
+    case ffi::DataType::F16:
+      elem_type = ElemType::kF16;
+      break;
+    default:
+      return Invalid("q must have dtype BF16 or F16, got " + DataTypeName(q.element_type()));
+  }
+  JFM_RETURN_IF_ERROR(CheckDtypeOfQ(kTarget, "k_cache", k_cache.element_type(), q.element_type()));
+  JFM_RETURN_IF_ERROR(CheckDtypeOfQ(kTarget, "out", out->element_type(), q.element_type()));
+  JFM_RETURN_IF_ERROR(CheckRank(kTarget, "q", q.dimensions(), 4));
+  JFM_RETURN_IF_ERROR(CheckRank(kTarget, "k_cache", k_cache.dimensions(), 4));
+  JFM_RETURN_IF_ERROR(CheckRank(kTarget, "out", out->dimensions(), 4));
+
   // Sizes are read from q, k_cache, block_table and the metadata; everything else must agree.
   const auto q_dims = q.dimensions();
   const int64_t b = q_dims[0], s_q = q_dims[1], h_q = q_dims[2];
@@ -95,7 +116,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16, 4> q,
   if (b == 0 || q_rows == 0) return ffi::Error::Success();
 
   DecodeParams params;
-  params.q = q.untyped_data();  // BF16's native type in ffi.h is uint16_t; kernels reinterpret
+  params.q = q.untyped_data();
   params.k_cache = k_cache.untyped_data();
   params.block_table = block_table.typed_data();
   params.seqlens = cache_seqlens.typed_data();
@@ -118,6 +139,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16, 4> q,
   params.scale = softmax_scale;
   params.scale_log2 = softmax_scale * 1.4426950408889634f;  // log2(e)
   params.causal = causal;
+  params.elem_type = elem_type;
   return CudaStatusToError(launch_decode(params, stream), "mla_decode kernel launch");
 }
 
@@ -126,13 +148,13 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16, 4> q,
 XLA_FFI_DEFINE_HANDLER(kMlaDecode, MlaDecodeImpl,
                        ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Arg<ffi::BufferR4<ffi::BF16>>()  // q
-                           .Arg<ffi::BufferR4<ffi::BF16>>()  // k_cache
+                           .Arg<ffi::AnyBuffer>()            // q: BF16 or F16
+                           .Arg<ffi::AnyBuffer>()            // k_cache: q's dtype
                            .Arg<ffi::BufferR2<ffi::S32>>()   // block_table
                            .Arg<ffi::BufferR1<ffi::S32>>()   // cache_seqlens
                            .Arg<ffi::BufferR2<ffi::S32>>()   // tile_scheduler_metadata
                            .Arg<ffi::BufferR1<ffi::S32>>()   // num_splits
-                           .Ret<ffi::BufferR4<ffi::BF16>>()  // out
+                           .Ret<ffi::AnyBuffer>()            // out: q's dtype
                            .Ret<ffi::BufferR3<ffi::F32>>()   // lse
                            .Ret<ffi::BufferR3<ffi::F32>>()   // lse_accum
                            .Ret<ffi::BufferR4<ffi::F32>>()   // o_accum

@@ -42,6 +42,12 @@ nb::dict BuildInfo() {
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
                          std::to_string((CUDART_VERSION % 1000) / 10);
   info["cuda_archs"] = JAX_FLASHMLA_CUDA_ARCHS;
+  // The element types of q, k_cache and out the kernels are built for (ElemType in params.h),
+  // by their JAX names.
+  nb::list dtypes;
+  dtypes.append("bfloat16");
+  dtypes.append("float16");
+  info["kernel_dtypes"] = dtypes;
 #else
   info["cuda"] = false;
   info["cuda_version"] = nb::none();
@@ -78,8 +84,8 @@ NB_MODULE(_ext, m) {
   m.def("registrations", &Registrations,
         "Dict of XLA FFI target name -> PyCapsule handler (empty without CUDA).");
   m.def("build_info", &BuildInfo,
-        "Dict describing this build: cuda, cuda_version, cuda_archs, xla_ffi_api, "
-        "jaxlib_headers.");
+        "Dict describing this build: cuda, cuda_version, cuda_archs, kernel_dtypes (CUDA "
+        "builds), xla_ffi_api, jaxlib_headers.");
   m.def("constants", &Constants,
         "Dict of the layout constants the kernels are built with: head_dim_k, head_dim_v, "
         "page_size, block_m, max_sm_parts, sched_record_ints, fixed_overhead_blocks, "

@@ -20,18 +20,22 @@ const DecodePolicy& decode_policy() {
     DecodePolicy p;
     p.pdl = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
     p.allow_narrow = kernel == nullptr || std::strcmp(kernel, "wide") != 0;
+    const char* carveout = std::getenv("JAX_FLASHMLA_COMBINE_CARVEOUT");
+    p.combine_max_carveout = carveout != nullptr && std::strcmp(carveout, "max") == 0;
     return p;
   }();
   return policy;
 }
 
+// Every launch returns its own status (cudaLaunchKernelEx reports a bad launch and errors left by
+// earlier work on the context), so no cudaGetLastError follows: it would only cost a runtime call
+// per decode and hand us, and clear, an error some other code on this thread left behind.
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   const DecodePolicy& policy = decode_policy();
-  cudaError_t err = launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
+  const cudaError_t err =
+      launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
   if (err != cudaSuccess) return err;
-  err = launch_combine(params, stream, policy.pdl);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  return launch_combine(params, stream, policy.pdl, policy.combine_max_carveout);
 }
 
 }  // namespace jax_flashmla

@@ -1,16 +1,17 @@
 // Plain structs that cross from the FFI handlers (host) to the kernels (device).
 //
 // Layout contract (all row-major, contiguous):
-//   q            [b, s_q, h_q, 576]          bf16
-//   k_cache      [num_blocks, 64, h_kv, 576] bf16   (V is columns 0..511 of the same rows)
+//   q            [b, s_q, h_q, 576]          E
+//   k_cache      [num_blocks, 64, h_kv, 576] E      (V is columns 0..511 of the same rows)
 //   block_table  [b, max_blocks]             int32
 //   seqlens      [b]                         int32
 //   sched        [num_sm_parts]              SchedRecord (8 int32 each)
 //   num_splits   [b + 1]                     int32  exclusive prefix sum of splits per request
-//   out          [b, s_q, h_q, 512]          bf16
+//   out          [b, s_q, h_q, 512]          E
 //   lse          [b, h_q, s_q]               float32, natural log, +inf for empty rows
 //   lse_accum    [b + num_sm_parts, h_kv, q_rows]       float32, log2 domain, -inf if empty
 //   o_accum      [b + num_sm_parts, h_kv, q_rows, 512]  float32, already divided by the row sum
+// E, the element type, is bf16 or f16 (DecodeParams::elem_type), the same for q, k_cache and out.
 //
 // Heads sharing one KV head are folded with the query tokens into "query rows":
 //   g = h_q / h_kv, q_rows = s_q * g, row r = s * g + j  <->  (token s, head hk * g + j).
@@ -42,15 +43,34 @@ constexpr int kMaxSplits = 160;  // combine handles up to this many splits of on
 // where pages(i) = max(ceil(len_i / 64), 1) counts a zero-length row as one (empty) page.
 // A part with no work has begin_req >= b. The chunk of begin_req is split number
 // begin_split of that request; chunks of the other requests are split number 0.
+// len_fingerprint: the lengths the part was scheduled for (len_fingerprint_term below); 0 in a
+// part with no work. pad is 0.
 struct SchedRecord {
   int32_t begin_req;
   int32_t begin_block;
   int32_t end_req;
   int32_t end_block;
   int32_t begin_split;
-  int32_t pad[3];
+  int32_t len_fingerprint;
+  int32_t pad[2];
 };
 static_assert(sizeof(SchedRecord) == 8 * sizeof(int32_t), "records are [num_sm_parts, 8] int32");
+
+// A record's len_fingerprint is the sum over its requests i in [begin_req, end_req] of
+// len_fingerprint_term(seqlens[i], i), in wrapping uint32 arithmetic, stored as the int32 with the
+// same bits; len_i is the raw length the scheduler read (not clamped). Records are computed once
+// per step and reused by every layer, so records made for other lengths (another step's, another
+// batch's) are an easy mistake, and the kernels would silently compute wrong rows from them. So
+// each decode CTA recomputes the sum from the call's seqlens over the requests it walks,
+// [begin_req, min(end_req, b - 1)], and if it differs writes NaN into every row it writes: out
+// and lse of unsplit requests, lse_accum and o_accum of split ones (the combine turns a NaN
+// partial into a NaN row), empty rows included. The odd weights 2i + 1 make the sum depend on
+// which request has which length (swapping the lengths of requests i and j changes it by
+// 2 (len_i - len_j)(i - j), not 0 unless that product of differences is a multiple of 2^31); the
+// + 1 makes a zero length count.
+JFM_HOST_DEVICE inline uint32_t len_fingerprint_term(int32_t len, int32_t i) {
+  return (static_cast<uint32_t>(len) + 1u) * (2u * static_cast<uint32_t>(i) + 1u);
+}
 
 struct SchedParams {
   const int32_t* seqlens;   // [b]
@@ -61,14 +81,18 @@ struct SchedParams {
   int num_sm_parts;
 };
 
+// The element type of q, k_cache and out. The kernels are instantiated for each; what differs is
+// the wgmma operand type, the rounding of P and of the output, and the TMA descriptor's type.
+enum class ElemType : uint8_t { kBF16 = 0, kF16 = 1 };
+
 struct DecodeParams {
-  const void* q;            // bf16
-  const void* k_cache;      // bf16
+  const void* q;            // elem_type
+  const void* k_cache;      // elem_type
   const int32_t* block_table;
   const int32_t* seqlens;
   const SchedRecord* sched;
   const int32_t* num_splits;
-  void* out;                // bf16
+  void* out;                // elem_type
   float* lse;
   float* lse_accum;
   float* o_accum;
@@ -83,6 +107,7 @@ struct DecodeParams {
   float scale;              // softmax scale
   float scale_log2;         // scale * log2(e)
   bool causal;
+  ElemType elem_type;       // one byte, in what was the tail padding: no offset moved
 };
 
 // Run-time value rules shared by every kernel and by the pure-JAX reference, so that values no

@@ -2,8 +2,10 @@
 // decode kernels and the combine, called through the library's own launchers (launch_sched,
 // launch_decode), against a float64 host reference.
 //
-//   check_decode [--quick]    correctness over many shapes (--quick: fewer head configurations)
-//   check_decode --prims      the building blocks alone: TMA tile load, QK^T (SS), P.V (RS, SS)
+//   check_decode [--quick]    correctness over many shapes (--quick: fewer head configurations),
+//                             the scheduler's records and their length fingerprints included
+//   check_decode --prims      the building blocks alone: TMA tile load, QK^T (SS), P.V (RS, SS),
+//                             in bf16 and in f16
 //   check_decode --noop       exits 0: "does this binary run here?"
 //
 // Built by CMake with JAX_FLASHMLA_BUILD_TOOLS=ON (cmake/Tools.cmake), also as check_decode_wd
@@ -14,7 +16,10 @@
 // length and all unused pages hold NaN; block tables are random permutations, entries past the
 // used pages are invalid ids; lengths vary (zeros included). Outputs and partials are poisoned
 // with NaN before each call, so an element the kernels failed to write fails the comparison.
+// Cases run in bf16 unless their name says f16 (q, k_cache and out in float16); the reference
+// reads the element type's values.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -53,7 +58,16 @@ static float bf2f(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-static constexpr uint16_t kBfNaN = 0x7fc0;
+
+// The kernels' element types on the host: bits <-> float, round to nearest even.
+static uint16_t to_elem(ElemType e, float f) {
+  return e == ElemType::kF16 ? __half_as_ushort(__float2half_rn(f)) : f2bf(f);
+}
+static float from_elem(ElemType e, uint16_t h) {
+  return e == ElemType::kF16 ? __half2float(__ushort_as_half(h)) : bf2f(h);
+}
+static uint16_t elem_nan(ElemType e) { return e == ElemType::kF16 ? 0x7e00 : 0x7fc0; }
+static const char* elem_name(ElemType e) { return e == ElemType::kF16 ? "f16" : "bf16"; }
 
 template <typename F>
 static void parallel_for(int n, F f) {
@@ -80,6 +94,10 @@ struct Case {
   bool bad_ids = false;  // put out-of-range ids inside used pages
   float scale = 0.f;     // 0: 576^-0.5
   uint64_t seed = 1;
+  ElemType elem = ElemType::kBF16;  // of q, k_cache and out
+  // Stale records: the scheduler runs on these lengths, the decode on `lens`. The requests of
+  // every part whose len_fingerprint then differs must come out NaN, the others right.
+  std::vector<int> sched_lens;
 };
 
 // A case's data on the host and the device, and its decode call.
@@ -103,7 +121,8 @@ static void build(Problem& P, const Case& c) {
   P.c = c;
   std::mt19937_64 rng(c.seed);
   std::normal_distribution<float> nd(0.f, 1.f);
-  auto rnd = [&] { return f2bf(std::min(1.f, std::max(-1.f, nd(rng) / 10.f))); };
+  auto rnd = [&] { return to_elem(c.elem, std::min(1.f, std::max(-1.f, nd(rng) / 10.f))); };
+  const uint16_t nan = elem_nan(c.elem);
   const int b = c.b;
   P.g = c.h_q / c.h_kv;
   P.q_rows = c.s_q * P.g;
@@ -154,14 +173,14 @@ static void build(Problem& P, const Case& c) {
       page_used[id] = 1;
       for (int t = 0; t < 64; ++t) {
         if (j * 64 + t >= L) {
-          std::fill_n(P.kv.begin() + (static_cast<size_t>(id) * 64 + t) * row, row, kBfNaN);
+          std::fill_n(P.kv.begin() + (static_cast<size_t>(id) * 64 + t) * row, row, nan);
         }
       }
     }
   }
   for (int id = 0; id < P.num_blocks; ++id) {
     if (!page_used[id]) {
-      std::fill_n(P.kv.begin() + static_cast<size_t>(id) * 64 * row, 64 * row, kBfNaN);
+      std::fill_n(P.kv.begin() + static_cast<size_t>(id) * 64 * row, 64 * row, nan);
     }
   }
   P.q.resize(static_cast<size_t>(b) * c.s_q * c.h_q * kHeadDimK);
@@ -180,12 +199,14 @@ static void build(Problem& P, const Case& c) {
   shape.causal = c.causal;
   shape.scale = P.scale;
   shape.parts = c.parts;
+  shape.elem = c.elem;
   P.call.init(P.d_q, P.d_kv, P.num_blocks, P.bt, P.max_blocks, c.lens, shape);
 }
 
 // ------------------------------------------------------------------ reference and comparison
 
-// out [b, s_q, h_q, 512] and lse [b, h_q, s_q] in float64 (DESIGN §4).
+// out [b, s_q, h_q, 512] and lse [b, h_q, s_q] in float64 (DESIGN §4), from the values of the
+// case's element type.
 static void reference(const Problem& P, std::vector<double>& out, std::vector<double>& lse) {
   const Case& c = P.c;
   out.assign(P.call.n_out, 0.0);
@@ -202,7 +223,7 @@ static void reference(const Problem& P, std::vector<double>& out, std::vector<do
     vis = std::max(vis, 0);
     const uint16_t* q = P.q.data() + static_cast<size_t>(idx) * kHeadDimK;
     double qd[kHeadDimK];
-    for (int d = 0; d < kHeadDimK; ++d) qd[d] = bf2f(q[d]);
+    for (int d = 0; d < kHeadDimK; ++d) qd[d] = from_elem(c.elem, q[d]);
     std::vector<double> sc;
     std::vector<const uint16_t*> kp;
     for (int t = 0; t < vis; ++t) {
@@ -211,7 +232,7 @@ static void reference(const Problem& P, std::vector<double>& out, std::vector<do
       const uint16_t* k = P.kv.data() + (static_cast<size_t>(id) * 64 + t % 64) * row +
                           static_cast<size_t>(hk) * kHeadDimK;
       double acc = 0;
-      for (int d = 0; d < kHeadDimK; ++d) acc += qd[d] * bf2f(k[d]);
+      for (int d = 0; d < kHeadDimK; ++d) acc += qd[d] * from_elem(c.elem, k[d]);
       sc.push_back(acc * P.scale);
       kp.push_back(k);
     }
@@ -226,7 +247,7 @@ static void reference(const Problem& P, std::vector<double>& out, std::vector<do
     for (size_t t = 0; t < sc.size(); ++t) {
       const double e = std::exp(sc[t] - m);
       sum += e;
-      for (int d = 0; d < kHeadDimV; ++d) o[d] += e * bf2f(kp[t][d]);
+      for (int d = 0; d < kHeadDimV; ++d) o[d] += e * from_elem(c.elem, kp[t][d]);
     }
     for (int d = 0; d < kHeadDimV; ++d) o[d] /= sum;
     l = m + std::log(sum);
@@ -307,6 +328,33 @@ static void print_failures(const Problem& P, const std::vector<double>& go,
   }
 }
 
+// The len_fingerprint of a record over lengths `lens` (params.h), as the kernels recompute it:
+// over [begin_req, min(end_req, b - 1)].
+static uint32_t fingerprint(const SchedRecord& r, const std::vector<int>& lens) {
+  uint32_t sum = 0;
+  const int last = std::min(r.end_req, static_cast<int>(lens.size()) - 1);
+  for (int i = r.begin_req; i <= last; ++i) sum += len_fingerprint_term(lens[i], i);
+  return sum;
+}
+
+// The scheduler's records carry the fingerprint of the lengths it read (0 in parts without
+// work) and zero padding. Prints and returns false otherwise.
+static bool records_ok(const DecodeCall& call, const std::vector<int>& lens) {
+  bool ok = true;
+  for (size_t k = 0; k < call.recs.size(); ++k) {
+    const SchedRecord& r = call.recs[k];
+    const bool work = r.begin_req >= 0 && r.begin_req < call.p.b;
+    const uint32_t want = work ? fingerprint(r, lens) : 0u;
+    if (static_cast<uint32_t>(r.len_fingerprint) != want || r.pad[0] != 0 || r.pad[1] != 0) {
+      std::printf("     record %zu [%d %d %d %d %d | %d %d %d]: len_fingerprint should be %d\n", k,
+                  r.begin_req, r.begin_block, r.end_req, r.end_block, r.begin_split,
+                  r.len_fingerprint, r.pad[0], r.pad[1], static_cast<int32_t>(want));
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 // One case through the shipped path: launch_sched, then launch_decode (the dense kernel the
 // policy picks, then the combine), as the two FFI handlers run them.
 static bool run_case(const Case& c, bool verbose) {
@@ -314,21 +362,49 @@ static bool run_case(const Case& c, bool verbose) {
   build(P, c);
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
+  const bool stale_case = !c.sched_lens.empty();
+  const std::vector<int>& sched_lens = stale_case ? c.sched_lens : c.lens;
+  int32_t* d_lens = const_cast<int32_t*>(P.call.p.seqlens);
+  if (stale_case) {
+    CK(cudaMemcpy(d_lens, sched_lens.data(), c.b * 4, cudaMemcpyHostToDevice));
+  }
   P.call.schedule(st);
+  const bool recs_ok = records_ok(P.call, sched_lens);
+  // Requests covered by a part whose fingerprint no longer matches: NaN rows expected.
+  std::vector<char> stale_req(c.b, 0);
+  if (stale_case) {
+    CK(cudaMemcpy(d_lens, c.lens.data(), c.b * 4, cudaMemcpyHostToDevice));
+    for (const SchedRecord& r : P.call.recs) {
+      if (r.begin_req < 0 || r.begin_req >= c.b) continue;
+      if (fingerprint(r, c.lens) == static_cast<uint32_t>(r.len_fingerprint)) continue;
+      for (int i = r.begin_req; i <= std::min(r.end_req, c.b - 1); ++i) stale_req[i] = 1;
+    }
+  }
   P.call.poison(st);
   CK(launch_decode(P.call.p, st));
   wait_or_die(st, 20.0, c.name.c_str());
 
-  std::vector<uint16_t> out_bf(P.call.n_out);
+  std::vector<uint16_t> out_e(P.call.n_out);
   std::vector<float> lse_f(P.call.n_lse);
-  CK(cudaMemcpy(out_bf.data(), P.call.p.out, out_bf.size() * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(out_e.data(), P.call.p.out, out_e.size() * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(lse_f.data(), P.call.p.lse, lse_f.size() * 4, cudaMemcpyDeviceToHost));
-  std::vector<double> go(out_bf.size()), gl(lse_f.begin(), lse_f.end()), ro, rl;
-  for (size_t i = 0; i < out_bf.size(); ++i) go[i] = bf2f(out_bf[i]);
+  std::vector<double> go(out_e.size()), gl(lse_f.begin(), lse_f.end()), ro, rl;
+  for (size_t i = 0; i < out_e.size(); ++i) go[i] = from_elem(c.elem, out_e[i]);
   reference(P, ro, rl);
+  int n_stale = 0;
+  for (int bi = 0; bi < c.b; ++bi) {
+    if (!stale_req[bi]) continue;
+    ++n_stale;
+    const size_t per_req = static_cast<size_t>(c.s_q) * c.h_q;
+    std::fill_n(ro.begin() + bi * per_req * kHeadDimV, per_req * kHeadDimV, NAN);
+    std::fill_n(rl.begin() + bi * per_req, per_req, NAN);  // lse [b, h_q, s_q]
+  }
+  // A stale case must have both kinds of requests to test anything.
+  const bool stale_ok = !stale_case || (n_stale > 0 && n_stale < c.b);
   const CmpResult co = compare(go, ro, kOutAbs, kOutRel);
   const CmpResult cl = compare(gl, rl, kLseAbs, kLseRel);
-  const bool ok = co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6;
+  const bool ok =
+      co.fails == 0 && cl.fails == 0 && co.cos_diff <= 5e-6 && recs_ok && stale_ok;
   int split_reqs = 0;
   const std::vector<int>& ns = P.call.num_splits;
   for (int bi = 0; bi < c.b; ++bi) split_reqs += ns[bi + 1] - ns[bi] > 1;
@@ -337,6 +413,13 @@ static bool run_case(const Case& c, bool verbose) {
               ok ? "PASS" : "FAIL", c.name.c_str(), c.b, c.s_q, c.h_q, c.h_kv, c.causal,
               P.call.p.num_sm_parts, split_reqs, co.max_abs, co.fails, co.cos_diff, cl.max_abs,
               cl.fails);
+  if (stale_case) {
+    std::printf("     stale records: NaN expected in %d of %d requests:", n_stale, c.b);
+    for (int bi = 0; bi < c.b; ++bi) {
+      if (stale_req[bi]) std::printf(" %d", bi);
+    }
+    std::printf("\n");
+  }
   if (!ok && verbose) print_failures(P, go, gl, ro, rl);
   P.free_dev();
   CK(cudaStreamDestroy(st));
@@ -477,6 +560,44 @@ static int run_correctness(bool quick) {
     z.parts = 5;
     add(z);
   }
+  {
+    // Records scheduled for other lengths: the lengths of requests 1 and 2 (request 1 is empty,
+    // so request 2 becomes an empty row of a stale part) and of 7 and 9 swapped after scheduling,
+    // over 5 parts so that some requests are split. Each kernel form, and the f16 copy below.
+    const int shapes[][4] = {{1, 16, 1, 0}, {2, 16, 1, 1}, {2, 64, 1, 0}, {1, 128, 2, 0}};
+    for (auto& sh : shapes) {
+      Case c;
+      c.s_q = sh[0];
+      c.h_q = sh[1];
+      c.h_kv = sh[2];
+      c.causal = sh[3] != 0;
+      c.b = 12;
+      c.parts = 5;
+      c.sched_lens = rand_lens(c.b, 0, 700, 31, true);
+      c.lens = c.sched_lens;
+      std::swap(c.lens[1], c.lens[2]);
+      std::swap(c.lens[7], c.lens[9]);
+      c.seed = 31;
+      c.name = "stale records h" + std::to_string(c.h_q) + "/" + std::to_string(c.h_kv) +
+               " s_q=" + std::to_string(c.s_q);
+      add(c);
+    }
+  }
+  // float16: the f16 instantiations (wide, narrow<16>, narrow<32>, the combine) on copies of
+  // cases that reach each of them, split requests and empty rows included.
+  const char* f16_cases[] = {
+      "basic h16 split",     "long h16 s1",             "long h16 s2 causal (32 rows)",
+      "long h128 s2 causal", "s_q=4 causal h128/2",     "bad page ids h64 causal",
+      "all zero lengths",    "stale records h16/1 s_q=2"};
+  for (const char* name : f16_cases) {
+    for (size_t i = 0, n = cases.size(); i < n; ++i) {
+      if (cases[i].name != name) continue;
+      Case c = cases[i];
+      c.name += " f16";
+      c.elem = ElemType::kF16;
+      add(c);
+    }
+  }
   int fails = 0;
   for (auto& c : cases) fails += run_case(c, true) ? 0 : 1;
   std::printf("correctness: %zu passed, %d failed\n", cases.size() - fails, fails);
@@ -485,6 +606,8 @@ static int run_correctness(bool quick) {
 
 // ------------------------------------------------------------------ building-block test
 
+// E: the element type of the page, Q and P (the wgmma operands).
+template <class E>
 __global__ void __launch_bounds__(256, 1)
     prims_kernel(const __grid_constant__ CUtensorMap tmap, const __grid_constant__ DecodeParams p,
                  int kv_id, int hk, float* out_s, float* out_o_rs, float* out_o_ss) {
@@ -511,7 +634,7 @@ __global__ void __launch_bounds__(256, 1)
   fence_proxy_async_smem();
   __syncthreads();
   float s[32];
-  qk_page(s, sQ, sK, bars, 0);
+  qk_page<E>(s, sQ, sK, bars, 0);
   wgmma_wait<0>();
   reg_fence(s);
   if (wg == 0) {
@@ -522,11 +645,11 @@ __global__ void __launch_bounds__(256, 1)
       }
   }
   uint32_t a[16];
-  pack_p(s, a);
+  pack_p<E>(s, a);
   float o[128];
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   reg_fence(o);
-  pv_rs(o, a, sK, wg * 4);
+  pv_rs<E>(o, a, sK, wg * 4);
   wgmma_wait<0>();
   reg_fence(o);
   const int col0 = wg * 256 + 2 * q4;
@@ -540,7 +663,7 @@ __global__ void __launch_bounds__(256, 1)
   named_bar_sync(3 + wg, 128);
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   reg_fence(o);
-  pv_ss(o, sP + wg * kTileBytes, sK, wg * 4);
+  pv_ss<E>(o, sP + wg * kTileBytes, sK, wg * 4);
   wgmma_wait<0>();
   reg_fence(o);
   for (int k = 0; k < 32; ++k)
@@ -550,9 +673,10 @@ __global__ void __launch_bounds__(256, 1)
     }
 }
 
-static int run_prims() {
+static int run_prims(ElemType elem) {
   // One page (id 3 of 5, kv head 1 of 2) against a 64-row Q block (48 real rows).
   Case c;
+  c.elem = elem;
   c.b = 1;
   c.s_q = 1;
   c.h_q = 96;  // g = 48 rows for kv head 0; the test reads kv head `hk` of the page
@@ -572,8 +696,13 @@ static int run_prims() {
   shape.grid = dim3(1);
   shape.block = dim3(256);
   shape.smem_bytes = 2 * sm90::DenseTraits::kPageBytes + 2 * sm90::kTileBytes + 128 + 1024;
-  CK(launch_kernel<prims_kernel>(shape, false, nullptr, map, P.call.p, kv_id, hk, d_s, d_ors,
-                                 d_oss));
+  if (elem == ElemType::kF16) {
+    CK(launch_kernel<prims_kernel<__half>>(shape, false, nullptr, map, P.call.p, kv_id, hk, d_s,
+                                           d_ors, d_oss));
+  } else {
+    CK(launch_kernel<prims_kernel<__nv_bfloat16>>(shape, false, nullptr, map, P.call.p, kv_id, hk,
+                                                  d_s, d_ors, d_oss));
+  }
   wait_or_die(nullptr, 10.0, "prims_kernel");
   std::vector<float> S(64 * 64), Ors(64 * 512), Oss(64 * 512);
   CK(cudaMemcpy(S.data(), d_s, S.size() * 4, cudaMemcpyDeviceToHost));
@@ -582,8 +711,8 @@ static int run_prims() {
   // Q rows r < 48 are heads 0..47 of token 0 (kv head 0's group); rows >= 48 are zero.
   const size_t krow = static_cast<size_t>(c.h_kv) * kHeadDimK;
   auto kval = [&](int t, int d) {
-    return static_cast<double>(bf2f(P.kv[(static_cast<size_t>(kv_id) * 64 + t) * krow +
-                                         static_cast<size_t>(hk) * kHeadDimK + d]));
+    return static_cast<double>(from_elem(elem, P.kv[(static_cast<size_t>(kv_id) * 64 + t) * krow +
+                                                    static_cast<size_t>(hk) * kHeadDimK + d]));
   };
   double es = 0, ns = 0, ers = 0, nrs = 0, ess = 0, nss = 0;
   int bad_s = -1;
@@ -592,12 +721,14 @@ static int run_prims() {
     for (int t = 0; t < 64; ++t) {
       double acc = 0;
       if (r < P.q_rows)
-        for (int d = 0; d < kHeadDimK; ++d) acc += bf2f(P.q[static_cast<size_t>(r) * kHeadDimK + d]) * kval(t, d);
+        for (int d = 0; d < kHeadDimK; ++d) {
+          acc += from_elem(elem, P.q[static_cast<size_t>(r) * kHeadDimK + d]) * kval(t, d);
+        }
       const double e = std::fabs(acc - S[r * 64 + t]);
       if (e > 1e-3 + 1e-2 * std::fabs(acc) && bad_s < 0) bad_s = r * 64 + t;
       es += e * e;
       ns += acc * acc;
-      pr[t] = bf2f(f2bf(S[r * 64 + t]));  // the kernel rounds its own S to bf16
+      pr[t] = from_elem(elem, to_elem(elem, S[r * 64 + t]));  // the kernel rounds its own S
     }
     for (int d = 0; d < kHeadDimV; ++d) {
       double acc = 0;
@@ -611,8 +742,8 @@ static int run_prims() {
   const double rs = std::sqrt(es / std::max(ns, 1e-30)), rrs = std::sqrt(ers / std::max(nrs, 1e-30)),
                rss = std::sqrt(ess / std::max(nss, 1e-30));
   const bool ok = rs < 1e-4 && rrs < 1e-4 && rss < 1e-4;
-  std::printf("%s prims: QK^T rel err %.2e, P.V (RS) rel err %.2e, P.V (SS) rel err %.2e\n",
-              ok ? "PASS" : "FAIL", rs, rrs, rss);
+  std::printf("%s prims %s: QK^T rel err %.2e, P.V (RS) rel err %.2e, P.V (SS) rel err %.2e\n",
+              ok ? "PASS" : "FAIL", elem_name(elem), rs, rrs, rss);
   if (bad_s >= 0) {
     const int r = bad_s / 64, t = bad_s % 64;
     std::printf("     first bad S[%d][%d] = %f; S row %d: ", r, t, S[bad_s], r);
@@ -647,5 +778,10 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, sm_%d%d\n", prop.name, prop.multiProcessorCount, prop.major,
               prop.minor);
-  return prims ? run_prims() : run_correctness(quick);
+  if (prims) {
+    const int bf16 = run_prims(ElemType::kBF16);
+    const int f16 = run_prims(ElemType::kF16);
+    return bf16 | f16;
+  }
+  return run_correctness(quick);
 }

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Compares the machine code of the shipped kernels in two binaries (the extension module, a tool,
 # any ELF with sm_90a code): a change meant to leave the device code alone must print
-# "identical" for every kernel. Kernels are matched by role, so renames and moves between files
-# do not count:
-#   sched     sched_kernel                 combine   combine_kernel
-#   wide      decode_wide_kernel (was decode_main_sm90_kernel)
-#   narrow16  decode_narrow_kernel<16>     narrow32  decode_narrow_kernel<32>
+# "identical" for every kernel. Kernels are matched by role, so renames, moves between files and
+# the element-type template argument (bf16, or none before f16 existed) do not count:
+#   sched     sched_kernel                 combine   combine_kernel<bf16>
+#   wide      decode_wide_kernel<bf16> (was decode_main_sm90_kernel)
+#   narrow16  decode_narrow_kernel<16, bf16>     narrow32  decode_narrow_kernel<32, bf16>
 #             (were decode_narrow_sm90_kernel<16|32>)
+# The f16 instantiations have roles of their own (wide_f16, ...): compared when both binaries
+# have them, listed otherwise.
 # Per kernel, the instruction stream with its encodings (so scheduling control bits count too)
 # is compared after dropping each line's address column (branch targets are offsets inside the
 # function and stay), then the resource usage (registers, shared memory, parameter constants).
@@ -21,13 +23,15 @@ trap 'rm -rf "$work"' EXIT
 # The role of a function from its mangled name (the anonymous namespace's hash, which names the
 # file, and the namespace are ignored); an unknown kernel keeps its name.
 role_awk='
-  function role(name) {
-    if (name ~ /sched_kernel/) return "sched"
-    if (name ~ /combine_kernel/) return "combine"
-    if (name ~ /decode_(main_sm90|wide)_kernel/) return "wide"
-    if (name ~ /decode_narrow(_sm90)?_kernelILi16EE/) return "narrow16"
-    if (name ~ /decode_narrow(_sm90)?_kernelILi32EE/) return "narrow32"
-    return name
+  function role(name,   r) {
+    r = ""
+    if (name ~ /sched_kernel/) r = "sched"
+    if (name ~ /combine_kernel/) r = "combine"
+    if (name ~ /decode_(main_sm90|wide)_kernel/) r = "wide"
+    if (name ~ /decode_narrow(_sm90)?_kernelILi16E/) r = "narrow16"
+    if (name ~ /decode_narrow(_sm90)?_kernelILi32E/) r = "narrow32"
+    if (r == "") return name
+    return name ~ /6__half/ ? r "_f16" : r
   }'
 
 # One file per role under $2: instruction lines, address column dropped, spaces folded; and one
@@ -51,7 +55,13 @@ split_sass "$old" "$work/old"
 split_sass "$new" "$work/new"
 
 status=0
-for k in sched wide narrow16 narrow32 combine; do
+roles="sched wide narrow16 narrow32 combine"
+for k in wide narrow16 narrow32 combine; do
+  if [ -s "$work/old/${k}_f16.sass" ] && [ -s "$work/new/${k}_f16.sass" ]; then
+    roles="$roles ${k}_f16"
+  fi
+done
+for k in $roles; do
   a=$work/old/$k.sass
   b=$work/new/$k.sass
   if [ ! -s "$a" ] || [ ! -s "$b" ]; then
@@ -69,7 +79,7 @@ for k in sched wide narrow16 narrow32 combine; do
 done
 for f in "$work"/old/*.sass "$work"/new/*.sass; do
   k=$(basename "$f" .sass)
-  case $k in sched|wide|narrow16|narrow32|combine) ;; *)
+  case " $roles " in *" $k "*) ;; *)
     echo "not compared (in $(basename "$(dirname "$f")") only or not shipped): $k" ;;
   esac
 done

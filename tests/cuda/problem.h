@@ -68,10 +68,11 @@ struct CallShape {
   bool causal = false;
   float scale = 0.f;  // softmax scale
   int parts = 0;      // num_sm_parts; 0: max(num_SMs / h_kv / num_m_blocks, 1), one wave
+  ElemType elem = ElemType::kBF16;  // of q, k_cache and out
 };
 
 // One decode call over a query block and a paged cache the caller owns on the device:
-// q [b, s_q, h_q, 576] and k_cache [num_blocks, 64, h_kv, 576], bf16.
+// q [b, s_q, h_q, 576] and k_cache [num_blocks, 64, h_kv, 576], bf16 or f16 (CallShape::elem).
 struct DecodeCall {
   DecodeParams p{};
   std::vector<SchedRecord> recs;  // host copies, after schedule()
@@ -126,6 +127,7 @@ struct DecodeCall {
     p.scale = s.scale;
     p.scale_log2 = s.scale * 1.4426950408889634f;  // log2(e)
     p.causal = s.causal;
+    p.elem_type = s.elem;
   }
 
   // The shipped scheduler on `stream` (as the metadata handler runs it); then the records and

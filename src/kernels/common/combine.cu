@@ -1,4 +1,4 @@
-// Combine: merges the fp32 partial rows of split requests into the final bf16 out and lse.
+// Combine: merges the fp32 partial rows of split requests into the final out (bf16 or f16) and lse.
 //
 // For a row with splits j = 0..n-1 (partial output o_j, already divided by its own row sum, and
 // log2-domain lse_j), the exact merge is
@@ -11,6 +11,7 @@
 // meets the 65535 limit of gridDim.y/z. Rows of unsplit requests were finished by the decode
 // kernel and are skipped.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <math_constants.h>
 
 #include <cstdint>
@@ -29,32 +30,36 @@ constexpr int kSplitsPerLane = (kMaxSplits + 31) / 32;  // lse values each lane 
 constexpr int kColChunks = kHeadDimV / (32 * 4);        // float4 column chunks per lane: 4
 constexpr int64_t kMaxGrid = 1 << 20;                   // CTAs; the loop strides past it
 
+// Row r of (request bi, kv head hk): out in the element type E, and the lse.
+template <class E>
 __device__ __forceinline__ void store_out_row(const DecodeParams& p, int64_t bi, int hk, int r,
                                               const float (&acc)[kColChunks][4], float lse) {
   const int lane = threadIdx.x % 32;
   const int s = r / p.g;
   const int h = hk * p.g + r % p.g;
-  __nv_bfloat16* out =
-      static_cast<__nv_bfloat16*>(p.out) + ((bi * p.s_q + s) * p.h_q + h) * kHeadDimV;
+  E* out = static_cast<E*>(p.out) + ((bi * p.s_q + s) * p.h_q + h) * kHeadDimV;
 #pragma unroll
   for (int c = 0; c < kColChunks; ++c) {
     uint2 packed;
-    packed.x = pack_bf16x2(acc[c][0], acc[c][1]);
-    packed.y = pack_bf16x2(acc[c][2], acc[c][3]);
+    packed.x = ElemOps<E>::pack2(acc[c][0], acc[c][1]);
+    packed.y = ElemOps<E>::pack2(acc[c][2], acc[c][3]);
     *reinterpret_cast<uint2*>(out + c * 128 + lane * 4) = packed;
   }
   if (lane == 0) p.lse[(bi * p.h_q + h) * p.s_q + s] = lse;
 }
 
+template <class E>
 __device__ __forceinline__ void store_nan_row(const DecodeParams& p, int64_t bi, int hk, int r) {
   float nan_row[kColChunks][4];
 #pragma unroll
   for (int c = 0; c < kColChunks; ++c) {
     nan_row[c][0] = nan_row[c][1] = nan_row[c][2] = nan_row[c][3] = CUDART_NAN_F;
   }
-  store_out_row(p, bi, hk, r, nan_row, CUDART_NAN_F);
+  store_out_row<E>(p, bi, hk, r, nan_row, CUDART_NAN_F);
 }
 
+// E: the element type of out (__nv_bfloat16 or __half).
+template <class E>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p) {
   __shared__ float s_weights[kWarps][kMaxSplits];
   // Every CTA waits for the decode kernel, even one with nothing to merge: the kernel after us on
@@ -79,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
 
     float acc[kColChunks][4] = {};
     if (split_begin < 0 || n > kMaxSplits || split_begin + static_cast<int64_t>(n) > num_slots) {
-      store_nan_row(p, bi, hk, r);  // metadata from other shapes: never read out of bounds
+      store_nan_row<E>(p, bi, hk, r);  // metadata from other shapes: never read out of bounds
       continue;
     }
 
@@ -101,12 +106,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
     // fmaxf skips NaN; a NaN partial (NaN in q or in live cache rows) must still reach the
     // output, as it does in the reference, rather than be mistaken for an empty split.
     if (__any_sync(0xffffffffu, lane_nan)) {
-      store_nan_row(p, bi, hk, r);
+      store_nan_row<E>(p, bi, hk, r);
       continue;
     }
 
     if (lse_max == -CUDART_INF_F) {  // every split empty
-      store_out_row(p, bi, hk, r, acc, CUDART_INF_F);
+      store_out_row<E>(p, bi, hk, r, acc, CUDART_INF_F);
       continue;
     }
     float sum = 0.f;
@@ -135,14 +140,32 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
       }
     }
     __syncwarp();  // weights are rewritten for the warp's next row
-    store_out_row(p, bi, hk, r, acc, lse_total * kLn2);
+    store_out_row<E>(p, bi, hk, r, acc, lse_total * kLn2);
   }
+}
+
+// The combine for element type E; with max_carveout it first asks, once per device, for the
+// largest shared-memory carveout (a hint; its 5 KiB of static shared memory fit any).
+template <class E>
+cudaError_t launch_combine_as(const LaunchShape& shape, const DecodeParams& params,
+                              cudaStream_t stream, bool programmatic_dependent,
+                              bool max_carveout) {
+  if (max_carveout) {
+    static PerDeviceOnce carveout;
+    const cudaError_t err = carveout.run([] {
+      return cudaFuncSetAttribute(combine_kernel<E>,
+                                  cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  cudaSharedmemCarveoutMaxShared);
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return launch_kernel<combine_kernel<E>>(shape, programmatic_dependent, stream, params);
 }
 
 }  // namespace
 
 cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
-                           bool programmatic_dependent) {
+                           bool programmatic_dependent, bool max_carveout) {
   const int64_t num_rows = static_cast<int64_t>(params.b) * params.h_kv * params.q_rows;
   int64_t blocks = (num_rows + kWarps - 1) / kWarps;
   if (blocks > kMaxGrid) blocks = kMaxGrid;
@@ -151,7 +174,15 @@ cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
   shape.grid = dim3(static_cast<unsigned>(blocks));
   shape.block = dim3(kThreads);
   shape.smem_bytes = 0;  // the weights are static shared memory
-  return launch_kernel<combine_kernel>(shape, programmatic_dependent, stream, params);
+  switch (params.elem_type) {
+    case ElemType::kBF16:
+      return launch_combine_as<__nv_bfloat16>(shape, params, stream, programmatic_dependent,
+                                              max_carveout);
+    case ElemType::kF16:
+      return launch_combine_as<__half>(shape, params, stream, programmatic_dependent,
+                                       max_carveout);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace jax_flashmla

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,29 +31,37 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Two bf16 packed in a 32-bit word -> two floats (exact: bf16 is the top half of an fp32).
-__device__ __forceinline__ float bf16_lo(uint32_t packed) { return __uint_as_float(packed << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t packed) {
-  return __uint_as_float(packed & 0xffff0000u);
-}
+// The element types of q, k_cache and out (ElemType in params.h) as the CUDA types the kernels
+// are instantiated with, and the conversions the kernels make into them, both round to nearest
+// even: P for the P.V wgmma (P <= 2^8 by the lazy max: no f16 overflow) and the output rows.
+//   pack2(lo, hi)  two floats -> two elements in a 32-bit word, lo in the low half
+//   bits(x)        one float -> the element's 16 bits
+template <class E>
+struct ElemOps;
 
-// Eight bf16 held in one 16-byte vector -> eight floats f[0..7].
-__device__ __forceinline__ void unpack_bf16x8(const uint4& v, float* f) {
-  f[0] = bf16_lo(v.x);
-  f[1] = bf16_hi(v.x);
-  f[2] = bf16_lo(v.y);
-  f[3] = bf16_hi(v.y);
-  f[4] = bf16_lo(v.z);
-  f[5] = bf16_hi(v.z);
-  f[6] = bf16_lo(v.w);
-  f[7] = bf16_hi(v.w);
-}
+template <>
+struct ElemOps<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static __device__ __forceinline__ uint16_t bits(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
 
-// Two floats -> two bf16 (round to nearest even) packed in a 32-bit word.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
+template <>
+struct ElemOps<__half> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static __device__ __forceinline__ uint16_t bits(float x) {
+    return __half_as_ushort(__float2half_rn(x));
+  }
+};
 
 // 16-byte global -> shared copy that bypasses registers, to a shared-memory address. With
 // src_bytes = 0 nothing is read from global memory and the 16 shared bytes are zero-filled, which

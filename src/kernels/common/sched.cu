@@ -7,7 +7,8 @@
 //   2. payload = ceil(total / P) + overhead pages per part;
 //   3. a greedy walk over requests in order fills part after part. The walk is sequential by
 //      nature, so all 32 lanes run it in lockstep on the same values (lengths are loaded 32 at a
-//      time, coalesced, and broadcast with shuffles); lane 0 does the stores.
+//      time, coalesced, and broadcast with shuffles); lane 0 does the stores. Each record's
+//      len_fingerprint (params.h) is summed on the way, as requests join its part.
 #include <cstdint>
 
 #include "kernels/common/launch_utils.h"
@@ -37,13 +38,15 @@ __device__ __forceinline__ int64_t warp_sum_i64(int64_t v) {
 }
 
 __device__ __forceinline__ void store_record(SchedRecord* dst, int begin_req, int begin_block,
-                                             int end_req, int end_block, int begin_split) {
+                                             int end_req, int end_block, int begin_split,
+                                             uint32_t len_fingerprint) {
   dst->begin_req = begin_req;
   dst->begin_block = begin_block;
   dst->end_req = end_req;
   dst->end_block = end_block;
   dst->begin_split = begin_split;
-  dst->pad[0] = dst->pad[1] = dst->pad[2] = 0;
+  dst->len_fingerprint = static_cast<int32_t>(len_fingerprint);
+  dst->pad[0] = dst->pad[1] = 0;
 }
 
 __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams params) {
@@ -65,17 +68,21 @@ __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams p
   int64_t remaining = 0;     // budget left in `part`, in pages (overheads included)
   int rec_begin_req = 0, rec_begin_block = 0, rec_begin_split = 0;
   int rec_end_req = 0, rec_end_block = 0;
-  int32_t splits_prefix = 0;  // splits of all requests finished so far
+  uint32_t rec_fingerprint = 0;  // of requests rec_begin_req..rec_end_req
+  int32_t splits_prefix = 0;     // splits of all requests finished so far
 
   if (lane == 0) params.num_splits[0] = 0;
 
   for (int base = 0; base < b; base += kWarpSize) {
     const int lane_req = base + lane;
-    const int64_t lane_pages = lane_req < b ? sched_pages(params.seqlens[lane_req], b) : 0;
+    const int32_t lane_len = lane_req < b ? params.seqlens[lane_req] : 0;
+    const int64_t lane_pages = lane_req < b ? sched_pages(lane_len, b) : 0;
+    const uint32_t lane_term = len_fingerprint_term(lane_len, lane_req);
     const int count = min(kWarpSize, b - base);
     for (int j = 0; j < count; ++j) {
       const int req = base + j;
       const int64_t pages = __shfl_sync(kFullMask, lane_pages, j);
+      const uint32_t term = __shfl_sync(kFullMask, lane_term, j);
       int64_t done = 0;  // pages of `req` already given to earlier parts
       int split = 0;     // split index of req's next chunk
       while (true) {
@@ -85,6 +92,7 @@ __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams p
           rec_begin_req = req;
           rec_begin_block = static_cast<int>(done);
           rec_begin_split = split;
+          rec_fingerprint = 0;
         }
         const int64_t left = pages - done;
         // The last part takes whatever is left, so every page is scheduled exactly once.
@@ -92,6 +100,7 @@ __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams p
           remaining -= left + overhead;
           rec_end_req = req;
           rec_end_block = static_cast<int>(pages);
+          rec_fingerprint += term;  // (a part meets each request once: it joins here or below)
           break;  // req finished inside this part; the part stays open for the next request
         }
         // req does not fit: take what the budget allows (if anything beyond the overhead), close
@@ -102,11 +111,12 @@ __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams p
           done += take;
           rec_end_req = req;
           rec_end_block = static_cast<int>(done);
+          rec_fingerprint += term;
           ++split;
         }
         if (lane == 0) {
           store_record(&params.sched[part], rec_begin_req, rec_begin_block, rec_end_req,
-                       rec_end_block, rec_begin_split);
+                       rec_end_block, rec_begin_split, rec_fingerprint);
         }
         ++part;
         part_open = false;
@@ -118,13 +128,13 @@ __global__ void __launch_bounds__(kWarpSize, 1) sched_kernel(const SchedParams p
   if (part_open) {
     if (lane == 0) {
       store_record(&params.sched[part], rec_begin_req, rec_begin_block, rec_end_req,
-                   rec_end_block, rec_begin_split);
+                   rec_end_block, rec_begin_split, rec_fingerprint);
     }
     ++part;
   }
   // Parts left without work start past the last request, so the decode kernel skips them.
   for (int p = part + lane; p < num_parts; p += kWarpSize) {
-    store_record(&params.sched[p], b, 0, 0, 0, 0);
+    store_record(&params.sched[p], b, 0, 0, 0, 0, 0);
   }
 }
 

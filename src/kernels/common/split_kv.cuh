@@ -67,6 +67,21 @@ __device__ __forceinline__ PageInfo make_page(const DecodeParams& p, const ReqCt
   return pi;
 }
 
+// Whether the record was scheduled for other lengths than this call's: its len_fingerprint
+// against the one recomputed from seqlens over the requests the CTA walks (params.h). If so, the
+// CTA writes NaN into every row it writes. Each warp computes it for itself (no barrier), its
+// lanes taking the requests 32 at a time; the result is the same in every thread. Call it with
+// the whole warp, on a record whose begin_req is in [0, b).
+__device__ __forceinline__ bool stale_record(const DecodeParams& p, const SchedRecord& rec) {
+  const int last = min(rec.end_req, p.b - 1);
+  uint32_t sum = 0;
+#pragma unroll 1  // one trip unless the part holds more than 32 requests
+  for (int i = rec.begin_req + static_cast<int>(threadIdx.x % 32); i <= last; i += 32) {
+    sum += len_fingerprint_term(__ldg(p.seqlens + i), i);
+  }
+  return __reduce_add_sync(0xffffffffu, sum) != static_cast<uint32_t>(rec.len_fingerprint);
+}
+
 // The first non-empty chunk at or after request `req`; returns false if none.
 __device__ __forceinline__ bool first_chunk_from(const DecodeParams& p, const SchedRecord& rec,
                                                  int m_block, int req, ReqCtx& out) {

@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cuda.h>
-#include <cuda_bf16.h>
 
 #include "kernels/common/device_utils.cuh"  // cp.async (cp_async_*), PDL (pdl_*)
 
@@ -170,24 +169,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Two floats -> bf16x2 (lo in the low half), round to nearest even.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
 __device__ __forceinline__ void st_shared_u16(uint32_t addr, uint16_t v) {
   asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
-}
-
-// The bits of x rounded to bf16 (nearest even).
-__device__ __forceinline__ uint16_t bf16_bits(float x) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
 __device__ __forceinline__ void st_shared_zero16(uint32_t addr) {

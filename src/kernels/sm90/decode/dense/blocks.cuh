@@ -4,7 +4,7 @@
 #pragma once
 
 #include <cuda.h>
-#include <cuda_bf16.h>
+
 #include <cstdint>
 
 #include "kernels/common/split_kv.cuh"
@@ -98,13 +98,13 @@ __device__ __forceinline__ void load_page_tiles(const CUtensorMap* tmap, uint32_
 }
 
 // All 256 threads copy the 64 x 576 query block of (request, kv head, m block) into sQ in the
-// swizzled tile layout; rows past q_rows are zero.
+// swizzled tile layout; rows past q_rows are zero. (Raw 16-bit elements: any element type.)
 __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sQ, int bi, int hk,
                                        int m_block) {
   constexpr int kChunksPerRow = kHeadDimK / 8;                      // 72 x 16 bytes
   constexpr int kIters = kBlockM * kChunksPerRow / T::kThreads;     // 18
   static_assert(kBlockM * kChunksPerRow % T::kThreads == 0, "");
-  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     uint4 v[kIters / 2];
@@ -142,14 +142,14 @@ __device__ __forceinline__ void prefetch_q_async(const DecodeParams& p, uint32_t
   constexpr int kChunksPerRow = kHeadDimK / 8;
   constexpr int kIters = kBlockM * kChunksPerRow / T::kWarpgroupThreads;  // 36
   static_assert(kBlockM * kChunksPerRow % T::kWarpgroupThreads == 0, "");
-  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
 #pragma unroll 4
   for (int it = 0; it < kIters; ++it) {
     const int i = tid_wg + it * T::kWarpgroupThreads;
     const int row = i / kChunksPerRow;
     const int c = i % kChunksPerRow;
     const int r = m_block * kBlockM + row;
-    const __nv_bfloat16* src = q;
+    const uint16_t* src = q;
     uint32_t bytes = 0;
     if (r < p.q_rows) {
       const int s = r / p.g;
@@ -245,14 +245,15 @@ __device__ __forceinline__ void rescale_o(float (&o)[128], const float (&sc)[2])
   }
 }
 
-// The QK^T accumulator layout is the A-operand register layout of the next wgmma: k-step kk
-// (keys 16kk..16kk+15) uses accumulator chunks 2kk and 2kk+1.
+// P rounded to the element type E. The QK^T accumulator layout is the A-operand register layout
+// of the next wgmma: k-step kk (keys 16kk..16kk+15) uses accumulator chunks 2kk and 2kk+1.
+template <class E>
 __device__ __forceinline__ void pack_p(const float (&s)[32], uint32_t (&a)[16]) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) a[i] = pack_bf16x2(s[2 * i], s[2 * i + 1]);
+  for (int i = 0; i < 16; ++i) a[i] = ElemOps<E>::pack2(s[2 * i], s[2 * i + 1]);
 }
 
-// Writes P (bf16) into a swizzled 64x64 tile: the K-major A operand of an SS wgmma.
+// Writes P (packed elements) into a swizzled 64x64 tile: the K-major A operand of an SS wgmma.
 __device__ __forceinline__ void store_p(uint32_t s_tile, const uint32_t (&a)[16], int r0, int q4) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
@@ -310,17 +311,18 @@ __device__ __forceinline__ void qk_tiles(uint32_t sQ, uint32_t s_buf, uint32_t b
   wgmma_commit();
 }
 
-// S = Q K^T for one page buffer. The V tiles are taken from kFirstTile on: the order in which
-// the warpgroups refilled them.
-template <int kFirstTile = 0>
+// S = Q K^T for one page buffer of elements E. The V tiles are taken from kFirstTile on: the
+// order in which the warpgroups refilled them.
+template <class E, int kFirstTile = 0>
 __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
                                         uint32_t bars, uint32_t phase) {
   qk_tiles<kFirstTile, kTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
-    wgmma_m64n64k16_ss(s, q, k, sd);
+    wgmma_m64n64k16_ss<E>(s, q, k, sd);
   });
 }
 
 // O[:, half] += P V[:, half] with P from registers; V = tiles [tile0, tile0 + 4) read MN-major.
+template <class E>
 __device__ __forceinline__ void pv_rs(float (&o)[128], const uint32_t (&a)[16], uint32_t s_buf,
                                       int tile0) {
   const uint64_t dv = make_desc_sw128(s_buf + tile0 * kTileBytes, kDescMnMajorLbo, kDescSbo);
@@ -328,19 +330,20 @@ __device__ __forceinline__ void pv_rs(float (&o)[128], const uint32_t (&a)[16], 
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t ak[4] = {a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3]};
-    wgmma_m64n256k16_rs_tb(o, ak, desc_advance(dv, kk * kKStepMnMajor));
+    wgmma_m64n256k16_rs_tb<E>(o, ak, desc_advance(dv, kk * kKStepMnMajor));
   }
   wgmma_commit();
 }
 
 // O[:, half] += P V[:, half] with P from the swizzled smem tile s_p.
+template <class E>
 __device__ __forceinline__ void pv_ss(float (&o)[128], uint32_t s_p, uint32_t s_buf, int tile0) {
   const uint64_t dp = make_desc_sw128(s_p, kDescKMajorLbo, kDescSbo);
   const uint64_t dv = make_desc_sw128(s_buf + tile0 * kTileBytes, kDescMnMajorLbo, kDescSbo);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    wgmma_m64n256k16_ss_tb(o, desc_advance(dp, kk * kKStepKMajor),
+    wgmma_m64n256k16_ss_tb<E>(o, desc_advance(dp, kk * kKStepKMajor),
                            desc_advance(dv, kk * kKStepMnMajor), 1);
   }
   wgmma_commit();

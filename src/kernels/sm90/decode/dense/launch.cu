@@ -1,6 +1,8 @@
 // Host side of the sm90 dense decode kernels (wide and narrow): the TMA descriptor of the paged
 // cache, the choice of kernel, and the launch.
 #include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/common/launch_utils.h"
@@ -11,7 +13,7 @@
 
 namespace jax_flashmla {
 
-// k_cache [num_blocks, 64, h_kv, 576] bf16 viewed as a 4-D tensor, innermost first:
+// k_cache [num_blocks, 64, h_kv, 576] (bf16 or f16) viewed as a 4-D tensor, innermost first:
 // (576 columns, h_kv, 64 tokens, num_blocks); one box is 64 columns x 1 head x 64 tokens x 1
 // page, i.e. one 64x64 tile of a page, written to shared memory with the 128-byte swizzle.
 // Coordinates past num_blocks (never issued by the kernel) would read as zeros.
@@ -21,6 +23,17 @@ namespace jax_flashmla {
 // (a head's row is 1152 bytes) brings in half of another tile, which the evict-first stream
 // then reads from DRAM again.
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p) {
+  CUtensorMapDataType type;
+  switch (p.elem_type) {
+    case ElemType::kBF16:
+      type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+      break;
+    case ElemType::kF16:
+      type = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
   auto encode = sm90::tensor_map_encode_fn();
   if (encode == nullptr) return cudaErrorNotSupported;
   const cuuint64_t row_bytes = static_cast<cuuint64_t>(kHeadDimK) * 2;
@@ -32,8 +45,8 @@ cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& p)
   const cuuint64_t strides[3] = {row_bytes, row_bytes * p.h_kv, row_bytes * p.h_kv * kPageSize};
   const cuuint32_t box[4] = {sm90::kTileCols, 1, static_cast<cuuint32_t>(kPageSize), 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(p.k_cache),
-                      dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  CUresult r = encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box,
+                      elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
@@ -45,31 +58,62 @@ cudaError_t read_cta_timing_sm90(unsigned long long* host, size_t ctas) {
 }
 #endif
 
-cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
-                                     bool programmatic_dependent, bool allow_narrow) {
-  if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
-    return cudaSuccess;  // nothing to do
-  }
-  CUtensorMap map;
-  const cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
-  if (err != cudaSuccess) return err;
+// The cache's descriptor from this thread's TensorMapCache (tensor_map.h). 128 slots: a model's
+// layers, each with its own cache, fit even if the step alternates between two sets of buffers.
+cudaError_t kcache_tensor_map_sm90(const DecodeParams& p, const CUtensorMap** map) {
+  thread_local sm90::TensorMapCache<128> cache;
+  // Everything make_kcache_tensor_map_sm90 reads besides the address. h_kv < 2^16 (the grid's
+  // y), so the three fit one word; num_blocks <= 0 all encode alike but need not share a slot.
+  const uint64_t shape = (static_cast<uint64_t>(static_cast<uint32_t>(p.num_blocks)) << 32) |
+                         (static_cast<uint64_t>(static_cast<uint32_t>(p.h_kv) & 0xffffffu) << 8) |
+                         static_cast<uint64_t>(p.elem_type);
+  return cache.get({p.k_cache, shape},
+                   [&](CUtensorMap* out) { return make_kcache_tensor_map_sm90(out, p); }, map);
+}
+
+namespace {
+
+// The kernel for these shapes, instantiated for element type E, on its grid.
+template <class E>
+cudaError_t launch_dense(const CUtensorMap& map, const DecodeParams& params, cudaStream_t stream,
+                         bool programmatic_dependent, bool allow_narrow) {
   LaunchShape shape;
   shape.grid = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
   shape.block = dim3(sm90::DenseTraits::kThreads);  // the same for all three kernels
   // At most 16 or 32 query rows per kv head: the transposed kernel (narrow.cuh).
   if (allow_narrow && params.q_rows <= 16) {
     shape.smem_bytes = sm90::NarrowTraits<16>::kSmemBytes;
-    return launch_kernel<sm90::decode_narrow_kernel<16>>(shape, programmatic_dependent, stream,
-                                                          map, params);
+    return launch_kernel<sm90::decode_narrow_kernel<16, E>>(shape, programmatic_dependent,
+                                                             stream, map, params);
   }
   if (allow_narrow && params.q_rows <= 32) {
     shape.smem_bytes = sm90::NarrowTraits<32>::kSmemBytes;
-    return launch_kernel<sm90::decode_narrow_kernel<32>>(shape, programmatic_dependent, stream,
-                                                          map, params);
+    return launch_kernel<sm90::decode_narrow_kernel<32, E>>(shape, programmatic_dependent,
+                                                             stream, map, params);
   }
   shape.smem_bytes = sm90::WideTraits::kSmemBytes;
-  return launch_kernel<sm90::decode_wide_kernel>(shape, programmatic_dependent, stream, map,
-                                                 params);
+  return launch_kernel<sm90::decode_wide_kernel<E>>(shape, programmatic_dependent, stream, map,
+                                                    params);
+}
+
+}  // namespace
+
+cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
+                                     bool programmatic_dependent, bool allow_narrow) {
+  if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
+    return cudaSuccess;  // nothing to do
+  }
+  const CUtensorMap* map = nullptr;
+  const cudaError_t err = kcache_tensor_map_sm90(params, &map);
+  if (err != cudaSuccess) return err;
+  switch (params.elem_type) {
+    case ElemType::kBF16:
+      return launch_dense<__nv_bfloat16>(*map, params, stream, programmatic_dependent,
+                                         allow_narrow);
+    case ElemType::kF16:
+      return launch_dense<__half>(*map, params, stream, programmatic_dependent, allow_narrow);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace jax_flashmla

@@ -15,8 +15,9 @@
 namespace jax_flashmla {
 
 // Launches the chosen kernel on `stream` with grid (num_m_blocks, h_kv, num_sm_parts), 256
-// threads and that kernel's kSmemBytes of dynamic shared memory. Builds the TMA descriptor of
-// k_cache on the host (no device sync, safe under graph capture). With programmatic_dependent it
+// threads and that kernel's kSmemBytes of dynamic shared memory. Takes the TMA descriptor of
+// k_cache from a host-side cache, encoding it on a miss (no device sync, safe under graph
+// capture). With programmatic_dependent it
 // is launched with programmatic stream serialization (its setup overlaps the previous kernel's
 // tail); either way it waits (griddepcontrol.wait) before reading any input, and lets its
 // dependents launch once every CTA has finished its last main loop. allow_narrow = false runs
@@ -24,8 +25,14 @@ namespace jax_flashmla {
 cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
                                      bool programmatic_dependent = true, bool allow_narrow = true);
 
-// The TMA descriptor of k_cache the kernels take (exposed for tests of the building blocks).
+// The TMA descriptor of k_cache the kernels take (exposed for tests of the building blocks and
+// the host-cost benchmark): encoded on every call.
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
+
+// The same descriptor as the launcher gets it: from a per-thread cache keyed by the cache's
+// address, num_blocks, h_kv and element type (sm90/tensor_map.h), encoded only on a miss. *map
+// stays valid until this thread's next call.
+cudaError_t kcache_tensor_map_sm90(const DecodeParams& params, const CUtensorMap** map);
 
 #if defined(JFM_TIMING)
 // Timing builds (common/cta_timing.cuh): (start ns, end ns, SM) of CTAs 0..ctas-1 of the last

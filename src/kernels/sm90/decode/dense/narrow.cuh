@@ -26,28 +26,33 @@
 namespace jax_flashmla {
 namespace sm90 {
 
-// One k16 step of S^T = K Q^T (both K-major) and of O^T += V^T P^T (V^T MN-major), for N = 16, 32.
+// One k16 step of S^T = K Q^T (both K-major) and of O^T += V^T P^T (V^T MN-major), for N = 16, 32
+// and operands of element type E.
+template <class E>
 __device__ __forceinline__ void mma_kq(float (&d)[8], uint64_t a, uint64_t b, int scale_d) {
-  wgmma_m64n16k16_ss(d, a, b, scale_d);
+  wgmma_m64n16k16_ss<E>(d, a, b, scale_d);
 }
+template <class E>
 __device__ __forceinline__ void mma_kq(float (&d)[16], uint64_t a, uint64_t b, int scale_d) {
-  wgmma_m64n32k16_ss(d, a, b, scale_d);
+  wgmma_m64n32k16_ss<E>(d, a, b, scale_d);
 }
+template <class E>
 __device__ __forceinline__ void mma_vp(float (&d)[8], uint64_t a, uint64_t b) {
-  wgmma_m64n16k16_ss_ta(d, a, b, 1);
+  wgmma_m64n16k16_ss_ta<E>(d, a, b, 1);
 }
+template <class E>
 __device__ __forceinline__ void mma_vp(float (&d)[16], uint64_t a, uint64_t b) {
-  wgmma_m64n32k16_ss_ta(d, a, b, 1);
+  wgmma_m64n32k16_ss_ta<E>(d, a, b, 1);
 }
 
 // Rows 0..N-1 of the query block of (request bi, kv head hk) into sQ, tile t at t * N * 128 bytes;
-// rows past q_rows are zero. All 256 threads.
+// rows past q_rows are zero. All 256 threads. (Raw 16-bit elements: any element type.)
 template <class NT>
 __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t sQ, int bi, int hk) {
   constexpr int kChunksPerRow = kHeadDimK / 8;  // 72 x 16 bytes
   constexpr int kChunks = NT::kRows * kChunksPerRow;
   constexpr int kIters = (kChunks + NT::kThreads - 1) / NT::kThreads;
-  const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q);
+  const uint16_t* q = static_cast<const uint16_t*>(p.q);
   uint4 v[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -89,18 +94,18 @@ __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const Sch
 }
 
 // S^T = K Q^T for one page buffer.
-template <class NT>
+template <class NT, class E>
 __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uint32_t s_buf,
                                           uint32_t bars, uint32_t phase) {
   qk_tiles<0, NT::kQTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
-    mma_kq(s, k, q, sd);
+    mma_kq<E>(s, k, q, sd);
   });
 }
 
 // O^T += V^T P^T: column block mb is V tile mb read MN-major; P^T (16 x 64 keys) from s_p.
 // Two commit groups (tiles 0..3, 4..7), so the first half of the buffer can be refilled while
 // the second is still read.
-template <class NT>
+template <class NT, class E>
 __device__ __forceinline__ void pv_narrow(float (&o)[8][NT::kAcc], uint32_t s_p, uint32_t s_buf) {
   const uint64_t dv = make_desc_sw128(s_buf, kDescMnMajorLbo, kDescSbo);
   const uint64_t dp = make_desc_sw128(s_p, kDescKMajorLbo, kDescSbo);
@@ -109,7 +114,7 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][NT::kAcc], uint32_t s_p,
   for (int mb = 0; mb < T::kNumVTiles; ++mb) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      mma_vp(o[mb], desc_advance(dv, mb * kTileBytes + kk * kKStepMnMajor),
+      mma_vp<E>(o[mb], desc_advance(dv, mb * kTileBytes + kk * kKStepMnMajor),
              desc_advance(dp, kk * kKStepKMajor));
     }
     if (mb == 3 || mb == 7) wgmma_commit();
@@ -135,7 +140,8 @@ __device__ __forceinline__ void release_tiles(int bar, bool leader,
 // (a query row). The thread's N/4 query rows are indexed k = 2j + e below.
 __device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2 * q4 + (k & 1); }
 
-template <int kRows>
+// kRows: N, 16 or 32; E: the element type of q, k_cache and out (__nv_bfloat16 or __half).
+template <int kRows, class E>
 __global__ void __launch_bounds__(T::kThreads, 1)
     decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap_k,
                          const __grid_constant__ DecodeParams p) {
@@ -175,6 +181,16 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       expect_group(bars, first, kAllTiles);
       issue_group(&tmap_k, s_buf, bars, first, hk, kAllTiles, policy);
     }
+  }
+
+  // Records made for other lengths give NaN rows (split_kv.cuh), checked while the first pages'
+  // loads are in flight and applied in each request's epilogue. The flag waits in shared memory
+  // (published by the request's first barrier): a register held across the page loop costs
+  // N = 32 a spill in the tools' instrumented builds.
+  volatile int* s_stale = reinterpret_cast<volatile int*>(smem + NT::kOffStale);
+  {
+    const bool stale = stale_record(p, rec);
+    if (threadIdx.x == 0) *s_stale = stale;
   }
 
   uint32_t phase = 0;
@@ -221,7 +237,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       } else {
         float s[kAcc];
-        qk_narrow<NT>(s, sQ, s_buf, bars, phase);
+        qk_narrow<NT, E>(s, sQ, s_buf, bars, phase);
         wgmma_wait<0>();
         reg_fence(s);
         if (pi.need_mask) {
@@ -285,12 +301,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
             for (int r = 0; r < kAcc; ++r) o[mb][r] *= sc[2 * (r >> 2) + (r & 1)];
           }
         }
-        // P^T (bf16) into the group's K-major N x 64 tile: row = query row, column = key.
+        // P^T (elements E) into the group's K-major N x 64 tile: row = query row, column = key.
 #pragma unroll
         for (int r = 0; r < kAcc; ++r) {
           const int n = frag_row(q4, 2 * (r >> 2) + (r & 1));
           const int key = key_lo + 8 * ((r >> 1) & 1);
-          st_shared_u16(s_p + swizzled_offset(n, key >> 3) + (key & 7) * 2, bf16_bits(s[r]));
+          st_shared_u16(s_p + swizzled_offset(n, key >> 3) + (key & 7) * 2,
+                        ElemOps<E>::bits(s[r]));
         }
         if (pi.n_valid < kPageSize) {
           zero_v_rows(s_buf, 0, pi.n_valid, tid_wg);
@@ -299,7 +316,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         fence_proxy_async_smem();
         named_bar_sync(NT::bar_group(wg), T::kWarpgroupThreads);
         for (int mb = 0; mb < 8; ++mb) reg_fence(o[mb]);
-        pv_narrow<NT>(o, s_p, s_buf);
+        pv_narrow<NT, E>(o, s_p, s_buf);
         wgmma_wait<1>();
         for (int mb = 0; mb < 4; ++mb) reg_fence(o[mb]);
         release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, bars, next, hk, 0x0Fu, policy);
@@ -316,6 +333,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // (The split count first: its latency then overlaps the merge.)
     const int split_begin = __ldg(p.num_splits + c.bi);
     const bool split = __ldg(p.num_splits + c.bi + 1) - split_begin > 1;
+    const bool stale = *s_stale != 0;
 #pragma unroll
     for (int k = 0; k < kThreadRows; ++k) {
       l_run[k] += __shfl_xor_sync(0xffffffffu, l_run[k], 4);
@@ -385,25 +403,25 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         if (n >= p.q_rows) break;
         const float m = s_final[n];
         const float l = s_final[NT::kRows + n];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        // A stale record's rows are NaN, empty ones too (0 * NaN is NaN).
+        const float inv = stale ? NAN : (l > 0.f ? 1.f / l : 0.f);
         const float4 v = *reinterpret_cast<const float4*>(s_o + n * NT::kOStride + col_h);
         const int s_tok = n / p.g;
         const int head = hk * p.g + (n - s_tok * p.g);
         if (!split) {
-          __nv_bfloat16* out =
-              static_cast<__nv_bfloat16*>(p.out) +
-              ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) * kHeadDimV;
-          *reinterpret_cast<uint2*>(out + col) =
-              make_uint2(pack_bf16x2(v.x * inv, v.y * inv), pack_bf16x2(v.z * inv, v.w * inv));
+          E* out = static_cast<E*>(p.out) +
+                   ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) * kHeadDimV;
+          *reinterpret_cast<uint2*>(out + col) = make_uint2(
+              ElemOps<E>::pack2(v.x * inv, v.y * inv), ElemOps<E>::pack2(v.z * inv, v.w * inv));
           if (col == 0) {
             p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
-                l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+                stale ? NAN : (l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY);
           }
         } else if (slot_ok) {
           const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + n;
           *reinterpret_cast<float4*>(p.o_accum + idx * kHeadDimV + col) =
               make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-          if (col == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+          if (col == 0) p.lse_accum[idx] = stale ? NAN : (l > 0.f ? m + __log2f(l) : -INFINITY);
         }
       }
       __syncthreads();  // the merge area is rewritten by the next half, sQ by the next request

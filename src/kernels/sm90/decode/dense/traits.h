@@ -88,7 +88,8 @@ struct NarrowTraits : DenseTraits {
   static constexpr int kOffMax = kOffSum + 2 * 4 * kRows * 4;              // float[2][N]
   static constexpr int kOffFinal = kOffMax + 2 * kRows * 4;                // float[2][N]: m, l
   static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
-  static constexpr int kSmemBytes = kOffBars + 2 * kNumKTiles * 8 + 1024;
+  static constexpr int kOffStale = kOffBars + 2 * kNumKTiles * 8;          // int32: stale record
+  static constexpr int kSmemBytes = kOffStale + 16 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
   static_assert(kOffK % kSwizzleAtomBytes == 0 && kOffP % kSwizzleAtomBytes == 0,
                 "swizzled tiles need 1 KiB");

@@ -73,18 +73,20 @@ __device__ __forceinline__ void publish_max(float* s_row_max, float* s_scale, in
 
 // O[:, half] += P V[:, half] for the group's own page, with P from registers (a): O first moved
 // to the new row max (scales sc), V rows past the length zeroed in tiles [tile0, tile0 + 4).
+template <class E>
 __device__ __forceinline__ void pv_own_page(float (&o)[128], const float (&sc)[2],
                                             const uint32_t (&a)[16], uint32_t s_buf, int tile0,
                                             int n_valid, int tid_wg, int group_bar) {
   rescale_o(o, sc);
   zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
   reg_fence(o);
-  pv_rs(o, a, s_buf, tile0);
+  pv_rs<E>(o, a, s_buf, tile0);
 }
 
 // O[:, half] += P V[:, half] for the page the other warpgroup scored, with its P from the
 // buffer's P tile: this group's O is first moved to the new row max (scales sc), then its V
 // tiles [tile0, tile0 + 4) of the page are awaited and rows past the length zeroed.
+template <class E>
 __device__ __forceinline__ void pv_other_page(float (&o)[128], const float (&sc)[2],
                                               uint32_t s_buf, uint32_t bars, uint32_t phase,
                                               int tile0, int n_valid, int tid_wg, int group_bar) {
@@ -92,9 +94,11 @@ __device__ __forceinline__ void pv_other_page(float (&o)[128], const float (&sc)
   for (int t = tile0; t < tile0 + 4; ++t) mbar_wait(bars + 8 * t, phase);
   zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
   reg_fence(o);
-  pv_ss(o, s_buf + WideTraits::kPTile * kTileBytes, s_buf, tile0);
+  pv_ss<E>(o, s_buf + WideTraits::kPTile * kTileBytes, s_buf, tile0);
 }
 
+// E: the element type of q, k_cache and out (__nv_bfloat16 or __half).
+template <class E>
 __global__ void __launch_bounds__(WideTraits::kThreads, 1)
     decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
                        const __grid_constant__ DecodeParams p) {
@@ -136,6 +140,10 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
       issue_group(&tmap_k, sK[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
     }
   }
+
+  // Records made for other lengths give NaN rows (split_kv.cuh), checked while the first pair's
+  // loads are in flight and applied in each request's epilogue.
+  const bool stale = stale_record(p, rec);
 
   uint32_t phase[2] = {0, 0};
   bool q_prefetched = false;  // sQ already holds (copies in flight of) this request's Q
@@ -186,7 +194,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         float m_old[2] = {s_row_max[r0], s_row_max[r0 + 8]};
         float m_new[2], sc0[2], psum[2] = {0.f, 0.f};
         if (pa.loaded) {
-          qk_page(s, sQ, sK[0], bars[0], phase[0]);
+          qk_page<E>(s, sQ, sK[0], bars[0], phase[0]);
           wgmma_wait<0>();
           reg_fence(s);
           float mx[2];
@@ -195,7 +203,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
           m_new[0] = lazy_max(m_old[0], mx[0]);
           m_new[1] = lazy_max(m_old[1], mx[1]);
           exp_rows(s, p.scale_log2, m_new, psum);
-          pack_p(s, a);
+          pack_p<E>(s, a);
           store_p(sK[0] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         } else {
@@ -208,7 +216,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
 
         row_sum[0] = row_sum[0] * sc0[0] + psum[0];
         row_sum[1] = row_sum[1] * sc0[1] + psum[1];
-        if (pa.loaded) pv_own_page(o, sc0, a, sK[0], 0, pa.n_valid, tid_wg, W::kBarWg0);
+        if (pa.loaded) pv_own_page<E>(o, sc0, a, sK[0], 0, pa.n_valid, tid_wg, W::kBarWg0);
         // That was WG0's last read of buffer 0 (tiles 0..3). WG0 has nothing to do until WG1's
         // P1 arrives, so wait for it here and refill those tiles as early as possible.
         wgmma_wait<0>();
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
-          pv_other_page(o, sc1, sK[1], bars[1], phase[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
+          pv_other_page<E>(o, sc1, sK[1], bars[1], phase[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
           wgmma_wait<0>();
           reg_fence(o);
         }
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         float mx[2] = {-INFINITY, -INFINITY};
         if (pb.loaded) {
           // Tiles 4..7 first: WG1 refilled them (after its P_b V_b) before WG0 refilled the rest.
-          qk_page<4>(s, sQ, sK[1], bars[1], phase[1]);
+          qk_page<E, 4>(s, sQ, sK[1], bars[1], phase[1]);
           wgmma_wait<0>();
           reg_fence(s);
           mask_and_row_max(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
@@ -246,7 +254,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         row_sum[0] *= sc0[0];
         row_sum[1] *= sc0[1];
         if (pa.loaded) {
-          pv_other_page(o, sc0, sK[0], bars[0], phase[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
+          pv_other_page<E>(o, sc0, sK[0], bars[0], phase[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
         }
         // softmax of page b while P_a V_a runs
         const float m1[2] = {lazy_max(m0[0], mx[0]), lazy_max(m0[1], mx[1])};
@@ -254,7 +262,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         float psum[2] = {0.f, 0.f};
         if (pb.loaded) {
           exp_rows(s, p.scale_log2, m1, psum);
-          pack_p(s, a);
+          pack_p<E>(s, a);
           store_p(sK[1] + W::kPTile * kTileBytes, a, r0, q4);
           fence_proxy_async_smem();
         }
@@ -265,7 +273,7 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 1), policy);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
-        if (pb.loaded) pv_own_page(o, sc1, a, sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
+        if (pb.loaded) pv_own_page<E>(o, sc1, a, sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
         // Both QK^T of the request's last pair are done (WG0's before P0, ours before that):
         // start copying the next request's Q into sQ while the last P.V runs.
         if (prefetch_next_q) prefetch_q_async(p, sQ, req + 1, hk, m_block, tid_wg);
@@ -308,22 +316,23 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
       const int row = m_block * kBlockM + r;
       const float l = s_row_sum[r] + s_row_sum[kBlockM + r];
       const float m = s_row_max[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // A stale record's rows are NaN, empty ones too (0 * NaN is NaN).
+      const float inv = stale ? NAN : (l > 0.f ? 1.f / l : 0.f);
       if (row < p.q_rows) {
         if (!split) {
           const int s_tok = row / p.g;
           const int head = hk * p.g + (row - s_tok * p.g);
-          __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) +
-                               ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) *
-                                   kHeadDimV;
+          E* out = static_cast<E*>(p.out) +
+                   ((static_cast<size_t>(c.bi) * p.s_q + s_tok) * p.h_q + head) * kHeadDimV;
 #pragma unroll
           for (int k = 0; k < 32; ++k) {
-            const uint32_t v = pack_bf16x2(o[4 * k + 2 * i] * inv, o[4 * k + 2 * i + 1] * inv);
+            const uint32_t v =
+                ElemOps<E>::pack2(o[4 * k + 2 * i] * inv, o[4 * k + 2 * i + 1] * inv);
             *reinterpret_cast<uint32_t*>(out + col0 + 8 * k) = v;
           }
           if (wg == 0 && q4 == 0) {
             p.lse[(static_cast<size_t>(c.bi) * p.h_q + head) * p.s_q + s_tok] =
-                l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY;
+                stale ? NAN : (l > 0.f ? (m + __log2f(l)) * 0.69314718055994530942f : INFINITY);
           }
         } else if (slot_ok) {
           const size_t idx = (static_cast<size_t>(slot) * p.h_kv + hk) * p.q_rows + row;
@@ -333,7 +342,9 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
             *reinterpret_cast<float2*>(oacc + col0 + 8 * k) =
                 make_float2(o[4 * k + 2 * i] * inv, o[4 * k + 2 * i + 1] * inv);
           }
-          if (wg == 0 && q4 == 0) p.lse_accum[idx] = l > 0.f ? m + __log2f(l) : -INFINITY;
+          if (wg == 0 && q4 == 0) {
+            p.lse_accum[idx] = stale ? NAN : (l > 0.f ? m + __log2f(l) : -INFINITY);
+          }
         }
       }
     }
