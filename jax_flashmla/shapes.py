@@ -22,8 +22,9 @@ from jax_flashmla.constants import (BLOCK_M, FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, 
 
 
 def _kernel_dtypes() -> tuple[np.dtype, ...]:
-  """The dtypes the compiled kernels take, as the extension reports them (bfloat16 by default:
-  builds from before float16 do not report the key, and a missing extension runs none)."""
+  """The dtypes the compiled kernels take, as the extension reports them; bfloat16 where it does
+  not say (builds from before float16, CPU-only builds, no extension: the kernels' first dtype,
+  which `implementation="cuda"` lowerings for export may still emit)."""
   names = _extension.build_info().get("kernel_dtypes") or ("bfloat16",)
   return tuple(jnp.dtype(name) for name in names)
 
