@@ -12,6 +12,17 @@ the same number without the cancellation that float32 sums would suffer near 0.
 `compare` runs on NumPy arrays (in float64) and on JAX arrays, also inside `jax.jit` (in
 float32), so a serving loop can check a step on the device and bring back a few numbers rather
 than the outputs.
+
+Live data (a model's cache rather than the tests' small random values) needs one more allowance.
+The kernels round the softmax weights P to the element type before P·V, as FlashMLA's do; the
+pure-JAX path keeps them in float32. The difference in one output element is then at most
+`u · Σ_t p_t |v_t| / Σ_t p_t ≤ u · max_t |v_t|` (u the unit roundoff: 2⁻⁸ for bfloat16), plus
+the final rounding of both outputs, `u · |out|` each. FlashMLA's absolute tolerance (8e-4) assumes
+its tests' magnitudes; on rows whose V reaches several units it is smaller than that rounding. So
+`compare(..., scale=value_bound(...), scale_tol=p_rounding_tol(dtype))` also accepts an element
+within `scale_tol` times the largest |V| its row attends to (4u, 2⁻⁶ for bfloat16: the bound
+above, 3u, with a margin). The lse and the cosine difference keep FlashMLA's tolerances: a wrong page, mask
+or scale moves them far more than any rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_flashmla.constants import HEAD_DIM_V
 
 # FlashMLA's tolerances for out (bfloat16) and lse (float32).
 OUT_TOL = dict(abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
@@ -67,11 +80,38 @@ class Comparison:
     return f"{name}: " + "; ".join(parts)
 
 
-def compare(got, want, *, abs_tol: float, rel_tol: float, cos_tol: float) -> Comparison:
+def p_rounding_tol(dtype) -> float:
+  """`scale_tol` for outputs of the element type `dtype` (see the module docstring): four unit
+  roundoffs (2⁻⁶ for bfloat16, 2⁻⁹ for float16), which cover the rounding of P and of both
+  outputs."""
+  return 2.0 * float(jnp.finfo(dtype).eps)
+
+
+def value_bound(k_cache, block_table, cache_seqlens, head_dim_v: int = HEAD_DIM_V):
+  """`[b, head_dim_v]` float32: per row and column, the largest |V| among the keys the row can
+  see (its first `cache_seqlens[i]` tokens on valid pages); 0 for a row with none. The `scale`
+  of `compare` for live data, broadcast over `[b, s_q, h_q, head_dim_v]` as `bound[:, None,
+  None]`. Runs under `jax.jit`."""
+  num_blocks, page_size = k_cache.shape[:2]
+  b, max_blocks = block_table.shape
+  page_ok = (block_table >= 0) & (block_table < num_blocks)
+  v = jnp.take(k_cache[..., :head_dim_v], jnp.clip(block_table, 0, num_blocks - 1), axis=0)
+  v = jnp.abs(v.astype(jnp.float32)).reshape(b, max_blocks * page_size, -1, head_dim_v)
+  pos = jnp.arange(max_blocks * page_size)
+  lens = jnp.clip(cache_seqlens, 0, max_blocks * page_size)
+  ok = (pos[None] < lens[:, None]) & jnp.repeat(page_ok, page_size, axis=1)
+  v = jnp.where(ok[:, :, None, None], v, 0.0)  # also hides NaN in unused slots
+  return jnp.max(v, axis=(1, 2))
+
+
+def compare(got, want, *, abs_tol: float, rel_tol: float, cos_tol: float, scale=None,
+            scale_tol: float = 0.0) -> Comparison:
   """FlashMLA's comparison of `got` with `want` (same shape); see the module docstring.
 
   NumPy inputs are compared in float64 and give NumPy scalars; anything else (JAX arrays,
-  tracers) in float32 with `jax.numpy`, so it works under `jax.jit`.
+  tracers) in float32 with `jax.numpy`, so it works under `jax.jit`. With `scale` (an array
+  broadcastable to the shape, e.g. from `value_bound`), an element within `scale_tol * scale`
+  also passes.
   """
   if isinstance(got, np.ndarray) and isinstance(want, np.ndarray):
     xp, dtype = np, np.float64
@@ -91,6 +131,9 @@ def compare(got, want, *, abs_tol: float, rel_tol: float, cos_tol: float) -> Com
   w = xp.where(finite, want, 0).reshape(-1)
   err = xp.abs(g - w)
   ok = ~finite.reshape(-1) | (err <= abs_tol) | (err <= rel_tol * xp.abs(w))
+  if scale is not None:
+    bound = xp.broadcast_to(xp.asarray(scale).astype(dtype), want.shape).reshape(-1)
+    ok = ok | (err <= scale_tol * bound)
   out_of_tolerance = xp.count_nonzero(~ok)
   if got.size:
     worst = xp.where(out_of_tolerance > 0, xp.argmax(xp.where(ok, 0, err)), xp.argmax(err))
