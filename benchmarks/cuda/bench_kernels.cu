@@ -503,8 +503,7 @@ static int run_floor(const BenchOpts& o) {
   auto empty = [&] { return launch_kernel<empty_kernel>(empty_shape, false, st); };
   for (int i = 0; i < 100; ++i) CK(empty());
   wait_or_die(st, 20.0, "empty kernel");
-  std::printf("floor: %d calls per batch, median of %d batches, pdl %d, combine carveout %s\n", n,
-              reps, policy.pdl, policy.combine_max_carveout ? "max" : "default");
+  std::printf("floor: %d calls per batch, median of %d batches, pdl %d\n", n, reps, policy.pdl);
   std::printf("empty kernel, one cudaLaunchKernelEx: host %.2f us, stream %.2f us per launch\n",
               host_us_per_call(n, reps, st, empty), stream_us_per_call(n, reps, st, empty));
   std::printf("%-26s %-9s %-12s %7s %9s %7s %7s %7s %7s %7s\n", "case", "kernel", "grid", "host",

@@ -19,8 +19,7 @@
 #           returned CSVs)
 #   floor   read_floor at the memory corner (what reading the cache's bytes alone costs)
 #   percall the per-call floor (bench_kernels --floor): an empty batch and two tiny ones, host and
-#           GPU microseconds per decode call; then without PDL, and with the combine's
-#           shared-memory carveout at its maximum (JAX_FLASHMLA_COMBINE_CARVEOUT=max)
+#           GPU microseconds per decode call; then without PDL
 set -u  # a failing step does not stop the next ones
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-_out}
@@ -115,8 +114,6 @@ if has percall; then
   {
     timeout 120 "$B/bench_kernels" --floor
     echo "== no PDL"; timeout 120 "$B/bench_kernels" --floor --no-pdl
-    echo "== JAX_FLASHMLA_COMBINE_CARVEOUT=max"
-    JAX_FLASHMLA_COMBINE_CARVEOUT=max timeout 120 "$B/bench_kernels" --floor
   } 2>&1 | grep -v "^device" | tee "$OUT/percall.log"
 fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv >> "$OUT/gpu.txt" 2>&1

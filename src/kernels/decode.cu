@@ -20,8 +20,6 @@ const DecodePolicy& decode_policy() {
     DecodePolicy p;
     p.pdl = std::getenv("JAX_FLASHMLA_DISABLE_PDL") == nullptr;
     p.allow_narrow = kernel == nullptr || std::strcmp(kernel, "wide") != 0;
-    const char* carveout = std::getenv("JAX_FLASHMLA_COMBINE_CARVEOUT");
-    p.combine_max_carveout = carveout != nullptr && std::strcmp(carveout, "max") == 0;
     return p;
   }();
   return policy;
@@ -35,7 +33,7 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   const cudaError_t err =
       launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
   if (err != cudaSuccess) return err;
-  return launch_combine(params, stream, policy.pdl, policy.combine_max_carveout);
+  return launch_combine(params, stream, policy.pdl);
 }
 
 }  // namespace jax_flashmla

@@ -19,16 +19,10 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
 //   JAX_FLASHMLA_DISABLE_PDL set        pdl = false: no programmatic dependent launches, to rule
 //                                       PDL out when debugging or timing (correct either way);
 //   JAX_FLASHMLA_DECODE_KERNEL=wide     allow_narrow = false: the wide kernel for every shape,
-//                                       for A/B runs against the narrow kernel;
-//   JAX_FLASHMLA_COMBINE_CARVEOUT=max   combine_max_carveout = true: the combine prefers the
-//                                       largest shared-memory carveout, the configuration the
-//                                       decode kernels need, so that an SM going from one kernel
-//                                       to the other need not be reconfigured. Off by default
-//                                       until measured (bench_kernels --floor).
+//                                       for A/B runs against the narrow kernel.
 struct DecodePolicy {
   bool pdl;
   bool allow_narrow;
-  bool combine_max_carveout;
 };
 const DecodePolicy& decode_policy();
 
@@ -36,6 +30,6 @@ const DecodePolicy& decode_policy();
 // into out / lse. It waits for the decode kernel with griddepcontrol.wait, so it may be launched
 // as a programmatic dependent of it.
 cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
-                           bool programmatic_dependent, bool max_carveout = false);
+                           bool programmatic_dependent);
 
 }  // namespace jax_flashmla

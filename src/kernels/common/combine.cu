@@ -144,28 +144,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
   }
 }
 
-// The combine for element type E; with max_carveout it first asks, once per device, for the
-// largest shared-memory carveout (a hint; its 5 KiB of static shared memory fit any).
-template <class E>
-cudaError_t launch_combine_as(const LaunchShape& shape, const DecodeParams& params,
-                              cudaStream_t stream, bool programmatic_dependent,
-                              bool max_carveout) {
-  if (max_carveout) {
-    static PerDeviceOnce carveout;
-    const cudaError_t err = carveout.run([] {
-      return cudaFuncSetAttribute(combine_kernel<E>,
-                                  cudaFuncAttributePreferredSharedMemoryCarveout,
-                                  cudaSharedmemCarveoutMaxShared);
-    });
-    if (err != cudaSuccess) return err;
-  }
-  return launch_kernel<combine_kernel<E>>(shape, programmatic_dependent, stream, params);
-}
-
 }  // namespace
 
 cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
-                           bool programmatic_dependent, bool max_carveout) {
+                           bool programmatic_dependent) {
   const int64_t num_rows = static_cast<int64_t>(params.b) * params.h_kv * params.q_rows;
   int64_t blocks = (num_rows + kWarps - 1) / kWarps;
   if (blocks > kMaxGrid) blocks = kMaxGrid;
@@ -176,11 +158,11 @@ cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
   shape.smem_bytes = 0;  // the weights are static shared memory
   switch (params.elem_type) {
     case ElemType::kBF16:
-      return launch_combine_as<__nv_bfloat16>(shape, params, stream, programmatic_dependent,
-                                              max_carveout);
+      return launch_kernel<combine_kernel<__nv_bfloat16>>(shape, programmatic_dependent, stream,
+                                                          params);
     case ElemType::kF16:
-      return launch_combine_as<__half>(shape, params, stream, programmatic_dependent,
-                                       max_carveout);
+      return launch_kernel<combine_kernel<__half>>(shape, programmatic_dependent, stream,
+                                                   params);
   }
   return cudaErrorInvalidValue;
 }
