@@ -473,11 +473,9 @@ static double graph_us_per_call(int calls, int replays, int reps, cudaStream_t s
 
 // The per-call floor (issue: an empty batch inside a jitted 20-layer program costs 12-17 us per
 // decode call, FlashMLA's CUDA-graph replay of its two kernels 6.3). Per case, in microseconds:
-//   host       host time of one launch_decode (the shipped path: descriptor cache, two
+//   host       host time of one launch_decode (the shipped path: a descriptor encode, two
 //              cudaLaunchKernelEx), calls enqueued without a sync
-//   host+enc   the same with one descriptor encode added per call: the path before the cache
 //   encode     make_kcache_tensor_map_sm90 alone (cuTensorMapEncodeTiled)
-//   lookup     kcache_tensor_map_sm90 on a hit (the cache the launcher uses)
 //   graph      GPU time per call, host excluded: N calls captured in one CUDA graph, replayed
 //   graph1     a graph of one call replayed N times back to back (FlashMLA's kit's method)
 //   stream     events around N plain calls back to back: max(host, GPU) per call
@@ -506,8 +504,8 @@ static int run_floor(const BenchOpts& o) {
   std::printf("floor: %d calls per batch, median of %d batches, pdl %d\n", n, reps, policy.pdl);
   std::printf("empty kernel, one cudaLaunchKernelEx: host %.2f us, stream %.2f us per launch\n",
               host_us_per_call(n, reps, st, empty), stream_us_per_call(n, reps, st, empty));
-  std::printf("%-26s %-9s %-12s %7s %9s %7s %7s %7s %7s %7s\n", "case", "kernel", "grid", "host",
-              "host+enc", "encode", "lookup", "graph", "graph1", "stream");
+  std::printf("%-26s %-9s %-12s %7s %7s %7s %7s %7s\n", "case", "kernel", "grid", "host", "encode",
+              "graph", "graph1", "stream");
 
   for (const FloorCase& fc : cases) {
     const int pages = std::max((fc.len + 63) / 64, 1);
@@ -538,26 +536,18 @@ static int run_floor(const BenchOpts& o) {
     std::snprintf(grid, sizeof(grid), "%dx%dx%d", p.num_m_blocks, p.h_kv, p.num_sm_parts);
 
     auto decode = [&] { return launch_decode(p, st); };
-    for (int i = 0; i < 50; ++i) CK(decode());  // warm-up: opt-ins, the descriptor cache
+    for (int i = 0; i < 50; ++i) CK(decode());  // warm-up: the shared-memory opt-ins
     wait_or_die(st, 20.0, "floor warm-up");
     CUtensorMap map;
-    const CUtensorMap* cached;
     const double host = host_us_per_call(n, reps, st, decode);
-    const double host_enc = host_us_per_call(n, reps, st, [&] {
-      const cudaError_t err = make_kcache_tensor_map_sm90(&map, p);
-      return err != cudaSuccess ? err : launch_decode(p, st);
-    });
     const double encode = host_us_per_call(n, reps, st, [&] {
       return make_kcache_tensor_map_sm90(&map, p);
-    });
-    const double lookup = host_us_per_call(n, reps, st, [&] {
-      return kcache_tensor_map_sm90(p, &cached);
     });
     const double graph = graph_us_per_call(n, 5, reps, st, p);
     const double graph1 = graph_us_per_call(1, n, reps, st, p);
     const double stream = stream_us_per_call(n, reps, st, decode);
-    std::printf("%-26s %-9s %-12s %7.2f %9.2f %7.2f %7.3f %7.2f %7.2f %7.2f\n", fc.name, kernel,
-                grid, host, host_enc, encode, lookup, graph, graph1, stream);
+    std::printf("%-26s %-9s %-12s %7.2f %7.2f %7.2f %7.2f %7.2f\n", fc.name, kernel, grid, host,
+                encode, graph, graph1, stream);
     call.free();
     CK(cudaFree(d_kv));
     CK(cudaFree(d_q));

@@ -58,19 +58,6 @@ cudaError_t read_cta_timing_sm90(unsigned long long* host, size_t ctas) {
 }
 #endif
 
-// The cache's descriptor from this thread's TensorMapCache (tensor_map.h). 128 slots: a model's
-// layers, each with its own cache, fit even if the step alternates between two sets of buffers.
-cudaError_t kcache_tensor_map_sm90(const DecodeParams& p, const CUtensorMap** map) {
-  thread_local sm90::TensorMapCache<128> cache;
-  // Everything make_kcache_tensor_map_sm90 reads besides the address. h_kv < 2^16 (the grid's
-  // y), so the three fit one word; num_blocks <= 0 all encode alike but need not share a slot.
-  const uint64_t shape = (static_cast<uint64_t>(static_cast<uint32_t>(p.num_blocks)) << 32) |
-                         (static_cast<uint64_t>(static_cast<uint32_t>(p.h_kv) & 0xffffffu) << 8) |
-                         static_cast<uint64_t>(p.elem_type);
-  return cache.get({p.k_cache, shape},
-                   [&](CUtensorMap* out) { return make_kcache_tensor_map_sm90(out, p); }, map);
-}
-
 namespace {
 
 // The kernel for these shapes, instantiated for element type E, on its grid.
@@ -103,15 +90,17 @@ cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t st
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do
   }
-  const CUtensorMap* map = nullptr;
-  const cudaError_t err = kcache_tensor_map_sm90(params, &map);
+  // Encoded on every call: it costs ~0.1 us of the host's ~8 us per call (bench_kernels --floor,
+  // H200), and a call's floor is GPU time (benchmarks/NOTES.md, v3.8).
+  CUtensorMap map;
+  const cudaError_t err = make_kcache_tensor_map_sm90(&map, params);
   if (err != cudaSuccess) return err;
   switch (params.elem_type) {
     case ElemType::kBF16:
-      return launch_dense<__nv_bfloat16>(*map, params, stream, programmatic_dependent,
+      return launch_dense<__nv_bfloat16>(map, params, stream, programmatic_dependent,
                                          allow_narrow);
     case ElemType::kF16:
-      return launch_dense<__half>(*map, params, stream, programmatic_dependent, allow_narrow);
+      return launch_dense<__half>(map, params, stream, programmatic_dependent, allow_narrow);
   }
   return cudaErrorInvalidValue;
 }

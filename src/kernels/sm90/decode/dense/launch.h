@@ -26,13 +26,8 @@ cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t st
                                      bool programmatic_dependent = true, bool allow_narrow = true);
 
 // The TMA descriptor of k_cache the kernels take (exposed for tests of the building blocks and
-// the host-cost benchmark): encoded on every call.
+// the host-cost benchmark).
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);
-
-// The same descriptor as the launcher gets it: from a per-thread cache keyed by the cache's
-// address, num_blocks, h_kv and element type (sm90/tensor_map.h), encoded only on a miss. *map
-// stays valid until this thread's next call.
-cudaError_t kcache_tensor_map_sm90(const DecodeParams& params, const CUtensorMap** map);
 
 #if defined(JFM_TIMING)
 // Timing builds (common/cta_timing.cuh): (start ns, end ns, SM) of CTAs 0..ctas-1 of the last
