@@ -46,7 +46,8 @@ from jax_flashmla.constants import PAGE_SIZE
 from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention
 from jax_flashmla.metadata import get_mla_metadata
 # Re-exported: the serving loop used to live here.
-from jax_flashmla.serving import Request, ServeStats, Server, make_step  # noqa: F401
+from jax_flashmla.serving import (Request, ServeStats, Server, make_requests,  # noqa: F401
+                                  make_step)
 
 IMPLEMENTATIONS = {"auto": None, "cuda": "cuda", "xla": "xla"}
 CACHE_DTYPE = jnp.bfloat16  # the Server's default: a dtype the kernels take
@@ -110,16 +111,6 @@ class DemoModel(nnx.Module):
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-
-def make_requests(rng: np.random.Generator, n: int, max_prompt_len: int, max_new_tokens: int,
-                  vocab_size: int) -> list[Request]:
-  """Prompts of very different lengths (log-uniform in [4, max_prompt_len]) and budgets."""
-  lens = np.exp(rng.uniform(np.log(4), np.log(max_prompt_len), n)).round().astype(int)
-  lens[0] = max_prompt_len  # always one long prompt among short ones
-  news = rng.integers(max(1, max_new_tokens // 4), max_new_tokens + 1, n)
-  return [Request(rng.integers(0, vocab_size, int(p), dtype=np.int32), int(m))
-          for p, m in zip(lens, news, strict=True)]
-
 
 class _Parser(argparse.ArgumentParser):
   """Mistakes end the demo with one line on stderr (exit status 2), not a usage block."""
