@@ -118,6 +118,9 @@ def test_load_for_serving_with_a_tokenizer(tmp_path):
   ids = deepseek.encode_prompt("hello world", loaded.tokenizer,
                                bos_token_id=loaded.config.bos_token_id)
   np.testing.assert_array_equal(ids, [0, 2, 3])
+  # encode_text takes digits as text (here unknown words); encode_prompt takes them as ids.
+  np.testing.assert_array_equal(deepseek.encode_text("3 hello", loaded.tokenizer, bos_token_id=0),
+                                [0, 4, 2])
 
 
 def test_command_line_random_served_and_checkpoint_generated():

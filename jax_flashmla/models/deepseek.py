@@ -63,6 +63,7 @@ from jax_flashmla.models import hf
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 IMPLEMENTATIONS = {"auto": None, "cuda": "cuda", "xla": "xla"}
+TOKENIZER_FILE = "tokenizer.json"  # in a checkpoint directory, for text prompts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -780,7 +781,7 @@ class ServingCheckpoint(NamedTuple):
 def load_tokenizer(directory):
   """The checkpoint's `tokenizer.json` as a `tokenizers.Tokenizer`, or None when the file is
   missing or the `tokenizers` package is not installed."""
-  path = pathlib.Path(directory) / "tokenizer.json"
+  path = pathlib.Path(directory) / TOKENIZER_FILE
   if not path.is_file():
     return None
   try:
@@ -817,7 +818,13 @@ def encode_prompt(prompt: str, tokenizer=None, *, bos_token_id: int | None = Non
   if tokenizer is None:
     raise ValueError(f"prompt: expected token ids (e.g. '1,2,3') without a tokenizer, got "
                      f"{prompt[:40]!r}")
-  ids = list(tokenizer.encode(prompt).ids)
+  return encode_text(prompt, tokenizer, bos_token_id=bos_token_id)
+
+
+def encode_text(text: str, tokenizer, *, bos_token_id: int | None = None) -> np.ndarray:
+  """`tokenizer`'s token ids of `text`, digits included, with `bos_token_id` put first unless
+  the tokenizer already did."""
+  ids = list(tokenizer.encode(text).ids)
   if bos_token_id is not None and (not ids or ids[0] != bos_token_id):
     ids = [bos_token_id] + ids
   return np.array(ids, np.int32)
