@@ -1,4 +1,4 @@
-"""`python -m jax_flashmla.demo`: a small DeepSeek-shaped model serving a queue of prompts.
+"""`python -m jax_flashmla.demo`: a small DeepSeek-shaped model (or a checkpoint) serving prompts.
 
 A random-weight model with DeepSeek-V2-Lite's attention shapes (16 heads, kv_lora_rank 512,
 qk_nope 128, qk_rope 64, v_head 128, no q LoRA) and a few layers generates tokens for prompts
@@ -15,6 +15,13 @@ of very different lengths, the way a serving loop does:
 The loop itself is `jax_flashmla.serving.Server` (this module keeps the model and the command
 line); `benchmarks/soak.py` drives the same loop for minutes with requests coming and going.
 
+`--checkpoint DIR` serves a Hugging Face DeepSeek-V2/V3 checkpoint instead of the random weights
+(`jax_flashmla.models.deepseek.load_for_serving`; needs `jax_flashmla[models]`), with the same
+loop. Prompts are random (`--requests`, `--max-prompt-len`) unless given: `--prompt TEXT` (text,
+encoded by the checkpoint's `tokenizer.json` when there is one and `tokenizers` is installed)
+and `--prompt-ids 1,2,3`, each repeatable, each generating `--max-new-tokens` tokens. With a
+tokenizer the demo prints what the first requests generated as text, otherwise as ids.
+
 Needs Flax (`pip install jax_flashmla[flax]`). `--implementation` picks the attention: `auto`
 (the CUDA kernels on a Hopper GPU, the pure-JAX reference elsewhere), `cuda` or `xla`. The demo
 says where jax_flashmla was imported from and whether its compiled extension loaded (run it as
@@ -28,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +55,17 @@ from jax_flashmla.constants import PAGE_SIZE
 from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention
 from jax_flashmla.metadata import get_mla_metadata
 # Re-exported: the serving loop used to live here.
-from jax_flashmla.serving import Request, ServeStats, Server, make_step  # noqa: F401
+from jax_flashmla.serving import (Request, ServeStats, Server, make_requests,  # noqa: F401
+                                  make_step)
 
 IMPLEMENTATIONS = {"auto": None, "cuda": "cuda", "xla": "xla"}
 CACHE_DTYPE = jnp.bfloat16  # the Server's default: a dtype the kernels take
+# Defaults of flags that only some runs use, filled in by `main` (the parser's are None), so
+# that it can refuse them when given where they would be ignored: the random model's shapes
+# (a checkpoint has its own) and the random requests' sizes (prompts given are the requests).
+RANDOM_MODEL = {"layers": 4, "hidden": 1024, "heads": 16, "vocab": 4096}
+RANDOM_REQUESTS = {"requests": 16, "max_prompt_len": 100}
+SHOWN_REQUESTS = 4  # random requests whose outputs are printed (prompts given: all)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,21 +127,18 @@ class DemoModel(nnx.Module):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def make_requests(rng: np.random.Generator, n: int, max_prompt_len: int, max_new_tokens: int,
-                  vocab_size: int) -> list[Request]:
-  """Prompts of very different lengths (log-uniform in [4, max_prompt_len]) and budgets."""
-  lens = np.exp(rng.uniform(np.log(4), np.log(max_prompt_len), n)).round().astype(int)
-  lens[0] = max_prompt_len  # always one long prompt among short ones
-  news = rng.integers(max(1, max_new_tokens // 4), max_new_tokens + 1, n)
-  return [Request(rng.integers(0, vocab_size, int(p), dtype=np.int32), int(m))
-          for p, m in zip(lens, news, strict=True)]
-
-
 class _Parser(argparse.ArgumentParser):
   """Mistakes end the demo with one line on stderr (exit status 2), not a usage block."""
 
   def error(self, message):
     self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows each flag's default, except None: such a flag's help says what leaving it out does."""
+
+  def _get_help_string(self, action):
+    return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -138,27 +151,47 @@ def _positive_int(text: str) -> int:
   return value
 
 
+def _token_ids(text: str) -> tuple[int, ...]:
+  """A `--prompt-ids` value: ints >= 0 separated by commas or spaces (checked against the
+  vocabulary once it is known). A tuple, where `--prompt` gives a str: both share a list."""
+  parts = text.replace(",", " ").split()
+  if not parts or not all(p.isascii() and p.isdigit() for p in parts):
+    raise argparse.ArgumentTypeError(f"expected token ids like 1,2,3, got {text!r}")
+  return tuple(int(p) for p in parts)
+
+
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -P -m jax_flashmla.demo", description=__doc__.split("\n\n")[0],
-              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+              formatter_class=_HelpFormatter)
   p.add_argument("--implementation", choices=sorted(IMPLEMENTATIONS), default="auto",
                  help="attention; auto: CUDA kernels on Hopper, pure-JAX reference elsewhere")
-  p.add_argument("--layers", type=_positive_int, default=4, help="decoder blocks")
-  p.add_argument("--hidden", type=_positive_int, default=1024, help="model width")
-  p.add_argument("--heads", type=_positive_int, default=16, help="query heads")
-  p.add_argument("--vocab", type=_positive_int, default=4096, help="vocabulary size")
+  p.add_argument("--checkpoint", metavar="DIR", default=None,
+                 help="serve this Hugging Face DeepSeek-V2/V3 checkpoint directory (config.json, "
+                      "safetensors; tokenizer.json for text prompts) instead of random weights")
+  p.add_argument("--prompt", metavar="TEXT", dest="prompts", action="append", default=None,
+                 help="a prompt as text (needs the checkpoint's tokenizer.json and the tokenizers "
+                      "package); repeatable; without prompts the requests are random")
+  p.add_argument("--prompt-ids", metavar="IDS", dest="prompts", action="append", default=None,
+                 type=_token_ids, help="a prompt as token ids, e.g. 1,2,3; repeatable")
+  for name, what in (("layers", "decoder blocks"), ("hidden", "width"), ("heads", "query heads"),
+                     ("vocab", "vocabulary size")):
+    p.add_argument(f"--{name}", type=_positive_int, default=None,
+                   help=f"the random model's {what} (default: {RANDOM_MODEL[name]})")
   p.add_argument("--batch-size", type=_positive_int, default=8, help="slots decoded together")
-  p.add_argument("--requests", type=_positive_int, default=16, help="prompts in the queue")
-  p.add_argument("--max-prompt-len", type=_positive_int, default=100,
-                 help="longest prompt (tokens)")
+  p.add_argument("--requests", type=_positive_int, default=None,
+                 help=f"random prompts in the queue (default: {RANDOM_REQUESTS['requests']})")
+  p.add_argument("--max-prompt-len", type=_positive_int, default=None,
+                 help=f"longest random prompt, tokens (default: "
+                      f"{RANDOM_REQUESTS['max_prompt_len']})")
   p.add_argument("--max-new-tokens", type=_positive_int, default=64,
-                 help="largest generation budget")
+                 help="tokens to generate: each given prompt's budget, the largest of a random "
+                      "request's")
   p.add_argument("--chunk", type=_positive_int, default=32, help="prompt tokens read per step")
   p.add_argument("--num-blocks", type=_positive_int, default=None,
-                 help="pages in the pool; None: 2/3 of every slot's worst case")
+                 help="pages in the pool (default: 2/3 of every slot's worst case)")
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                  help="weights and activations; auto: bfloat16 on GPU, float32 elsewhere")
-  p.add_argument("--seed", type=int, default=0, help="weights and prompts")
+  p.add_argument("--seed", type=int, default=0, help="random weights and prompts")
   p.add_argument("--log-every", type=_positive_int, default=10,
                  help="steps between progress lines")
   return p
@@ -247,6 +280,94 @@ def self_check(caches, num_heads: int, softmax_scale: float, implementation: str
   return not failures
 
 
+def _fill_in(parser, args, defaults: dict, refuse: str | None) -> None:
+  """Gives the flags of `defaults` that were left out their default; with `refuse`, one that was
+  given is a mistake, and `refuse` says why."""
+  given = [name for name in defaults if getattr(args, name) is not None]
+  if refuse and given:
+    parser.error(f"{' '.join('--' + name.replace('_', '-') for name in given)}: {refuse}")
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+
+
+def _check_text_prompts(parser, args, texts: list[str]) -> None:
+  """Refuses text prompts where no tokenizer will be loaded, before loading any weights."""
+  if not texts:
+    return
+  # Imported here, as in the other checkpoint helpers: random weights need no jax_flashmla.models.
+  from jax_flashmla.models import deepseek
+
+  head = f"--prompt {texts[0][:40]!r}: text needs a tokenizer"
+  if args.checkpoint is None:
+    parser.error(f"{head}, and random weights have none; give token ids with --prompt-ids")
+  if not (pathlib.Path(args.checkpoint) / deepseek.TOKENIZER_FILE).is_file():
+    parser.error(f"{head}, and {args.checkpoint} has no {deepseek.TOKENIZER_FILE}; give token "
+                 f"ids with --prompt-ids")
+  if importlib.util.find_spec("tokenizers") is None:
+    parser.error(f"{head}, and the tokenizers package is not installed (pip install "
+                 f"tokenizers); give token ids with --prompt-ids")
+
+
+def _load_checkpoint(parser, directory: str, dtype: str):
+  """`load_for_serving(directory)`: `(model, tokenizer or None, config)`; a directory that is
+  not a checkpoint it can load ends the demo with the loader's reason, on one line."""
+  from jax_flashmla.models import deepseek
+
+  path = pathlib.Path(directory)
+  if not path.is_dir():
+    parser.error(f"--checkpoint: expected a checkpoint directory, got {directory!r} "
+                 f"({'not a directory' if path.exists() else 'no such directory'})")
+  try:
+    return deepseek.load_for_serving(directory, param_dtype=jnp.dtype(dtype))
+  except ImportError as e:
+    parser.error(f"--checkpoint: loading needs {e.name or 'safetensors'}: pip install "
+                 f"'jax_flashmla[models]'")
+  except (OSError, ValueError) as e:
+    # No config.json, no safetensors, not an MLA model, tensors of other shapes: the loader
+    # names it; its message may span lines.
+    parser.error(f"--checkpoint {directory}: {' '.join(str(e).split())}")
+
+
+def _given_requests(parser, prompts: list, tokenizer, bos_token_id: int | None,
+                    vocab_size: int, max_new_tokens: int) -> list[Request]:
+  """One request of `max_new_tokens` per `--prompt` (a str) and `--prompt-ids` (a tuple), in
+  command-line order."""
+  requests = []
+  for prompt in prompts:
+    if isinstance(prompt, str):
+      from jax_flashmla.models import deepseek  # text: a checkpoint, `_check_text_prompts` saw
+
+      flag = f"--prompt {prompt[:40]!r}"
+      ids = deepseek.encode_text(prompt, tokenizer, bos_token_id=bos_token_id).tolist()
+    else:
+      flag = f"--prompt-ids {','.join(map(str, prompt[:8]))}{',...' if len(prompt) > 8 else ''}"
+      ids = prompt
+    if not ids:
+      parser.error(f"{flag}: the tokenizer gave no tokens")
+    # Checked as Python ints: an id past the vocabulary may not fit in int32 either.
+    if max(ids) >= vocab_size:
+      parser.error(f"{flag}: expected token ids in [0, {vocab_size}) (the vocabulary), got "
+                   f"{max(ids)}")
+    requests.append(Request(np.array(ids, np.int32), max_new_tokens))
+  return requests
+
+
+def _shapes(attention: MLAConfig, num_layers: int, vocab_size: int) -> str:
+  a = attention
+  return (f"{num_layers} layers, hidden {a.hidden_size}, {a.num_heads} heads, kv_lora "
+          f"{a.kv_lora_rank}, qk_nope {a.qk_nope_head_dim}, qk_rope {a.qk_rope_head_dim}, v_head "
+          f"{a.v_head_dim}, vocab {vocab_size}")
+
+
+def _shown(tokens: list[int], tokenizer) -> str:
+  """A request's output for the log: its text with a tokenizer, else its first ids."""
+  if tokenizer is not None:
+    text = tokenizer.decode(tokens)
+    return repr(text[:120]) + (" ..." if len(text) > 120 else "")
+  return " ".join(map(str, tokens[:12])) + (" ..." if len(tokens) > 12 else "")
+
+
 def main(argv=None, log=print) -> ServeStats:
   """Runs the demo; argument mistakes exit with one line (status 2), a failed self-check with
   status 1."""
@@ -256,17 +377,41 @@ def main(argv=None, log=print) -> ServeStats:
   if implementation == "cuda" and _extension.kernels_unavailable_reason() is not None:
     parser.error(f"--implementation cuda: the CUDA kernels cannot run here: "
                  f"{_extension.kernels_unavailable_reason()}; use --implementation auto or xla")
+  prompts = args.prompts or []
+  _fill_in(parser, args, RANDOM_MODEL, "for random weights only; a --checkpoint sets the "
+           "model's shapes" if args.checkpoint is not None else None)
+  _fill_in(parser, args, RANDOM_REQUESTS, "for random requests only; with --prompt or "
+           "--prompt-ids the prompts given are the requests" if prompts else None)
+  _check_text_prompts(parser, args, [p for p in prompts if isinstance(p, str)])
   platform = jax.default_backend()
   dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
-  attention = MLAConfig(hidden_size=args.hidden, num_heads=args.heads)
-  config = ModelConfig(attention, num_layers=args.layers, vocab_size=args.vocab,
-                       intermediate_size=args.hidden * 11 // 4)
-  model = DemoModel(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(dtype),
-                    param_dtype=jnp.dtype(dtype))
+  t0 = time.perf_counter()
+  if args.checkpoint is None:
+    attention = MLAConfig(hidden_size=args.hidden, num_heads=args.heads)
+    config = ModelConfig(attention, num_layers=args.layers, vocab_size=args.vocab,
+                         intermediate_size=args.hidden * 11 // 4)
+    model = DemoModel(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(dtype),
+                      param_dtype=jnp.dtype(dtype))
+    tokenizer, bos_token_id = None, None
+    source = f"{_shapes(attention, args.layers, args.vocab)}, {dtype} weights"
+  else:
+    model, tokenizer, config = _load_checkpoint(parser, args.checkpoint, dtype)
+    attention, bos_token_id = config.attention, config.bos_token_id
+    experts = (f", {config.num_routed_experts} routed experts (top "
+               f"{config.num_experts_per_tok})" if config.num_routed_experts else "")
+    prompts_are = "text or token ids" if tokenizer is not None else "token ids (no tokenizer)"
+    source = (f"checkpoint {args.checkpoint} (loaded in {time.perf_counter() - t0:.1f} s; "
+              f"prompts: {prompts_are}): "
+              f"{_shapes(attention, config.num_layers, config.vocab_size)}{experts}, {dtype} "
+              f"weights")
 
   rng = np.random.default_rng(args.seed)
-  requests = make_requests(rng, args.requests, args.max_prompt_len, args.max_new_tokens,
-                           args.vocab)
+  if prompts:
+    requests = _given_requests(parser, prompts, tokenizer, bos_token_id, config.vocab_size,
+                               args.max_new_tokens)
+  else:
+    requests = make_requests(rng, args.requests, args.max_prompt_len, args.max_new_tokens,
+                             config.vocab_size)
   max_seq_len = max(r.max_cached_tokens for r in requests)
   worst = -(-max_seq_len // PAGE_SIZE)
   if args.num_blocks is not None and args.num_blocks < worst:
@@ -275,9 +420,7 @@ def main(argv=None, log=print) -> ServeStats:
   num_blocks = args.num_blocks or max(worst, -(-2 * args.batch_size * worst // 3))
 
   kernels, attn, reason = describe_attention(implementation)
-  log(f"jax_flashmla demo: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-      f"kv_lora 512, qk_nope 128, qk_rope 64, v_head 128, vocab {args.vocab}, {dtype} weights, "
-      f"bf16 cache")
+  log(f"jax_flashmla demo: {source}, bf16 cache")
   log(f"  {describe_package()}")
   log(f"  attention: {attn} (--implementation {args.implementation}) on "
       f"{jax.devices()[0].device_kind}" + (f"; not the CUDA kernels: {reason}" if reason else ""))
@@ -294,11 +437,10 @@ def main(argv=None, log=print) -> ServeStats:
   log(f"  compiled in {server.compile():.1f} s")
   stats = server.serve(requests)
 
-  for i, r in enumerate(requests[:4]):
-    shown = " ".join(map(str, r.output[:12]))
+  for i, r in enumerate(requests if prompts else requests[:SHOWN_REQUESTS]):
     log(f"  request {i:2d}: prompt {len(r.prompt):3d} tokens -> {len(r.output):3d} new: "
-        f"{shown}{' ...' if len(r.output) > 12 else ''}")
-  if kernels and not self_check(server.caches, args.heads, attention.softmax_scale,
+        f"{_shown(r.output, tokenizer)}")
+  if kernels and not self_check(server.caches, attention.num_heads, attention.softmax_scale,
                                 implementation, log):
     raise SystemExit("jax_flashmla demo: the self-check failed: the kernels and the pure-JAX "
                      "path disagree (the line above says where)")

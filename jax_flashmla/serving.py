@@ -63,7 +63,7 @@ def attention_heads(config) -> int:
   return int(attention.num_heads)
 
 
-def make_step(graphdef, implementation):
+def make_step(graphdef, implementation, *, return_logits: bool = False):
   """The jitted step: one chunk of tokens per row, caches donated, next tokens sampled.
 
   Args (of the returned function):
@@ -78,7 +78,9 @@ def make_step(graphdef, implementation):
     prev: `[b]` int32 last sampled tokens.
 
   Returns:
-    `(caches, next [b] int32)`, greedy; rows with `num_new == 0` keep `prev`.
+    `(caches, next [b] int32)`, greedy; rows with `num_new == 0` keep `prev`. With
+    `return_logits`, also the logits `next` was chosen from, `[b, vocab]` float32 (for callers
+    that score tokens, e.g. `jax_flashmla.models.deepseek.Generator`).
   """
 
   def step(state, caches, block_table, tokens, num_new, use_prev, restart, prev):
@@ -92,7 +94,8 @@ def make_step(graphdef, implementation):
     logits, caches = model(tokens, caches, num_new=num_new, metadata=metadata,
                            implementation=implementation)
     sampled = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return caches, jnp.where(num_new > 0, sampled, prev)
+    sampled = jnp.where(num_new > 0, sampled, prev)
+    return (caches, sampled, logits) if return_logits else (caches, sampled)
 
   return jax.jit(step, donate_argnums=(1,))
 
@@ -122,6 +125,18 @@ class Request:
   @property
   def max_cached_tokens(self) -> int:  # the last sampled token is never written to the cache
     return len(self.prompt) + self.max_new_tokens - 1
+
+
+def make_requests(rng: np.random.Generator, n: int, max_prompt_len: int, max_new_tokens: int,
+                  vocab_size: int) -> list[Request]:
+  """Random prompts of very different lengths (log-uniform in [4, max_prompt_len]) and budgets
+  (uniform in [max(1, max_new_tokens // 4), max_new_tokens]), token ids uniform in
+  [0, vocab_size)."""
+  lens = np.exp(rng.uniform(np.log(4), np.log(max_prompt_len), n)).round().astype(int)
+  lens[0] = max_prompt_len  # always one long prompt among short ones
+  news = rng.integers(max(1, max_new_tokens // 4), max_new_tokens + 1, n)
+  return [Request(rng.integers(0, vocab_size, int(p), dtype=np.int32), int(m))
+          for p, m in zip(lens, news, strict=True)]
 
 
 @dataclasses.dataclass

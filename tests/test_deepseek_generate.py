@@ -1,6 +1,6 @@
 """Generation with the DeepSeek decoder: `generate` (chunked prefill, then decode, in one jitted
-step over paged caches) against a single forward pass, the demo's serving loop driving the
-model, `load_for_serving` with and without a tokenizer, and the command line."""
+step over paged caches) against a single forward pass, the serving loop (`jax_flashmla.serving`)
+driving the model, `load_for_serving` with and without a tokenizer, and the command line."""
 
 import functools
 import json
@@ -17,6 +17,7 @@ nnx = pytest.importorskip("flax.nnx")
 pytest.importorskip("safetensors")
 
 from hlo_aliasing import aliased_parameters, parameters_named  # noqa: E402
+from jax_flashmla import serving  # noqa: E402
 from jax_flashmla.models import deepseek  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data" / "deepseek"
@@ -79,15 +80,14 @@ def test_generator_reuses_its_pages_and_compiled_steps():
     gen.run([np.zeros(3, np.int32)], 4, force_tokens=[[1, 2]])
 
 
-def test_the_demo_server_drives_the_model():
+def test_the_server_drives_the_model():
   # The serving loop needs only the call contract (tokens, caches, num_new, metadata,
   # implementation) and config.num_layers / config.attention.
-  from jax_flashmla import demo as loop
   model = _tiny_model()
-  requests = loop.make_requests(np.random.default_rng(2), 4, max_prompt_len=40,
-                                max_new_tokens=5, vocab_size=256)
-  server = loop.Server(model, batch_size=2, max_seq_len=45, num_blocks=2, chunk=16,
-                       implementation=None, log=lambda _: None)
+  requests = serving.make_requests(np.random.default_rng(2), 4, max_prompt_len=40,
+                                   max_new_tokens=5, vocab_size=256)
+  server = serving.Server(model, batch_size=2, max_seq_len=45, num_blocks=2, chunk=16,
+                          implementation=None, log=lambda _: None)
   stats = server.serve(requests)
   assert stats.tokens == sum(r.max_new_tokens for r in requests)
   # The same greedy tokens as generate() for the first request.
@@ -118,6 +118,9 @@ def test_load_for_serving_with_a_tokenizer(tmp_path):
   ids = deepseek.encode_prompt("hello world", loaded.tokenizer,
                                bos_token_id=loaded.config.bos_token_id)
   np.testing.assert_array_equal(ids, [0, 2, 3])
+  # encode_text takes digits as text (here unknown words); encode_prompt takes them as ids.
+  np.testing.assert_array_equal(deepseek.encode_text("3 hello", loaded.tokenizer, bos_token_id=0),
+                                [0, 4, 2])
 
 
 def test_command_line_random_served_and_checkpoint_generated():

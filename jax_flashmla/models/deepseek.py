@@ -24,10 +24,10 @@ experts not chosen). Exact, jit-friendly and bounded in memory, but `num_experts
 num_experts_per_tok` times the arithmetic of a grouped kernel: decode, which reads every expert's
 weights anyway once a batch routes to most of them, pays little; long prefills pay more.
 
-Call contract (that of `jax_flashmla.demo.DemoModel`, so a serving loop can drive either):
-`model(tokens [b, s], caches, num_new=, metadata=, implementation=, positions=)` returns the last
-token's logits `[b, vocab]` float32 and the updated per-layer `PagedKVCache`s; `model.config`
-has `num_layers` and `attention` (the `MLAConfig`).
+Call contract (that of `jax_flashmla.serving`, whose `Server` drives this model as it does the
+demo's): `model(tokens [b, s], caches, num_new=, metadata=, implementation=, positions=)` returns
+the last token's logits `[b, vocab]` float32 and the updated per-layer `PagedKVCache`s;
+`model.config` has `num_layers` and `attention` (the `MLAConfig`).
 
 `python -m jax_flashmla.models.deepseek --random v2-lite` times greedy generation on a
 random-weight DeepSeek-V2-Lite-shaped model; `--checkpoint DIR` runs a checkpoint.
@@ -54,15 +54,16 @@ try:
 except ImportError as e:  # flax is an optional dependency of jax_flashmla
   raise ImportError("jax_flashmla.models needs Flax: pip install 'jax_flashmla[models]'") from e
 
+from jax_flashmla import serving
 from jax_flashmla.allocator import PageAllocator
 from jax_flashmla.cache import PagedKVCache
 from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention
-from jax_flashmla.metadata import get_mla_metadata
 from jax_flashmla.models import hf
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 IMPLEMENTATIONS = {"auto": None, "cuda": "cuda", "xla": "xla"}
+TOKENIZER_FILE = "tokenizer.json"  # in a checkpoint directory, for text prompts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,32 +582,6 @@ def from_pretrained(directory, *, param_dtype=None, dtype=None,
 # Generation
 # ------------------------------------------------------------------------------------------------
 
-def make_step(graphdef, implementation):
-  """The jitted step of `Generator` (the demo's step, plus the logits).
-
-  Args (of the returned function): `state`, `caches` (donated), `block_table [b, max_blocks]`,
-  `tokens [b, s]` left-padded, `num_new [b]`, `use_prev [b]` (the row's one new token is `prev`),
-  `restart [b]` (the row starts over), `prev [b]` int32 last sampled tokens.
-
-  Returns:
-    `(caches, next [b] int32 greedy (prev where num_new == 0), logits [b, vocab] float32)`.
-  """
-
-  def step(state, caches, block_table, tokens, num_new, use_prev, restart, prev):
-    model = nnx.merge(graphdef, state)
-    caches = tuple(c.replace(block_table=block_table).reset(restart) for c in caches)
-    tokens = tokens.at[:, -1].set(jnp.where(use_prev, prev, tokens[:, -1]))
-    heads = model.config.attention.num_heads
-    metadata = get_mla_metadata(caches[0].lengths + num_new, tokens.shape[1] * heads, 1,
-                                implementation=implementation)
-    logits, caches = model(tokens, caches, num_new=num_new, metadata=metadata,
-                           implementation=implementation)
-    sampled = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return caches, jnp.where(num_new > 0, sampled, prev), logits
-
-  return jax.jit(step, donate_argnums=(1,))
-
-
 @dataclasses.dataclass
 class Generation:
   """What `generate` returns.
@@ -630,10 +605,11 @@ class Generation:
 class Generator:
   """Greedy generation for a batch of prompts over per-layer paged caches and one page pool.
 
-  One jitted step (`make_step`, caches donated), compiled for two shapes: `[b, chunk]` while
-  prompts are read (each row's next chunk, left-padded; rows already done wait), `[b, 1]` for
-  decode (every row feeds back its last token on the device). Pages come from a
-  `PageAllocator` as sequences grow and go back before the next `run`.
+  One jitted step (the serving loop's, `jax_flashmla.serving.make_step`, returning the logits
+  too; caches donated), compiled for two shapes: `[b, chunk]` while prompts are read (each row's
+  next chunk, left-padded; rows already done wait), `[b, 1]` for decode (every row feeds back its
+  last token on the device). Pages come from a `PageAllocator` as sequences grow and go back
+  before the next `run`.
 
   Args:
     model: a `DeepseekForCausalLM` (or any model with the same call contract).
@@ -655,7 +631,7 @@ class Generator:
         PagedKVCache.create(batch_size, max_seq_len, num_blocks=batch_size * pages,
                             dtype=cache_dtype) for _ in range(model.config.num_layers))
     self.allocator = PageAllocator.for_cache(self.caches[0])
-    self._step = make_step(self.graphdef, implementation)
+    self._step = serving.make_step(self.graphdef, implementation, return_logits=True)
     self._compiled = {}
 
   def _args(self, tokens, num_new, use_prev, restart, prev):
@@ -805,7 +781,7 @@ class ServingCheckpoint(NamedTuple):
 def load_tokenizer(directory):
   """The checkpoint's `tokenizer.json` as a `tokenizers.Tokenizer`, or None when the file is
   missing or the `tokenizers` package is not installed."""
-  path = pathlib.Path(directory) / "tokenizer.json"
+  path = pathlib.Path(directory) / TOKENIZER_FILE
   if not path.is_file():
     return None
   try:
@@ -842,7 +818,13 @@ def encode_prompt(prompt: str, tokenizer=None, *, bos_token_id: int | None = Non
   if tokenizer is None:
     raise ValueError(f"prompt: expected token ids (e.g. '1,2,3') without a tokenizer, got "
                      f"{prompt[:40]!r}")
-  ids = list(tokenizer.encode(prompt).ids)
+  return encode_text(prompt, tokenizer, bos_token_id=bos_token_id)
+
+
+def encode_text(text: str, tokenizer, *, bos_token_id: int | None = None) -> np.ndarray:
+  """`tokenizer`'s token ids of `text`, digits included, with `bos_token_id` put first unless
+  the tokenizer already did."""
+  ids = list(tokenizer.encode(text).ids)
   if bos_token_id is not None and (not ids or ids[0] != bos_token_id):
     ids = [bos_token_id] + ids
   return np.array(ids, np.int32)
@@ -869,8 +851,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", default=None,
                  help="(with --checkpoint) one prompt: token ids '1,2,3' or text (tokenizer.json)")
   p.add_argument("--serve", type=int, default=0, metavar="N",
-                 help="instead: the demo's serving loop on N requests of 4..prompt-len tokens and "
-                      "up to new-tokens new ones, batch-size slots")
+                 help="instead: the serving loop (jax_flashmla.serving) on N requests of "
+                      "4..prompt-len tokens and up to new-tokens new ones, batch-size slots")
   p.add_argument("--implementation", choices=sorted(IMPLEMENTATIONS), default="auto",
                  help="attention; auto: CUDA kernels on Hopper, pure-JAX reference elsewhere")
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -880,16 +862,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(model, args, implementation, rng, log):
-  """The demo's continuous-batching loop (ragged prompts, chunked prefill, pages reused)."""
-  from jax_flashmla import demo  # the demo's Server drives any model with the call contract
-
-  requests = demo.make_requests(rng, args.serve, args.prompt_len, args.new_tokens,
-                                model.config.vocab_size)
+  """The continuous-batching loop (`jax_flashmla.serving.Server`: ragged prompts, chunked
+  prefill, pages reused) on random requests."""
+  requests = serving.make_requests(rng, args.serve, args.prompt_len, args.new_tokens,
+                                   model.config.vocab_size)
   max_seq_len = max(r.max_cached_tokens for r in requests)
   pages = -(-max_seq_len // 64)
-  server = demo.Server(model, batch_size=args.batch_size, max_seq_len=max_seq_len,
-                       num_blocks=args.batch_size * pages, chunk=args.chunk,
-                       implementation=implementation, log=log, log_every=50)
+  server = serving.Server(model, batch_size=args.batch_size, max_seq_len=max_seq_len,
+                          num_blocks=args.batch_size * pages, chunk=args.chunk,
+                          implementation=implementation, log=log, log_every=50)
   log(f"  serving {args.serve} requests over {args.batch_size} slots (prompts of 4.."
       f"{args.prompt_len} tokens, up to {args.new_tokens} new); attention: "
       f"{args.implementation} on {jax.devices()[0].device_kind}; bf16 cache")
@@ -902,7 +883,8 @@ def _serve(model, args, implementation, rng, log):
 
 
 def main(argv=None, log=print):
-  """The command line; returns the `Generation` (or the demo's `ServeStats` with --serve)."""
+  """The command line; returns the `Generation` (or the serving loop's `ServeStats` with
+  --serve)."""
   args = _parser().parse_args(argv)
   implementation = IMPLEMENTATIONS[args.implementation]
   on_gpu = jax.default_backend() == "gpu"
