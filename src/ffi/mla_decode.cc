@@ -3,14 +3,15 @@
 // Operands                                    Results
 //   q                     E[b, s_q, h_q, 576]        out       E[b, s_q, h_q, 512]
 //   k_cache               E[nb, 64, h_kv, 576]       lse       F32[b, h_q, s_q]
+//                      or U8[nb, 64, h_kv, 656]  (FP8 rows, params.h; F8E4M3FN accepted too)
 //   block_table           S32[b, max_blocks]         lse_accum F32[b + P, h_kv, q_rows]
 //   cache_seqlens         S32[b]                     o_accum   F32[b + P, h_kv, q_rows, 512]
 //   tile_scheduler_metadata S32[P, 8]
 //   num_splits            S32[b + 1]
 // Attributes: softmax_scale (f32), causal (pred). q_rows = s_q * h_q / h_kv.
-// E is BF16 or F16, the same for q, k_cache and out. The three are decoded as untyped buffers and
-// their dtypes checked here, so that the target name (and programs exported with BF16 before F16
-// existed) stays the same.
+// E is BF16 or F16, the same for q, k_cache and out; with an FP8 cache (recognised by its byte
+// dtype) E is BF16. The three are decoded as untyped buffers and their dtypes checked here, so
+// that the target name (and programs exported before F16 and FP8 existed) stays the same.
 //
 // lse_accum / o_accum are the split-KV partials. They are results rather than scratch because
 // XLA's scratch memory is released when the handler returns, before the kernels have run.
@@ -55,7 +56,17 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
     default:
       return Invalid("q must have dtype BF16 or F16, got " + DataTypeName(q.element_type()));
   }
-  JFM_RETURN_IF_ERROR(CheckDtypeOfQ(kTarget, "k_cache", k_cache.element_type(), q.element_type()));
+  // A byte cache holds FP8 rows; the kernels read them against a bf16 query.
+  const bool fp8 = k_cache.element_type() == ffi::DataType::U8 ||
+                   k_cache.element_type() == ffi::DataType::F8E4M3FN;
+  if (fp8 && elem_type != ElemType::kBF16) {
+    return Invalid("q must have dtype BF16 with an FP8 cache, got " +
+                   DataTypeName(q.element_type()));
+  }
+  if (!fp8) {
+    JFM_RETURN_IF_ERROR(
+        CheckDtypeOfQ(kTarget, "k_cache", k_cache.element_type(), q.element_type()));
+  }
   JFM_RETURN_IF_ERROR(CheckDtypeOfQ(kTarget, "out", out->element_type(), q.element_type()));
   JFM_RETURN_IF_ERROR(CheckRank(kTarget, "q", q.dimensions(), 4));
   JFM_RETURN_IF_ERROR(CheckRank(kTarget, "k_cache", k_cache.dimensions(), 4));
@@ -87,7 +98,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
   JFM_RETURN_IF_ERROR(CheckDims(kTarget, "q", q_dims, {b, s_q, h_q, kHeadDimK}));
   JFM_RETURN_IF_ERROR(CheckDims(kTarget, "k_cache", k_dims, {num_blocks, kPageSize, h_kv,
-                                                             kHeadDimK}));
+                                                             fp8 ? kFp8RowBytes : kHeadDimK}));
   JFM_RETURN_IF_ERROR(
       CheckDims(kTarget, "block_table", block_table.dimensions(), {b, max_blocks}));
   JFM_RETURN_IF_ERROR(CheckDims(kTarget, "cache_seqlens", cache_seqlens.dimensions(), {b}));
@@ -140,6 +151,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   params.scale_log2 = softmax_scale * 1.4426950408889634f;  // log2(e)
   params.causal = causal;
   params.elem_type = elem_type;
+  params.cache_format = fp8 ? CacheFormat::kFp8 : CacheFormat::kRows;
   return CudaStatusToError(launch_decode(params, stream), "mla_decode kernel launch");
 }
 
@@ -149,7 +161,7 @@ XLA_FFI_DEFINE_HANDLER(kMlaDecode, MlaDecodeImpl,
                        ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Arg<ffi::AnyBuffer>()            // q: BF16 or F16
-                           .Arg<ffi::AnyBuffer>()            // k_cache: q's dtype
+                           .Arg<ffi::AnyBuffer>()            // k_cache: q's dtype, or FP8 rows
                            .Arg<ffi::BufferR2<ffi::S32>>()   // block_table
                            .Arg<ffi::BufferR1<ffi::S32>>()   // cache_seqlens
                            .Arg<ffi::BufferR2<ffi::S32>>()   // tile_scheduler_metadata

@@ -48,6 +48,11 @@ nb::dict BuildInfo() {
   dtypes.append("bfloat16");
   dtypes.append("float16");
   info["kernel_dtypes"] = dtypes;
+  // The cache formats the kernels read (CacheFormat in params.h): rows of q's dtype, FP8 rows.
+  nb::list formats;
+  formats.append("bf16");
+  formats.append("fp8");
+  info["kv_formats"] = formats;
 #else
   info["cuda"] = false;
   info["cuda_version"] = nb::none();
@@ -74,6 +79,10 @@ nb::dict Constants() {
   c["fixed_overhead_blocks"] = jfm::kFixedOverheadBlocks;
   c["metadata_target"] = jfm::kMlaMetadataTarget;
   c["decode_target"] = jfm::kMlaDecodeTarget;
+  c["fp8_row_bytes"] = jfm::kFp8RowBytes;
+  c["fp8_scale_offset"] = jfm::kFp8ScaleOffset;
+  c["fp8_rope_offset"] = jfm::kFp8RopeOffset;
+  c["fp8_tile_cols"] = jfm::kFp8TileCols;
   return c;
 }
 
@@ -85,9 +94,10 @@ NB_MODULE(_ext, m) {
         "Dict of XLA FFI target name -> PyCapsule handler (empty without CUDA).");
   m.def("build_info", &BuildInfo,
         "Dict describing this build: cuda, cuda_version, cuda_archs, kernel_dtypes (CUDA "
-        "builds), xla_ffi_api, jaxlib_headers.");
+        "builds), kv_formats (CUDA builds), xla_ffi_api, jaxlib_headers.");
   m.def("constants", &Constants,
         "Dict of the layout constants the kernels are built with: head_dim_k, head_dim_v, "
         "page_size, block_m, max_sm_parts, sched_record_ints, fixed_overhead_blocks, "
-        "metadata_target, decode_target.");
+        "metadata_target, decode_target, fp8_row_bytes, fp8_scale_offset, fp8_rope_offset, "
+        "fp8_tile_cols.");
 }

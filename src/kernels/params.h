@@ -3,6 +3,8 @@
 // Layout contract (all row-major, contiguous):
 //   q            [b, s_q, h_q, 576]          E
 //   k_cache      [num_blocks, 64, h_kv, 576] E      (V is columns 0..511 of the same rows)
+//                or, in the FP8 format (CacheFormat::kFp8), [num_blocks, 64, h_kv, 656] bytes,
+//                rows laid out as described at kFp8RowBytes below; then E is bf16
 //   block_table  [b, max_blocks]             int32
 //   seqlens      [b]                         int32
 //   sched        [num_sm_parts]              SchedRecord (8 int32 each)
@@ -34,6 +36,16 @@ constexpr int kPageSize = 64;    // tokens per KV page; also the N tile of the k
 constexpr int kBlockM = 64;      // query rows per CTA (the wgmma M)
 constexpr int kFixedOverheadBlocks = 5;  // scheduler's per-request cost, in pages
 constexpr int kMaxSplits = 160;  // combine handles up to this many splits of one request
+
+// The FP8 cache row (DeepSeek-V3.2's layout, as FlashMLA's sparse decode reads it), per token and
+// kv head: bytes [0, 512) the 512 latent values as float8_e4m3fn, in four tiles of 128 columns;
+// [512, 528) four float32 scales, one per tile (powers of two, so value = fp8 * scale is exact in
+// bf16); [528, 656) the 64 RoPE columns as bf16, not quantized.
+constexpr int kFp8RowBytes = 656;
+constexpr int kFp8ScaleOffset = 512;
+constexpr int kFp8RopeOffset = 528;
+constexpr int kFp8TileCols = 128;
+constexpr int kFp8NumScales = kHeadDimV / kFp8TileCols;  // 4
 
 // One CTA's ("sm part's") share of the work, written by the scheduler kernel.
 // The part covers requests begin_req..end_req (inclusive). Its pages are
@@ -85,9 +97,13 @@ struct SchedParams {
 // the wgmma operand type, the rounding of P and of the output, and the TMA descriptor's type.
 enum class ElemType : uint8_t { kBF16 = 0, kF16 = 1 };
 
+// The layout of k_cache's rows: 576 elements of elem_type, or the 656-byte FP8 row above (read
+// with elem_type bf16: the kernels dequantize it into bf16 tiles and run the bf16 path).
+enum class CacheFormat : uint8_t { kRows = 0, kFp8 = 1 };
+
 struct DecodeParams {
   const void* q;            // elem_type
-  const void* k_cache;      // elem_type
+  const void* k_cache;      // elem_type rows, or FP8 rows (cache_format)
   const int32_t* block_table;
   const int32_t* seqlens;
   const SchedRecord* sched;
@@ -108,6 +124,7 @@ struct DecodeParams {
   float scale_log2;         // scale * log2(e)
   bool causal;
   ElemType elem_type;       // one byte, in what was the tail padding: no offset moved
+  CacheFormat cache_format; // likewise
 };
 
 // Run-time value rules shared by every kernel and by the pure-JAX reference, so that values no

@@ -7,8 +7,8 @@
 #   wide      decode_wide_kernel<bf16> (was decode_main_sm90_kernel)
 #   narrow16  decode_narrow_kernel<16, bf16>     narrow32  decode_narrow_kernel<32, bf16>
 #             (were decode_narrow_sm90_kernel<16|32>)
-# The f16 instantiations have roles of their own (wide_f16, ...): compared when both binaries
-# have them, listed otherwise.
+# The f16 and FP8-cache instantiations have roles of their own (wide_f16, wide_fp8, ...): compared
+# when both binaries have them, listed otherwise.
 # Per kernel, the instruction stream with its encodings (so scheduling control bits count too)
 # is compared after dropping each line's address column (branch targets are offsets inside the
 # function and stay), then the resource usage (registers, shared memory, parameter constants).
@@ -31,6 +31,7 @@ role_awk='
     if (name ~ /decode_narrow(_sm90)?_kernelILi16E/) r = "narrow16"
     if (name ~ /decode_narrow(_sm90)?_kernelILi32E/) r = "narrow32"
     if (r == "") return name
+    if (name ~ /Fp8TensorMaps/) return r "_fp8"
     return name ~ /6__half/ ? r "_f16" : r
   }'
 

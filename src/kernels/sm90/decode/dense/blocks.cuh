@@ -9,6 +9,7 @@
 
 #include "kernels/common/split_kv.cuh"
 #include "kernels/params.h"
+#include "kernels/sm90/decode/dense/fp8_cache.cuh"
 #include "kernels/sm90/decode/dense/traits.h"
 #include "kernels/sm90/ptx.cuh"
 #include "kernels/sm90/tile_geometry.h"
@@ -46,12 +47,14 @@ __device__ __forceinline__ ThreadPos thread_pos() {
 // prefetched, then, after the previous kernel (PDL), this part's record. False if the record has
 // no work, or is one no scheduler writes (the records are a run-time input): never index the
 // batch with a negative request.
-__device__ __forceinline__ bool start_part(const CUtensorMap* tmap, const DecodeParams& p,
+// Maps: the cache's tensor map(s), CUtensorMap or Fp8TensorMaps.
+template <class Maps>
+__device__ __forceinline__ bool start_part(const Maps* maps, const DecodeParams& p,
                                            uint32_t bars, int part, SchedRecord& rec) {
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2 * T::kNumKTiles; ++i) mbar_init(bars + 8 * i, 1);
     fence_mbar_init();
-    prefetch_tensormap(tmap);
+    prefetch_maps(maps);
   }
   __syncthreads();
   // Everything above may overlap the previous kernel (PDL); reads of its outputs may not.
@@ -84,6 +87,15 @@ __device__ __forceinline__ void issue_group(const CUtensorMap* tmap, uint32_t s_
                   pi.kv_id, policy);
     }
   }
+}
+
+// Starts the loads of the K tiles in `tile_mask` of a bf16 page into a buffer (the FP8 twin is
+// in fp8_cache.cuh; the scale area is the FP8 form's only).
+__device__ __forceinline__ void load_group(const CUtensorMap* map, uint32_t s_buf, uint32_t,
+                                           uint32_t bars, const PageInfo& pi, int hk,
+                                           uint32_t tile_mask, uint64_t policy) {
+  expect_group(bars, pi, tile_mask);
+  issue_group(map, s_buf, bars, pi, hk, tile_mask, policy);
 }
 
 // Used by the building-block test: all nine tiles of one page.
@@ -292,7 +304,8 @@ __device__ __forceinline__ void zero_tail_v_rows(uint32_t s_buf, int tile0, int 
 // mma(q, k, scale_d) issues one k16 step given the descriptors of the Q and K slices (both
 // K-major; Q tiles are kQTileBytes apart). The V tiles are taken from kFirstTile on (wrapping),
 // the RoPE tile last.
-template <int kFirstTile, int kQTileBytes, class Mma>
+// kWait = false: the tiles are known to be in place (FP8 pages, dequantized by this group).
+template <int kFirstTile, int kQTileBytes, bool kWait = true, class Mma>
 __device__ __forceinline__ void qk_tiles(uint32_t sQ, uint32_t s_buf, uint32_t bars,
                                          uint32_t phase, Mma mma) {
   const uint64_t dq = make_desc_sw128(sQ, kDescKMajorLbo, kDescSbo);
@@ -301,7 +314,7 @@ __device__ __forceinline__ void qk_tiles(uint32_t sQ, uint32_t s_buf, uint32_t b
 #pragma unroll
   for (int i = 0; i < T::kNumKTiles; ++i) {
     const int t = i < T::kNumVTiles ? (i + kFirstTile) % T::kNumVTiles : i;
-    mbar_wait(bars + 8 * t, phase);
+    if (kWait) mbar_wait(bars + 8 * t, phase);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       mma(desc_advance(dq, t * kQTileBytes + kk * kKStepKMajor),
@@ -313,10 +326,10 @@ __device__ __forceinline__ void qk_tiles(uint32_t sQ, uint32_t s_buf, uint32_t b
 
 // S = Q K^T for one page buffer of elements E. The V tiles are taken from kFirstTile on: the
 // order in which the warpgroups refilled them.
-template <class E, int kFirstTile = 0>
+template <class E, int kFirstTile = 0, bool kWait = true>
 __device__ __forceinline__ void qk_page(float (&s)[32], uint32_t sQ, uint32_t s_buf,
                                         uint32_t bars, uint32_t phase) {
-  qk_tiles<kFirstTile, kTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
+  qk_tiles<kFirstTile, kTileBytes, kWait>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
     wgmma_m64n64k16_ss<E>(s, q, k, sd);
   });
 }

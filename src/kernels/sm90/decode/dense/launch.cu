@@ -1,14 +1,12 @@
-// Host side of the sm90 dense decode kernels (wide and narrow): the TMA descriptor of the paged
-// cache, the choice of kernel, and the launch.
+// Host side of the sm90 dense decode kernels (wide and narrow) over a cache of bf16 / f16 rows: the
+// TMA descriptor of the paged cache and the launch (an FP8 cache goes to launch_fp8.cu).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/common/launch_utils.h"
 #include "kernels/sm90/decode/dense/launch.h"
-#include "kernels/sm90/decode/dense/narrow.cuh"
-#include "kernels/sm90/decode/dense/wide.cuh"
+#include "kernels/sm90/decode/dense/launch_kernels.cuh"
 #include "kernels/sm90/tensor_map.h"
 
 namespace jax_flashmla {
@@ -58,37 +56,14 @@ cudaError_t read_cta_timing_sm90(unsigned long long* host, size_t ctas) {
 }
 #endif
 
-namespace {
-
-// The kernel for these shapes, instantiated for element type E, on its grid.
-template <class E>
-cudaError_t launch_dense(const CUtensorMap& map, const DecodeParams& params, cudaStream_t stream,
-                         bool programmatic_dependent, bool allow_narrow) {
-  LaunchShape shape;
-  shape.grid = dim3(params.num_m_blocks, params.h_kv, params.num_sm_parts);
-  shape.block = dim3(sm90::DenseTraits::kThreads);  // the same for all three kernels
-  // At most 16 or 32 query rows per kv head: the transposed kernel (narrow.cuh).
-  if (allow_narrow && params.q_rows <= 16) {
-    shape.smem_bytes = sm90::NarrowTraits<16>::kSmemBytes;
-    return launch_kernel<sm90::decode_narrow_kernel<16, E>>(shape, programmatic_dependent,
-                                                             stream, map, params);
-  }
-  if (allow_narrow && params.q_rows <= 32) {
-    shape.smem_bytes = sm90::NarrowTraits<32>::kSmemBytes;
-    return launch_kernel<sm90::decode_narrow_kernel<32, E>>(shape, programmatic_dependent,
-                                                             stream, map, params);
-  }
-  shape.smem_bytes = sm90::WideTraits::kSmemBytes;
-  return launch_kernel<sm90::decode_wide_kernel<E>>(shape, programmatic_dependent, stream, map,
-                                                    params);
-}
-
-}  // namespace
 
 cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
                                      bool programmatic_dependent, bool allow_narrow) {
   if (params.b <= 0 || params.num_sm_parts <= 0 || params.num_m_blocks <= 0 || params.h_kv <= 0) {
     return cudaSuccess;  // nothing to do
+  }
+  if (params.cache_format == CacheFormat::kFp8) {
+    return launch_dense_decode_fp8_sm90(params, stream, programmatic_dependent, allow_narrow);
   }
   // Encoded on every call: it costs ~0.1 us of the host's ~8 us per call (bench_kernels --floor,
   // H200), and a call's floor is GPU time (benchmarks/NOTES.md, v3.8).
@@ -97,10 +72,11 @@ cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t st
   if (err != cudaSuccess) return err;
   switch (params.elem_type) {
     case ElemType::kBF16:
-      return launch_dense<__nv_bfloat16>(map, params, stream, programmatic_dependent,
-                                         allow_narrow);
+      return sm90::launch_dense<__nv_bfloat16>(map, params, stream, programmatic_dependent,
+                                               allow_narrow);
     case ElemType::kF16:
-      return launch_dense<__half>(map, params, stream, programmatic_dependent, allow_narrow);
+      return sm90::launch_dense<__half>(map, params, stream, programmatic_dependent,
+                                        allow_narrow);
   }
   return cudaErrorInvalidValue;
 }

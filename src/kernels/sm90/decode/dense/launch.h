@@ -25,6 +25,12 @@ namespace jax_flashmla {
 cudaError_t launch_dense_decode_sm90(const DecodeParams& params, cudaStream_t stream,
                                      bool programmatic_dependent = true, bool allow_narrow = true);
 
+// The same for an FP8 cache (params.cache_format == kFp8, elem_type bf16): the kernels
+// instantiated for it, with its three TMA descriptors (launch_fp8.cu). launch_dense_decode_sm90
+// forwards FP8 calls here.
+cudaError_t launch_dense_decode_fp8_sm90(const DecodeParams& params, cudaStream_t stream,
+                                         bool programmatic_dependent, bool allow_narrow);
+
 // The TMA descriptor of k_cache the kernels take (exposed for tests of the building blocks and
 // the host-cost benchmark).
 cudaError_t make_kcache_tensor_map_sm90(CUtensorMap* map, const DecodeParams& params);

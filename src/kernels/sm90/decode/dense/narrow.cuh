@@ -94,10 +94,10 @@ __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const Sch
 }
 
 // S^T = K Q^T for one page buffer.
-template <class NT, class E>
+template <class NT, class E, bool kWait>
 __device__ __forceinline__ void qk_narrow(float (&s)[NT::kAcc], uint32_t sQ, uint32_t s_buf,
                                           uint32_t bars, uint32_t phase) {
-  qk_tiles<0, NT::kQTileBytes>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
+  qk_tiles<0, NT::kQTileBytes, kWait>(sQ, s_buf, bars, phase, [&](uint64_t q, uint64_t k, int sd) {
     mma_kq<E>(s, k, q, sd);
   });
 }
@@ -122,17 +122,16 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][NT::kAcc], uint32_t s_p,
 }
 
 // Run by a whole warpgroup once each warp's last read of some tiles of its buffer has retired:
-// all four warps meet, then the leader starts the next page's tiles. (Letting three warps only
-// arrive, so that just the leader's warp waits, measured the same speed.)
-__device__ __forceinline__ void release_tiles(int bar, bool leader,
-                                              const CUtensorMap* tmap, uint32_t s_buf,
-                                              uint32_t bars, const PageInfo& next, int hk,
-                                              uint32_t mask, uint64_t policy) {
+// all four warps meet, then the leader starts the next page's tiles (FP8: its loads of them,
+// fp8_cache.cuh). (Letting three warps only arrive, so that just the leader's warp waits,
+// measured the same speed.)
+template <class Maps>
+__device__ __forceinline__ void release_tiles(int bar, bool leader, const Maps* maps,
+                                              uint32_t s_buf, uint32_t s_scales, uint32_t bars,
+                                              const PageInfo& next, int hk, uint32_t mask,
+                                              uint64_t policy) {
   named_bar_sync(bar, T::kWarpgroupThreads);
-  if (leader) {
-    expect_group(bars, next, mask);
-    issue_group(tmap, s_buf, bars, next, hk, mask, policy);
-  }
+  if (leader) load_group(maps, s_buf, s_scales, bars, next, hk, mask, policy);
 }
 
 // Fragment coordinates (m64nN accumulator, register 4j + 2i + e of a thread): M index
@@ -140,12 +139,14 @@ __device__ __forceinline__ void release_tiles(int bar, bool leader,
 // (a query row). The thread's N/4 query rows are indexed k = 2j + e below.
 __device__ __forceinline__ int frag_row(int q4, int k) { return 8 * (k >> 1) + 2 * q4 + (k & 1); }
 
-// kRows: N, 16 or 32; E: the element type of q, k_cache and out (__nv_bfloat16 or __half).
-template <int kRows, class E>
+// kRows: N, 16 or 32; E: the element type of q, k_cache and out (__nv_bfloat16 or __half);
+// Maps: CUtensorMap for a cache of E rows, Fp8TensorMaps for the FP8 cache (E = bf16).
+template <int kRows, class E, class Maps = CUtensorMap>
 __global__ void __launch_bounds__(T::kThreads, 1)
-    decode_narrow_kernel(const __grid_constant__ CUtensorMap tmap_k,
+    decode_narrow_kernel(const __grid_constant__ Maps tmap_k,
                          const __grid_constant__ DecodeParams p) {
   using NT = NarrowTraits<kRows>;
+  constexpr bool kFp8 = kIsFp8Maps<Maps>;
   constexpr int kAcc = NT::kAcc;
   constexpr int kThreadRows = NT::kThreadRows;
   JFM_CTA_TIMING();
@@ -164,6 +165,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const uint32_t s_buf = base + NT::kOffK + wg * T::kPageBytes;
   const uint32_t s_p = base + NT::kOffP + wg * NT::kQTileBytes;
   const uint32_t bars = base + NT::kOffBars + wg * 8 * T::kNumKTiles;
+  const uint32_t s_scales = base + NT::kOffFp8Scales + wg * T::kFp8ScaleAreaBytes;  // FP8 only
   float* s_red = reinterpret_cast<float*>(smem + NT::kOffRed) + wg * 4 * NT::kRows;
   float* s_sum = reinterpret_cast<float*>(smem + NT::kOffSum);
   float* s_max = reinterpret_cast<float*>(smem + NT::kOffMax);
@@ -178,8 +180,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   if (leader) {  // each group starts the first page of its own sequence
     PageInfo first;
     if (first_page_from(p, rec, rec.begin_req, wg, first)) {
-      expect_group(bars, first, kAllTiles);
-      issue_group(&tmap_k, s_buf, bars, first, hk, kAllTiles, policy);
+      load_group(&tmap_k, s_buf, s_scales, bars, first, hk, kAllTiles, policy);
     }
   }
 
@@ -231,13 +232,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
       }
       if (!pi.loaded) {  // no load was issued for this page: the buffer is free already
-        if (leader) {
-          expect_group(bars, next, kAllTiles);
-          issue_group(&tmap_k, s_buf, bars, next, hk, kAllTiles, policy);
-        }
+        if (leader) load_group(&tmap_k, s_buf, s_scales, bars, next, hk, kAllTiles, policy);
       } else {
+        if constexpr (kFp8) {
+          dequant_page(s_buf, s_scales, bars, phase, tid_wg, NT::bar_group(wg));
+        }
         float s[kAcc];
-        qk_narrow<NT, E>(s, sQ, s_buf, bars, phase);
+        qk_narrow<NT, E, !kFp8>(s, sQ, s_buf, bars, phase);
         wgmma_wait<0>();
         reg_fence(s);
         if (pi.need_mask) {
@@ -268,10 +269,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         }
         named_bar_sync(NT::bar_group(wg), T::kWarpgroupThreads);
         // Every warp's S^T wgmmas have retired: the RoPE tile is free.
-        if (leader) {
-          expect_group(bars, next, 1u << 8);
-          issue_group(&tmap_k, s_buf, bars, next, hk, 1u << 8, policy);
-        }
+        if (leader) load_group(&tmap_k, s_buf, s_scales, bars, next, hk, 1u << 8, policy);
         float m_new[kThreadRows], sc[kThreadRows], psum[kThreadRows];
 #pragma unroll
         for (int k = 0; k < kThreadRows; ++k) {
@@ -319,10 +317,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         pv_narrow<NT, E>(o, s_p, s_buf);
         wgmma_wait<1>();
         for (int mb = 0; mb < 4; ++mb) reg_fence(o[mb]);
-        release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, bars, next, hk, 0x0Fu, policy);
+        release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, s_scales, bars, next, hk, 0x0Fu,
+                      policy);
         wgmma_wait<0>();
         for (int mb = 4; mb < 8; ++mb) reg_fence(o[mb]);
-        release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, bars, next, hk, 0xF0u, policy);
+        release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, s_scales, bars, next, hk, 0xF0u,
+                      policy);
         phase ^= 1u;
       }
     }

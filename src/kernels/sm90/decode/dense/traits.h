@@ -24,6 +24,9 @@ struct DenseTraits {
   // The running row max moves only when a page's max exceeds it by more than this (log2 domain),
   // so P = 2^(S - m) stays at most 2^8: exact enough in bf16, far from overflow in fp32.
   static constexpr float kMaxSlack = 8.f;
+
+  // FP8 cache: the scales of one page buffer (64 tokens x 4 floats), beside the buffer.
+  static constexpr int kFp8ScaleAreaBytes = kPageSize * kFp8NumScales * 4;
 };
 
 static_assert(kBlockM == kTileRows && kPageSize == kTileRows,
@@ -49,6 +52,10 @@ struct WideTraits : DenseTraits {
   static constexpr int kOffBars = kOffRowSum + 512;        // uint64[2][9]: tile loaded ("full")
   static constexpr int kSmemUsed = kOffBars + 2 * kNumKTiles * 8;
   static constexpr int kSmemBytes = kSmemUsed + 1024;      // slack to align the base to 1024
+  // FP8 cache (fp8_cache.cuh): each buffer's 64 x 4 float scales after the rest.
+  // (TMA writes it: 128-byte aligned.)
+  static constexpr int kOffFp8Scales = (kSmemUsed + 127) / 128 * 128;  // float[2][64][4]
+  static constexpr int kSmemBytesFp8 = kOffFp8Scales + 2 * kFp8ScaleAreaBytes + 1024;
 
   // The P tile of page buffer i lives in K tile kPTile of that buffer.
   static constexpr int kPTile = 8;
@@ -66,7 +73,7 @@ struct WideTraits : DenseTraits {
   static constexpr int kBarWg1 = 4;       // WG1 internal
 };
 
-static_assert(WideTraits::kSmemBytes <= 227 * 1024, "shared memory plan too large");
+static_assert(WideTraits::kSmemBytesFp8 <= 227 * 1024, "shared memory plan too large");
 
 // The narrow kernel (narrow.cuh): N = 16 or 32 query rows on wgmma's N.
 template <int kRows_>
@@ -90,7 +97,10 @@ struct NarrowTraits : DenseTraits {
   static constexpr int kOffBars = kOffFinal + 2 * kRows * 4;               // uint64[2][9]
   static constexpr int kOffStale = kOffBars + 2 * kNumKTiles * 8;          // int32: stale record
   static constexpr int kSmemBytes = kOffStale + 16 + 1024;
-  static_assert(kSmemBytes <= 227 * 1024, "narrow kernel: shared memory plan too large");
+  // FP8 cache (fp8_cache.cuh): each group's 64 x 4 float scales after the rest.
+  static constexpr int kOffFp8Scales = (kOffStale + 16 + 127) / 128 * 128;  // float[2][64][4]
+  static constexpr int kSmemBytesFp8 = kOffFp8Scales + 2 * kFp8ScaleAreaBytes + 1024;
+  static_assert(kSmemBytesFp8 <= 227 * 1024, "narrow kernel: shared memory plan too large");
   static_assert(kOffK % kSwizzleAtomBytes == 0 && kOffP % kSwizzleAtomBytes == 0,
                 "swizzled tiles need 1 KiB");
   static_assert(kRows * kOStride * 4 <= kOffK - kOffQ, "merge area must fit in the Q tiles");

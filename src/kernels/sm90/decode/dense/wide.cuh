@@ -46,14 +46,13 @@ namespace sm90 {
 // ------------------------------------------------------------------ the kernel
 
 // Run by a whole warpgroup once all its warps have finished with tile group (buffer, warpgroup)
-// of the current pair: the leader starts the next page's tiles of it.
-__device__ __forceinline__ void refill(bool leader, const CUtensorMap* tmap, uint32_t s_buf,
-                                       uint32_t bars, const PageInfo& next, int hk,
-                                       uint32_t mask, uint64_t policy) {
-  if (leader) {
-    expect_group(bars, next, mask);
-    issue_group(tmap, s_buf, bars, next, hk, mask, policy);
-  }
+// of the current pair: the leader starts the next page's tiles of it (FP8: its loads of them,
+// fp8_cache.cuh).
+template <class Maps>
+__device__ __forceinline__ void refill(bool leader, const Maps* maps, uint32_t s_buf,
+                                       uint32_t s_scales, uint32_t bars, const PageInfo& next,
+                                       int hk, uint32_t mask, uint64_t policy) {
+  if (leader) load_group(maps, s_buf, s_scales, bars, next, hk, mask, policy);
 }
 
 // Hands this group's new running row max m and the scale sc that moved its sums onto it to the
@@ -85,24 +84,29 @@ __device__ __forceinline__ void pv_own_page(float (&o)[128], const float (&sc)[2
 
 // O[:, half] += P V[:, half] for the page the other warpgroup scored, with its P from the
 // buffer's P tile: this group's O is first moved to the new row max (scales sc), then its V
-// tiles [tile0, tile0 + 4) of the page are awaited and rows past the length zeroed.
-template <class E>
+// tiles [tile0, tile0 + 4) of the page are awaited (FP8: the other group dequantized them before
+// it published P) and rows past the length zeroed.
+template <class E, bool kWait>
 __device__ __forceinline__ void pv_other_page(float (&o)[128], const float (&sc)[2],
                                               uint32_t s_buf, uint32_t bars, uint32_t phase,
                                               int tile0, int n_valid, int tid_wg, int group_bar) {
   rescale_o(o, sc);
-  for (int t = tile0; t < tile0 + 4; ++t) mbar_wait(bars + 8 * t, phase);
+  if (kWait) {
+    for (int t = tile0; t < tile0 + 4; ++t) mbar_wait(bars + 8 * t, phase);
+  }
   zero_tail_v_rows(s_buf, tile0, n_valid, tid_wg, group_bar);
   reg_fence(o);
   pv_ss<E>(o, s_buf + WideTraits::kPTile * kTileBytes, s_buf, tile0);
 }
 
-// E: the element type of q, k_cache and out (__nv_bfloat16 or __half).
-template <class E>
+// E: the element type of q, k_cache and out (__nv_bfloat16 or __half). Maps: CUtensorMap for a
+// cache of E rows, Fp8TensorMaps for the FP8 cache (E = bf16; fp8_cache.cuh).
+template <class E, class Maps = CUtensorMap>
 __global__ void __launch_bounds__(WideTraits::kThreads, 1)
-    decode_wide_kernel(const __grid_constant__ CUtensorMap tmap_k,
+    decode_wide_kernel(const __grid_constant__ Maps tmap_k,
                        const __grid_constant__ DecodeParams p) {
   using W = WideTraits;
+  constexpr bool kFp8 = kIsFp8Maps<Maps>;
   JFM_CTA_TIMING();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -110,6 +114,8 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
   const uint32_t sQ = base + W::kOffQ;
   const uint32_t sK[2] = {base + W::kOffK0, base + W::kOffK1};
   const uint32_t bars[2] = {base + W::kOffBars, base + W::kOffBars + 8 * W::kNumKTiles};
+  const uint32_t s_scales[2] = {base + W::kOffFp8Scales,
+                                base + W::kOffFp8Scales + W::kFp8ScaleAreaBytes};  // FP8 only
   float* s_row_max = reinterpret_cast<float*>(smem + W::kOffRowMax);
   float* s_scale0 = reinterpret_cast<float*>(smem + W::kOffScale0);
   float* s_scale1 = reinterpret_cast<float*>(smem + W::kOffScale1);
@@ -134,10 +140,15 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
     if (first_chunk_from(p, rec, m_block, rec.begin_req, c) && leader) {
       const PageInfo pa = make_page(p, c, c.pb);
       const PageInfo pb = make_page(p, c, c.pb + 1);
-      expect_group(bars[0], pa, W::group_tiles(0, wg));
-      expect_group(bars[1], pb, W::group_tiles(1, wg));
-      issue_group(&tmap_k, sK[0], bars[0], pa, hk, W::group_tiles(0, wg), policy);
-      issue_group(&tmap_k, sK[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
+      if constexpr (kFp8) {
+        load_group(&tmap_k, sK[0], s_scales[0], bars[0], pa, hk, W::group_tiles(0, wg), policy);
+        load_group(&tmap_k, sK[1], s_scales[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
+      } else {  // the order the bf16 kernels were tuned with: both expects, then the copies
+        expect_group(bars[0], pa, W::group_tiles(0, wg));
+        expect_group(bars[1], pb, W::group_tiles(1, wg));
+        issue_group(&tmap_k, sK[0], bars[0], pa, hk, W::group_tiles(0, wg), policy);
+        issue_group(&tmap_k, sK[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
+      }
     }
   }
 
@@ -194,7 +205,10 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         float m_old[2] = {s_row_max[r0], s_row_max[r0 + 8]};
         float m_new[2], sc0[2], psum[2] = {0.f, 0.f};
         if (pa.loaded) {
-          qk_page<E>(s, sQ, sK[0], bars[0], phase[0]);
+          if constexpr (kFp8) {
+            dequant_page(sK[0], s_scales[0], bars[0], phase[0], tid_wg, W::kBarWg0);
+          }
+          qk_page<E, 0, !kFp8>(s, sQ, sK[0], bars[0], phase[0]);
           wgmma_wait<0>();
           reg_fence(s);
           float mx[2];
@@ -224,25 +238,31 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         // wait_group covers only the calling warp's share: all four warps must be done reading
         // before the leader lets TMA overwrite the tiles.
         named_bar_sync(W::kBarWg0, W::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 0), policy);
+        refill(leader, &tmap_k, sK[0], s_scales[0], bars[0], na, hk, W::group_tiles(0, 0),
+               policy);
 
         named_bar_sync(W::kBarP1Ready, W::kThreads);
         const float sc1[2] = {s_scale1[r0], s_scale1[r0 + 8]};
         row_sum[0] *= sc1[0];
         row_sum[1] *= sc1[1];
         if (pb.loaded) {
-          pv_other_page<E>(o, sc1, sK[1], bars[1], phase[1], 0, pb.n_valid, tid_wg, W::kBarWg0);
+          pv_other_page<E, !kFp8>(o, sc1, sK[1], bars[1], phase[1], 0, pb.n_valid, tid_wg,
+                                  W::kBarWg0);
           wgmma_wait<0>();
           reg_fence(o);
         }
         named_bar_sync(W::kBarWg0, W::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, W::group_tiles(1, 0), policy);
+        refill(leader, &tmap_k, sK[1], s_scales[1], bars[1], nb, hk, W::group_tiles(1, 0),
+               policy);
       } else {
         // ---------------- WG1: page b ----------------
         float mx[2] = {-INFINITY, -INFINITY};
         if (pb.loaded) {
           // Tiles 4..7 first: WG1 refilled them (after its P_b V_b) before WG0 refilled the rest.
-          qk_page<E, 4>(s, sQ, sK[1], bars[1], phase[1]);
+          if constexpr (kFp8) {
+            dequant_page(sK[1], s_scales[1], bars[1], phase[1], tid_wg, W::kBarWg1);
+          }
+          qk_page<E, 4, !kFp8>(s, sQ, sK[1], bars[1], phase[1]);
           wgmma_wait<0>();
           reg_fence(s);
           mask_and_row_max(s, p.scale_log2, pb.need_mask, (page + 1) * kPageSize + 2 * q4, vis_r0,
@@ -254,7 +274,8 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         row_sum[0] *= sc0[0];
         row_sum[1] *= sc0[1];
         if (pa.loaded) {
-          pv_other_page<E>(o, sc0, sK[0], bars[0], phase[0], 4, pa.n_valid, tid_wg, W::kBarWg1);
+          pv_other_page<E, !kFp8>(o, sc0, sK[0], bars[0], phase[0], 4, pa.n_valid, tid_wg,
+                                  W::kBarWg1);
         }
         // softmax of page b while P_a V_a runs
         const float m1[2] = {lazy_max(m0[0], mx[0]), lazy_max(m0[1], mx[1])};
@@ -270,7 +291,8 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         wgmma_wait<0>();
         reg_fence(o);
         named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[0], bars[0], na, hk, W::group_tiles(0, 1), policy);
+        refill(leader, &tmap_k, sK[0], s_scales[0], bars[0], na, hk, W::group_tiles(0, 1),
+               policy);
         row_sum[0] = row_sum[0] * sc1[0] + psum[0];
         row_sum[1] = row_sum[1] * sc1[1] + psum[1];
         if (pb.loaded) pv_own_page<E>(o, sc1, a, sK[1], 4, pb.n_valid, tid_wg, W::kBarWg1);
@@ -282,7 +304,8 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
           reg_fence(o);
         }
         named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
-        refill(leader, &tmap_k, sK[1], bars[1], nb, hk, W::group_tiles(1, 1), policy);
+        refill(leader, &tmap_k, sK[1], s_scales[1], bars[1], nb, hk, W::group_tiles(1, 1),
+               policy);
       }
       if (pa.loaded) phase[0] ^= 1u;
       if (pb.loaded) phase[1] ^= 1u;
