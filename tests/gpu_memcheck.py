@@ -15,6 +15,11 @@ out-of-bounds write without the sanitizer may corrupt the process):
 
     ... python3 -P tests/gpu_memcheck.py --hostile-metadata
 
+`--fp8` runs every mode on the FP8 cache instead (`quantize_kv` of the same rows: the NaN slots
+become NaN scales and codes, and pages no row uses get random bytes), through the FP8 kernels:
+
+    ... python3 -P tests/gpu_memcheck.py --fp8 [--hostile-metadata | --config NAME]
+
 For racecheck and synccheck, one decode call on a small (64 query rows: the wide kernel), a narrow
 (16 rows), a narrow32 (32 rows) or a large configuration:
 
@@ -37,12 +42,29 @@ import jax_flashmla  # noqa: E402
 from mla_cases import check_decode, make_case  # noqa: E402
 
 
+FP8 = "--fp8" in sys.argv
+
+
+def case_args(case):
+  """The case's arguments; with --fp8 its cache quantized, unused pages random bytes."""
+  q, k, bt, lens = case.args()
+  if FP8:
+    k = np.array(jax_flashmla.quantize_kv(k))
+    used = np.zeros(k.shape[0], bool)
+    bt_np = np.asarray(bt)
+    used[bt_np[(bt_np >= 0) & (bt_np < k.shape[0])]] = True
+    rng = np.random.default_rng(7)
+    k[~used] = rng.integers(0, 256, k[~used].shape, dtype=np.uint8)
+    k = jax.numpy.asarray(k)
+  return q, k, bt, lens
+
+
 def run(case, **kw):
   def fn(*a):
     return (jax_flashmla.flash_mla_with_kvcache(*a, causal=case.causal, implementation="cuda",
                                                 **kw),
             jax_flashmla.flash_mla_with_kvcache(*a, causal=case.causal, implementation="xla"))
-  (out, lse), (ref_out, ref_lse) = jax.jit(fn)(*case.args())
+  (out, lse), (ref_out, ref_lse) = jax.jit(fn)(*case_args(case))
   return [np.asarray(x, np.float32) for x in (out, lse, ref_out, ref_lse)]
 
 
@@ -61,7 +83,7 @@ def main():
       check_decode(out[rows], lse[rows], ref_out[rows], ref_lse[rows])
   big = make_case(rng, 64, 1, 2000, 128, 1, zero_rows=0.3)
   check_decode(*run(big))
-  print("memcheck cases ok")
+  print(f"memcheck cases ok{' (FP8 cache)' if FP8 else ''}")
 
 
 def hostile_metadata_variants(lens, q_rows, parts):
@@ -101,7 +123,7 @@ def hostile_metadata():
   rng = np.random.default_rng(2)
   for s_q in (4, 2, 1):  # the wide kernel and the narrow one's two forms
     case = make_case(rng, 8, s_q, 300, 16, 1, causal=True, zero_rows=0.2)
-    q, k, bt, lens = case.args()
+    q, k, bt, lens = case_args(case)
     for parts in (1, 8):
       for name, sched, num_splits in hostile_metadata_variants(lens, 16 * s_q, parts):
         out, lse = jax_flashmla.flash_mla_with_kvcache(
