@@ -89,6 +89,7 @@ from flax import nnx
 from jax_flashmla import _extension, flash_mla_with_kvcache, get_mla_metadata, testing
 from jax_flashmla.demo import DemoModel, ModelConfig
 from jax_flashmla.layers import MLAConfig
+from jax_flashmla.quantization import is_fp8_cache
 from jax_flashmla.serving import CANCELLED, DONE, RUNNING, WAITING, Request, Server
 
 PAGE = 64
@@ -190,7 +191,8 @@ def make_cross_check(implementation: str | None, num_heads: int, softmax_scale: 
   def check(pages, block_table, lengths, seed, *, s_q):
     b = lengths.shape[0]
     q = jax.random.normal(jax.random.key(seed), (b, s_q, num_heads, HEAD_DIM), jnp.float32)
-    q = q.astype(pages.dtype)
+    q_dtype = jnp.bfloat16 if is_fp8_cache(pages) else pages.dtype  # FP8 rows take bf16 queries
+    q = q.astype(q_dtype)
 
     def decode(impl):
       metadata = get_mla_metadata(lengths, s_q * num_heads, 1, implementation=impl)
@@ -204,7 +206,7 @@ def make_cross_check(implementation: str | None, num_heads: int, softmax_scale: 
     # jax_flashmla.testing); lse keeps FlashMLA's tolerances.
     bound = testing.value_bound(pages, block_table, lengths)[:, None, None]
     return (testing.compare(out, want_out, **testing.OUT_TOL, scale=bound,
-                            scale_tol=testing.p_rounding_tol(pages.dtype)),
+                            scale_tol=testing.p_rounding_tol(q_dtype)),
             testing.compare(lse, want_lse, **testing.LSE_TOL), lengths)
 
   return jax.jit(check, static_argnames="s_q")
@@ -571,7 +573,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                  help="weights and activations; auto: bfloat16 on GPU, float32 elsewhere")
   # Only bfloat16 exists today; the FP8 cache adds its name here.
-  p.add_argument("--cache-dtype", choices=["bfloat16"], default="bfloat16")
+  p.add_argument("--cache-dtype", choices=["bfloat16", "fp8"], default="bfloat16",
+                 help="the cache's rows: bfloat16, or DeepSeek-V3.2's FP8 rows (656 bytes)")
   p.add_argument("--rate", type=float, help="Poisson arrivals per second; default --load "
                  "times the warm-up's completion rate")
   p.add_argument("--load", type=float, default=1.5, help="see --rate")
@@ -837,7 +840,7 @@ def _soak(args, compiles: CompileCounter, log) -> dict:
   max_seq_len = args.max_prompt + args.max_new - 1
   server = Server(model, batch_size=args.batch_size, max_seq_len=max_seq_len,
                   num_blocks=args.num_blocks, chunk=args.chunk, implementation=implementation,
-                  cache_dtype=jnp.dtype(args.cache_dtype), log=log)
+                  kv_format="fp8" if args.cache_dtype == "fp8" else "bf16", log=log)
   arrivals = Arrivals(args.seed, min_prompt=args.min_prompt, max_prompt=args.max_prompt,
                       max_new=args.max_new, vocab=args.vocab, cancel=args.cancel,
                       burst_every=args.burst_every)

@@ -9,6 +9,8 @@ where the build reports it, float16); anywhere else they run the same computatio
 (`implementation="xla"`). Falling back to plain JAX where the kernels could run (a float32 call
 on a Hopper GPU, an extension that did not load) warns with the reason (`KernelFallbackWarning`).
 
+The cache may also hold DeepSeek-V3.2's FP8 rows (656 bytes per token: `quantize_kv`,
+`PagedKVCache.create(..., kv_format="fp8")`), read by the same calls at 1.76x fewer bytes.
 Model code works on `PagedKVCache` (per layer) and `mla_decode`; `PageAllocator` hands out pages
 for serving; `jax_flashmla.layers` has a Flax NNX MLA layer (needs flax, not imported here).
 `validate_decode_inputs` (eager) and `check_decode_values` (checkify) report lengths, page ids
@@ -25,6 +27,8 @@ from jax_flashmla.cache import mla_decode as mla_decode
 from jax_flashmla.decode import flash_mla_with_kvcache as flash_mla_with_kvcache
 from jax_flashmla.metadata import MLAMetadata as MLAMetadata
 from jax_flashmla.metadata import get_mla_metadata as get_mla_metadata
+from jax_flashmla.quantization import dequantize_kv as dequantize_kv
+from jax_flashmla.quantization import quantize_kv as quantize_kv
 from jax_flashmla.reference import flash_mla_reference as flash_mla_reference
 from jax_flashmla.validation import check_decode_values as check_decode_values
 from jax_flashmla.validation import validate_decode_inputs as validate_decode_inputs
@@ -47,9 +51,11 @@ __all__ = [
     "PagedKVCache",
     "build_info",
     "check_decode_values",
+    "dequantize_kv",
     "flash_mla_reference",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "mla_decode",
+    "quantize_kv",
     "validate_decode_inputs",
 ]

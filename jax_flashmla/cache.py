@@ -23,13 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flashmla import shapes
-from jax_flashmla.constants import HEAD_DIM_K, PAGE_SIZE
+from jax_flashmla.constants import FP8_ROW_BYTES, HEAD_DIM_K, PAGE_SIZE
 from jax_flashmla.decode import flash_mla_with_kvcache
 from jax_flashmla.metadata import MetadataLike
+from jax_flashmla.quantization import is_fp8_cache, quantize_kv
 
 # Block-table entry of a page that is not assigned. Any id outside [0, num_blocks) is never read
 # by the decode nor written by `write`; -1 says "none" most plainly.
 NO_PAGE = -1
+
+# Row formats of the pages: rows of the pages' dtype, or DeepSeek-V3.2's FP8 rows.
+KV_FORMATS = ("bf16", "fp8")
 
 
 @jax.tree_util.register_dataclass
@@ -38,7 +42,8 @@ class PagedKVCache:
   """The paged latent cache of one layer (a pytree of three arrays).
 
   Attributes:
-    pages: `[num_blocks, 64, h_kv, 576]` cache rows (bfloat16 for the CUDA kernels).
+    pages: `[num_blocks, 64, h_kv, 576]` cache rows (bfloat16 for the CUDA kernels), or
+      `[num_blocks, 64, h_kv, 656]` uint8 FP8 rows (`kv_format="fp8"`).
     block_table: `[b, max_blocks]` int32 page ids of each sequence; `NO_PAGE` (or any id outside
       `[0, num_blocks)`) where no page is assigned.
     lengths: `[b]` int32 tokens stored per sequence.
@@ -51,7 +56,7 @@ class PagedKVCache:
   @classmethod
   def create(cls, batch_size: int, max_seq_len: int, *, num_blocks: int | None = None,
              num_kv_heads: int = 1, head_dim: int = HEAD_DIM_K,
-             dtype=jnp.bfloat16) -> PagedKVCache:
+             dtype=jnp.bfloat16, kv_format: str = "bf16") -> PagedKVCache:
     """An empty cache (all lengths 0, pages zeroed).
 
     Args:
@@ -63,12 +68,25 @@ class PagedKVCache:
         block-table entry `NO_PAGE`: assign pages with `jax_flashmla.allocator.PageAllocator`.
       num_kv_heads: `h_kv` (1 for MLA).
       head_dim: 576 for MLA (512 latent + 64 RoPE).
-      dtype: of the pages (the CUDA kernels take bfloat16).
+      dtype: of the pages (the CUDA kernels take bfloat16 and float16); "fp8" ignores it.
+      kv_format: "bf16" (default): rows of `dtype`, 1152 bytes per token in bfloat16. "fp8":
+        DeepSeek-V3.2's FP8 rows (`jax_flashmla.quantize_kv`), `[num_blocks, 64, h_kv, 656]`
+        uint8, 656 bytes per token; `write` quantizes, the decode reads them with a bfloat16 q.
+
+    Raises:
+      ValueError: a size below 1, an unknown `kv_format`, or "fp8" with `head_dim != 576`.
+      TypeError: a size that is not a static int.
     """
     batch_size, max_seq_len, num_kv_heads, head_dim = (
         shapes.check_static_int(name, v) for name, v in (
             ("batch_size", batch_size), ("max_seq_len", max_seq_len),
             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
+    if kv_format not in KV_FORMATS:
+      raise ValueError(f"kv_format: expected one of {', '.join(map(repr, KV_FORMATS))}, got "
+                       f"{kv_format!r}")
+    if kv_format == "fp8" and head_dim != HEAD_DIM_K:
+      raise ValueError(f"head_dim: expected {HEAD_DIM_K} with kv_format='fp8' (the FP8 row "
+                       f"holds 512 latent + 64 RoPE values), got {head_dim}")
     max_blocks = -(-max_seq_len // PAGE_SIZE)
     if num_blocks is None:
       num_blocks = batch_size * max_blocks
@@ -76,7 +94,10 @@ class PagedKVCache:
     else:
       num_blocks = shapes.check_static_int("num_blocks", num_blocks)
       block_table = jnp.full((batch_size, max_blocks), NO_PAGE, jnp.int32)
-    pages = jnp.zeros((num_blocks, PAGE_SIZE, num_kv_heads, head_dim), dtype)
+    if kv_format == "fp8":
+      pages = jnp.zeros((num_blocks, PAGE_SIZE, num_kv_heads, FP8_ROW_BYTES), jnp.uint8)
+    else:
+      pages = jnp.zeros((num_blocks, PAGE_SIZE, num_kv_heads, head_dim), dtype)
     return cls(pages, block_table, jnp.zeros((batch_size,), jnp.int32))
 
   # Static facts, read from the shapes.
@@ -93,8 +114,25 @@ class PagedKVCache:
     return self.pages.shape[2]
 
   @property
+  def kv_format(self) -> str:
+    """"fp8" for FP8 rows, else "bf16" (rows of `pages.dtype`, bfloat16 unless created otherwise)."""
+    return "fp8" if is_fp8_cache(self.pages) else "bf16"
+
+  @property
   def head_dim(self) -> int:
-    return self.pages.shape[3]
+    """The row width the model writes and the queries have: 576 for MLA, FP8 rows included."""
+    return HEAD_DIM_K if self.kv_format == "fp8" else self.pages.shape[3]
+
+  @property
+  def query_dtype(self):
+    """The dtype queries (and the decode's output) have with this cache: the pages' dtype, or
+    bfloat16 for FP8 rows."""
+    return jnp.dtype(jnp.bfloat16) if self.kv_format == "fp8" else jnp.dtype(self.pages.dtype)
+
+  @property
+  def bytes_per_token(self) -> int:
+    """Cache bytes one token takes over all KV heads: 1152 (bf16) or 656 (fp8) for MLA."""
+    return self.pages.shape[2] * self.pages.shape[3] * jnp.dtype(self.pages.dtype).itemsize
 
   @property
   def batch_size(self) -> int:
@@ -138,7 +176,8 @@ class PagedKVCache:
     `d` the row width (576 for MLA).
 
     Args:
-      kv: `[b, s_new, h_kv, d]` new rows (cast to the pages' dtype).
+      kv: `[b, s_new, h_kv, d]` new rows (cast to the pages' dtype; quantized with
+        `quantize_kv` for an FP8 cache).
       num_new: `[b]` int32 rows to store per sequence, in `[0, s_new]` (clipped into it);
         default all `s_new`. Sequence `i` stores the *last* `num_new[i]` rows of `kv[i]`: a
         ragged step is left-padded, which is the alignment the causal decode uses (the last
@@ -192,9 +231,9 @@ class PagedKVCache:
     page = jnp.where(ok, page, dropped).reshape(-1)
     slot = jnp.where(ok, pos % ps, 0).reshape(-1)
     # Index the 4-D pages directly: reshaping them to rows would make XLA copy the pool.
-    pages = self.pages.at[page, slot].set(
-        kv.reshape((b * s_new,) + kv.shape[2:]).astype(self.pages.dtype),
-        mode="drop", unique_indices=True)
+    rows = kv.reshape((b * s_new,) + kv.shape[2:])
+    rows = quantize_kv(rows) if self.kv_format == "fp8" else rows.astype(self.pages.dtype)
+    pages = self.pages.at[page, slot].set(rows, mode="drop", unique_indices=True)
     return self.replace(pages=pages, lengths=self.lengths + stored)
 
 
@@ -236,7 +275,7 @@ def mla_decode(
   `d_v = 512`.
 
   Args:
-    q: `[b, s_q, h_q, d]` absorbed queries, in the pages' dtype.
+    q: `[b, s_q, h_q, d]` absorbed queries, in the pages' dtype (bfloat16 for an FP8 cache).
     cache: the layer's cache, already holding this step's `s_q` tokens.
     metadata: `get_mla_metadata(cache.lengths, s_q * h_q // h_kv, h_kv)` of the step, computed
       once (from the lengths after the step's write) and shared by every layer; None computes

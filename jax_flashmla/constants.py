@@ -24,5 +24,12 @@ INT32_MAX = 2**31 - 1  # the scheduler and the kernels do their length arithmeti
 METADATA_TARGET = "jax_flashmla_mla_metadata_v1"  # the scheduler
 DECODE_TARGET = "jax_flashmla_mla_decode_v1"  # the decode (split-KV kernel + combine)
 
+# The FP8 cache row (DeepSeek-V3.2's layout; jax_flashmla/quantization.py): 512 float8_e4m3fn
+# latent values, then 4 float32 scales (one per tile of 128), then 64 bfloat16 RoPE values.
+FP8_ROW_BYTES = 656
+FP8_SCALE_OFFSET = 512
+FP8_ROPE_OFFSET = 528
+FP8_TILE_COLS = 128
+
 # SM count assumed when no GPU is attached (H100/H200 SXM); pass num_sms to target another part.
 DEFAULT_NUM_SMS = 132

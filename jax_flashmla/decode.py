@@ -9,6 +9,7 @@ from jax_flashmla.constants import HEAD_DIM_V
 from jax_flashmla.metadata import (MetadataLike, as_metadata, check_metadata_for,
                                    get_mla_metadata)
 from jax_flashmla.primitives import check_implementation, mla_decode_p
+from jax_flashmla.quantization import cache_bytes, is_fp8_cache
 from jax_flashmla.reference import default_softmax_scale
 
 
@@ -22,6 +23,7 @@ def flash_mla_with_kvcache(
     softmax_scale: float | None = None,
     causal: bool = False,
     *,
+    is_fp8_kvcache: bool | None = None,
     implementation: str | None = None,
     num_sms: int | None = None,
     num_pools: int = 1,
@@ -51,7 +53,10 @@ def flash_mla_with_kvcache(
   Args:
     q: `[b, s_q, h_q, d]` queries (512 absorbed latent + 64 RoPE): bfloat16 or float16 for the
       kernels (`shapes.KERNEL_DTYPES`), float32 too on the pure-JAX path.
-    k_cache: `[num_blocks, 64, h_kv, d]` in q's dtype; V is its first `d_v` columns.
+    k_cache: `[num_blocks, 64, h_kv, d]` in q's dtype; V is its first `d_v` columns. Or an
+      FP8 cache `[num_blocks, 64, h_kv, 656]` uint8 (or float8_e4m3fn: FlashMLA's dtype for
+      the same bytes) of DeepSeek-V3.2's rows (`quantize_kv`), with a bfloat16 q: the same
+      computation over `dequantize_kv(k_cache)`, reading 656 bytes per token instead of 1152.
     block_table: `[b, max_blocks]` int32 page ids of each row.
     cache_seqlens: `[b]` int32 tokens in the cache per row (0 allowed).
     head_dim_v: must be 512 (FlashMLA's argument; the 5th positional argument).
@@ -62,6 +67,8 @@ def flash_mla_with_kvcache(
       (below). A pair carries no shapes, so only its lengths are checked.
     softmax_scale: static float, default `576 ** -0.5`; models pass their own.
     causal: static bool; with `s_q > 1` token `s` sees keys `0 … len - s_q + s`.
+    is_fp8_kvcache: FlashMLA's flag. None (default) reads the format from k_cache's dtype;
+      True or False must agree with it.
     implementation: None (the kernels on a Hopper GPU with the CUDA build, pure JAX
       elsewhere; falling back where the kernels could run, e.g. for float32, warns with the
       reason), "cuda" (the kernels or an error) or "xla" (pure JAX everywhere).
@@ -83,11 +90,12 @@ def flash_mla_with_kvcache(
 
   Raises:
     TypeError: an array argument is not an array (a list: wrap it with `jnp.asarray`) or has
-      the wrong dtype (q and k_cache must share one), a static argument is traced or of the
+      the wrong dtype (q and k_cache must share one; an FP8 cache needs a bfloat16 q), a
+      static argument is traced or of the
       wrong type, metadata was passed as the 5th positional argument (`head_dim_v`), or
       `implementation="cuda"` with a dtype the kernels do not take.
     ValueError: wrong ranks or shapes (each message names the argument, what was expected and
-      what was got), `head_dim_v != 512`, metadata computed for another batch or other
+      what was got), `is_fp8_kvcache` disagreeing with k_cache, `head_dim_v != 512`, metadata computed for another batch or other
       shapes, a `num_pools` that does not divide the batch and the pages, or
       `implementation="cuda"` lowered for a platform other than a Hopper GPU.
     NotImplementedError: under `jax.grad` (the op is inference-only; differentiate
@@ -110,7 +118,9 @@ def flash_mla_with_kvcache(
   causal = shapes.check_static_bool("causal", causal)
   shapes.check_head_dim_v(head_dim_v)
   shapes.check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens)
+  shapes.check_fp8_flag(is_fp8_kvcache, k_cache)
   shapes.check_kernel_dtype(q, implementation)
+  k_cache = cache_bytes(k_cache) if is_fp8_cache(k_cache) else k_cache
   num_pools = shapes.check_num_pools(num_pools, q.shape[0], k_cache.shape[0])
   b, s_q, h_q, d = q.shape
   h_kv = k_cache.shape[2]

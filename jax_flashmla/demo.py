@@ -60,6 +60,7 @@ from jax_flashmla.serving import (Request, ServeStats, Server, make_requests,  #
 
 IMPLEMENTATIONS = {"auto": None, "cuda": "cuda", "xla": "xla"}
 CACHE_DTYPE = jnp.bfloat16  # the Server's default: a dtype the kernels take
+KV_BYTES_PER_TOKEN = {"bf16": 576 * 2, "fp8": 656}  # one KV head (MLA)
 # Defaults of flags that only some runs use, filled in by `main` (the parser's are None), so
 # that it can refuse them when given where they would be ignored: the random model's shapes
 # (a checkpoint has its own) and the random requests' sizes (prompts given are the requests).
@@ -191,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="pages in the pool (default: 2/3 of every slot's worst case)")
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                  help="weights and activations; auto: bfloat16 on GPU, float32 elsewhere")
+  p.add_argument("--kv-format", choices=["bf16", "fp8"], default="bf16",
+                 help="the paged cache's rows: bf16 (1152 bytes per token) or DeepSeek-V3.2's "
+                      "FP8 rows (656 bytes per token)")
   p.add_argument("--seed", type=int, default=0, help="random weights and prompts")
   p.add_argument("--log-every", type=_positive_int, default=10,
                  help="steps between progress lines")
@@ -249,7 +253,7 @@ def self_check(caches, num_heads: int, softmax_scale: float, implementation: str
   for layer, cache in enumerate(checked):
     for s_q in (1, 2):
       q = np.clip(rng.standard_normal((cache.batch_size, s_q, num_heads, 576)) / 10, -1, 1)
-      q = jnp.asarray(q, cache.pages.dtype)
+      q = jnp.asarray(q, cache.query_dtype)
       runs = []
       for impl in (implementation, "xla"):  # each path with its own scheduler
         md = get_mla_metadata(cache.lengths, s_q * num_heads, 1, implementation=impl)
@@ -420,7 +424,8 @@ def main(argv=None, log=print) -> ServeStats:
   num_blocks = args.num_blocks or max(worst, -(-2 * args.batch_size * worst // 3))
 
   kernels, attn, reason = describe_attention(implementation)
-  log(f"jax_flashmla demo: {source}, bf16 cache")
+  log(f"jax_flashmla demo: {source}, {args.kv_format} cache "
+      f"({KV_BYTES_PER_TOKEN[args.kv_format]} bytes per token and layer)")
   log(f"  {describe_package()}")
   log(f"  attention: {attn} (--implementation {args.implementation}) on "
       f"{jax.devices()[0].device_kind}" + (f"; not the CUDA kernels: {reason}" if reason else ""))
@@ -432,7 +437,8 @@ def main(argv=None, log=print) -> ServeStats:
 
   server = Server(model, batch_size=args.batch_size, max_seq_len=max_seq_len,
                   num_blocks=num_blocks, chunk=args.chunk, implementation=implementation,
-                  cache_dtype=CACHE_DTYPE, log=log, log_every=args.log_every)
+                  cache_dtype=CACHE_DTYPE, kv_format=args.kv_format, log=log,
+                  log_every=args.log_every)
   log("  compiling the step (chunk and decode shapes) ...")
   log(f"  compiled in {server.compile():.1f} s")
   stats = server.serve(requests)

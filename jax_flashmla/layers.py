@@ -230,7 +230,7 @@ class MultiHeadLatentAttention(nnx.Module):
     row = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)[:, :, None, :]
 
     cache = cache.write(row, num_new)
-    latent, _ = mla_decode(q.astype(cache.pages.dtype), cache, metadata,
+    latent, _ = mla_decode(q.astype(cache.query_dtype), cache, metadata,
                            softmax_scale=c.softmax_scale, causal=True,
                            implementation=implementation)
     o = jnp.einsum("bshc,chv->bshv", latent.astype(q_latent.dtype), w_uv.astype(q_latent.dtype))

@@ -106,14 +106,15 @@ def decode_unpartitioned(q, k_cache, block_table, cache_seqlens, sched, num_spli
 
 # ------------------------------------------------------------------------------------------------
 # Shardy rules. Factors: b batch, s query tokens, h query heads, d = 576, v = 512, n pages,
-# p page slots (64), k KV heads, m block-table columns, r e / c the scheduler records.
+# p page slots (64), k KV heads, w the cache row (576 elements, or 656 bytes for FP8),
+# m block-table columns, r e / c the scheduler records.
 # Pages and KV heads may be split (the partition callback checks how); the rest may not.
 # ------------------------------------------------------------------------------------------------
 
 METADATA_RULE = "b -> r e, c"
 METADATA_REPLICATED = "b r e c"
-DECODE_RULE = "b s h d, n p k d, b m, b, r e, c -> b s h v, b h s"
-DECODE_REPLICATED = "s d p m r e c v"
+DECODE_RULE = "b s h d, n p k w, b m, b, r e, c -> b s h v, b h s"
+DECODE_REPLICATED = "s d p w m r e c v"
 
 
 def _in_rule_order(rule: str, factors: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from jax import lax
 
 from jax_flashmla.constants import (FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX,
                                     PAGE_SIZE, SCHED_RECORD_INTS)
+from jax_flashmla.quantization import dequantize_kv, is_fp8_cache
 
 
 def default_softmax_scale(head_dim: int = HEAD_DIM_K) -> float:
@@ -66,6 +67,8 @@ def flash_mla_reference(
   Args:
     q: `[b, s_q, h_q, d]` queries.
     k_cache: `[num_blocks, page_size, h_kv, d]` in q's dtype; V is `k_cache[..., :head_dim_v]`.
+      Or an FP8 cache `[num_blocks, page_size, h_kv, 656]` uint8 / float8_e4m3fn
+      (`quantize_kv`): the gathered pages are dequantized (`dequantize_kv`) first.
     block_table: `[b, max_blocks]` int32 page ids.
     cache_seqlens: `[b]` int32 lengths.
     head_dim_v: static int, the value width: the first `head_dim_v` columns of each row
@@ -103,6 +106,8 @@ def flash_mla_reference(
 
   page_ok = (block_table >= 0) & (block_table < num_blocks)  # [b, max_blocks]
   pages = jnp.take(k_cache, jnp.clip(block_table, 0, num_blocks - 1), axis=0)
+  if is_fp8_cache(k_cache):  # FP8 rows: the gathered pages, dequantized (quantization.py)
+    pages = dequantize_kv(pages)
   kv = pages.reshape(b, t, h_kv, d)  # [b, t, h_kv, d]
 
   lens = jnp.clip(cache_seqlens, 0, max_blocks * page_size)

@@ -200,6 +200,8 @@ class Server:
     chunk: prompt tokens read per row and step.
     implementation: attention: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
     cache_dtype: of the cache pages (the CUDA kernels take bfloat16).
+    kv_format: "bf16" (rows of `cache_dtype`) or "fp8" (DeepSeek-V3.2's FP8 rows, 656 bytes
+      per token; `PagedKVCache.create`).
     log: where `run_until_done` and `serve` print progress.
     log_every: steps between their progress lines.
     output_lag: sampled tokens are fetched to the host this many steps after they were
@@ -212,7 +214,8 @@ class Server:
   """
 
   def __init__(self, model, *, batch_size: int, max_seq_len: int, num_blocks: int, chunk: int,
-               implementation: str | None, cache_dtype=jnp.bfloat16, log=print,
+               implementation: str | None, cache_dtype=jnp.bfloat16, kv_format: str = "bf16",
+               log=print,
                log_every: int = 10, output_lag: int = 8):
     for name, v in (("batch_size", batch_size), ("chunk", chunk), ("log_every", log_every),
                     ("output_lag", output_lag)):
@@ -225,7 +228,7 @@ class Server:
     self.num_heads = attention_heads(model.config)
     self.graphdef, self.state = nnx.split(model)
     self.caches = tuple(PagedKVCache.create(batch_size, max_seq_len, num_blocks=num_blocks,
-                                            dtype=cache_dtype)
+                                            dtype=cache_dtype, kv_format=kv_format)
                         for _ in range(self.num_layers))
     self.allocator = PageAllocator.for_cache(self.caches[0])
     self._device_table, self._table_changed = None, True

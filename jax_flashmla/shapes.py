@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flashmla import _extension
-from jax_flashmla.constants import (BLOCK_M, FIXED_OVERHEAD_BLOCKS, HEAD_DIM_K, HEAD_DIM_V,
-                                    INT32_MAX, MAX_SM_PARTS, PAGE_SIZE, SCHED_RECORD_INTS)
+from jax_flashmla.constants import (BLOCK_M, FIXED_OVERHEAD_BLOCKS, FP8_ROW_BYTES, HEAD_DIM_K,
+                                    HEAD_DIM_V, INT32_MAX, MAX_SM_PARTS, PAGE_SIZE,
+                                    SCHED_RECORD_INTS)
+from jax_flashmla.quantization import is_fp8_cache
 
 
 def _kernel_dtypes() -> tuple[np.dtype, ...]:
@@ -162,18 +164,35 @@ def check_kernel_dtype(q, implementation) -> None:
                     f"kernels' dtypes), got {jnp.dtype(q.dtype)}")
 
 
+def check_fp8_flag(is_fp8_kvcache, k_cache) -> None:
+  """FlashMLA's `is_fp8_kvcache`: None follows the cache's dtype; a bool must agree with it."""
+  if is_fp8_kvcache is None:
+    return
+  flag = check_static_bool("is_fp8_kvcache", is_fp8_kvcache)
+  if flag != is_fp8_cache(k_cache):
+    want = ("uint8 or float8_e4m3fn [num_blocks, 64, h_kv, 656] (an FP8 cache)" if flag else
+            "the dtype of q, [num_blocks, 64, h_kv, 576]")
+    raise ValueError(f"k_cache: is_fp8_kvcache={flag} expects {want}, got dtype "
+                     f"{jnp.dtype(k_cache.dtype)} shape {_shape(k_cache)}")
+
+
 def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -> None:
   for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table),
                   ("cache_seqlens", cache_seqlens)):
     _expect_array(name, x)
   _expect_rank("q", q, 4, "[b, s_q, h_q, 576]")
-  _expect_rank("k_cache", k_cache, 4, "[num_blocks, 64, h_kv, 576]")
+  _expect_rank("k_cache", k_cache, 4, "[num_blocks, 64, h_kv, 576] (656 bytes: FP8)")
   _expect_rank("block_table", block_table, 2, "[b, max_blocks]")
   _expect_rank("cache_seqlens", cache_seqlens, 1, "[b]")
   _expect_dtype("q", q, REFERENCE_DTYPES)
-  if jnp.dtype(k_cache.dtype) != jnp.dtype(q.dtype):
+  fp8 = is_fp8_cache(k_cache)
+  if fp8 and jnp.dtype(q.dtype) != jnp.dtype(jnp.bfloat16):
+    raise TypeError(f"q: expected dtype bfloat16 with an FP8 cache (k_cache dtype "
+                    f"{jnp.dtype(k_cache.dtype)}), got {jnp.dtype(q.dtype)}")
+  if not fp8 and jnp.dtype(k_cache.dtype) != jnp.dtype(q.dtype):
     raise TypeError(f"q and k_cache: expected one dtype, got q {jnp.dtype(q.dtype)} and k_cache "
-                    f"{jnp.dtype(k_cache.dtype)} (cast q to the cache's dtype)")
+                    f"{jnp.dtype(k_cache.dtype)} (cast q to the cache's dtype; an FP8 cache is "
+                    f"uint8 or float8_e4m3fn)")
   _expect_dtype("block_table", block_table, (jnp.int32,))
   _expect_dtype("cache_seqlens", cache_seqlens, (jnp.int32,))
 
@@ -182,7 +201,11 @@ def check_decode_args_without_metadata(q, k_cache, block_table, cache_seqlens) -
   if d != HEAD_DIM_K:
     raise ValueError(f"q: expected head dim {HEAD_DIM_K} (512 latent + 64 RoPE), got {d} "
                      f"(shape {_shape(q)})")
-  if d_k != HEAD_DIM_K:
+  if fp8 and d_k != FP8_ROW_BYTES:
+    raise ValueError(f"k_cache: expected {FP8_ROW_BYTES} bytes per row (axis 3) for an FP8 "
+                     f"cache (dtype {jnp.dtype(k_cache.dtype)}), got {d_k} (shape "
+                     f"{_shape(k_cache)})")
+  if not fp8 and d_k != HEAD_DIM_K:
     raise ValueError(f"k_cache: expected head dim {HEAD_DIM_K}, got {d_k} "
                      f"(shape {_shape(k_cache)})")
   if page_size != PAGE_SIZE:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flashmla.constants import HEAD_DIM_V
+from jax_flashmla.quantization import dequantize_kv, is_fp8_cache
 
 # FlashMLA's tolerances for out (bfloat16) and lse (float32).
 OUT_TOL = dict(abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
@@ -91,11 +92,12 @@ def value_bound(k_cache, block_table, cache_seqlens, head_dim_v: int = HEAD_DIM_
   """`[b, head_dim_v]` float32: per row and column, the largest |V| among the keys the row can
   see (its first `cache_seqlens[i]` tokens on valid pages); 0 for a row with none. The `scale`
   of `compare` for live data, broadcast over `[b, s_q, h_q, head_dim_v]` as `bound[:, None,
-  None]`. Runs under `jax.jit`."""
+  None]`. An FP8 cache is read as its dequantized values. Runs under `jax.jit`."""
   num_blocks, page_size = k_cache.shape[:2]
   b, max_blocks = block_table.shape
   page_ok = (block_table >= 0) & (block_table < num_blocks)
-  v = jnp.take(k_cache[..., :head_dim_v], jnp.clip(block_table, 0, num_blocks - 1), axis=0)
+  v = jnp.take(k_cache, jnp.clip(block_table, 0, num_blocks - 1), axis=0)
+  v = (dequantize_kv(v) if is_fp8_cache(k_cache) else v)[..., :head_dim_v]
   v = jnp.abs(v.astype(jnp.float32)).reshape(b, max_blocks * page_size, -1, head_dim_v)
   pos = jnp.arange(max_blocks * page_size)
   lens = jnp.clip(cache_seqlens, 0, max_blocks * page_size)

@@ -114,3 +114,65 @@ def oracle(case: Case) -> tuple[np.ndarray, np.ndarray]:
 def check_decode(out, lse, want_out, want_lse):
   check_close("out", np.asarray(out, np.float32), want_out, **OUT_TOL)
   check_close("lse", lse, want_lse, **LSE_TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# The FP8 cache (jax_flashmla/quantization.py), built here independently in NumPy: the scale's
+# exponent from the float32 bits, the rounding by ml_dtypes, the bytes by NumPy views.
+# ------------------------------------------------------------------------------------------------
+
+FP8_ROW = 656
+
+
+def np_pow2_scale(amax: np.ndarray) -> np.ndarray:
+  """2^ceil(log2(max(amax / 448, 1e-4))), from the bits of the float32 quotient."""
+  r = np.maximum(amax.astype(np.float32) / np.float32(448.0), np.float32(1e-4))
+  bits = r.view(np.uint32)
+  exponent = ((bits >> 23) & 0xFF).astype(np.int64) - 127  # r is normal: >= 1e-4
+  exponent += (bits & 0x7FFFFF) != 0  # not a power of two: round up
+  return np.ldexp(np.float32(1.0), exponent).astype(np.float32)
+
+
+def np_quantize(rows) -> np.ndarray:
+  """[..., 576] bfloat16 (finite) -> [..., 656] uint8 in the V3.2 layout."""
+  x = np.asarray(rows).astype(ml_dtypes.bfloat16)
+  lead = x.shape[:-1]
+  lat = x[..., :DV].astype(np.float32).reshape(lead + (4, 128))
+  scale = np_pow2_scale(np.abs(lat).max(axis=-1))
+  codes = (lat / scale[..., None]).astype(ml_dtypes.float8_e4m3fn)
+  out = np.empty(lead + (FP8_ROW,), np.uint8)
+  out[..., :512] = codes.view(np.uint8).reshape(lead + (512,))
+  out[..., 512:528] = scale.astype("<f4").view(np.uint8).reshape(lead + (16,))
+  out[..., 528:] = np.ascontiguousarray(x[..., DV:]).view(np.uint8).reshape(lead + (128,))
+  return out
+
+
+def np_dequantize(b: np.ndarray) -> np.ndarray:
+  """[..., 656] uint8 -> [..., 576] float64 (exactly the bf16 values the format stores)."""
+  b = np.ascontiguousarray(b)
+  lead = b.shape[:-1]
+  with np.errstate(invalid="ignore"):  # garbage slots hold NaN codes and scales
+    codes = b[..., :512].view(ml_dtypes.float8_e4m3fn).astype(np.float64).reshape(
+        lead + (4, 128))
+    scale = np.ascontiguousarray(b[..., 512:528]).view("<f4").astype(np.float64)
+    rope = np.ascontiguousarray(b[..., 528:]).view(ml_dtypes.bfloat16).astype(np.float64)
+  return np.concatenate([(codes * scale[..., None]).reshape(lead + (512,)), rope], axis=-1)
+
+
+def fp8_case(case: Case, seed: int = 0) -> tuple[np.ndarray, Case]:
+  """The case's cache in FP8, and the same case over the dequantized cache (for the oracle).
+
+  Slots past a row's length keep the case's NaN poison as garbage bytes: NaN codes (0x7F/0xFF)
+  and NaN scales; pages no row uses get random bytes.
+  """
+  k = np.asarray(case.k_cache)
+  finite = np.isfinite(k.astype(np.float32))
+  k8 = np_quantize(np.where(finite, k, 0).astype(ml_dtypes.bfloat16))
+  slot_dead = ~finite.all(axis=-1)  # [num_blocks, 64, h_kv]
+  rng = np.random.default_rng(seed)
+  garbage = rng.integers(0, 256, k8.shape, dtype=np.uint8)
+  garbage[..., :512:7] = 0x7F  # NaN codes
+  garbage[..., 512:528] = np.frombuffer(np.full(4, np.nan, "<f4").tobytes(), np.uint8)[None]
+  k8 = np.where(slot_dead[..., None], garbage, k8)
+  deq = np_dequantize(k8).astype(ml_dtypes.bfloat16)  # exact: the values are bf16
+  return k8, dataclasses.replace(case, k_cache=deq)
