@@ -97,7 +97,7 @@ DECODE_CASES = [
      "rank 4 [num_blocks, 64, h_kv, 576]", "shape (6, 64, 576)"),
     ("k_cache_dtype_not_q_dtype", dict(k_cache=SDS((6, 64, 1, 576), F16)), TypeError,
      "q and k_cache", "one dtype", "q bfloat16 and k_cache float16 (cast q to the cache's "
-     "dtype)"),
+     "dtype; an FP8 cache is uint8 or float8_e4m3fn)"),
     ("q_float32_cache_bfloat16", dict(q=SDS((2, 2, 8, 576), F32)), TypeError, "q and k_cache",
      "one dtype", "q float32 and k_cache bfloat16"),
     ("k_cache_page_size_32", dict(k_cache=SDS((6, 32, 1, 576), BF16)), ValueError, "k_cache",
