@@ -68,8 +68,8 @@ def quantize_kv(rows: jax.Array) -> jax.Array:
       to bfloat16, as a bf16 cache would store it.
 
   Returns:
-    `[..., 656]` uint8. Rows holding NaN or inf give NaN codes or scales: garbage that the
-    decode never lets into another row.
+    `[..., 656]` uint8. A tile holding NaN or inf gets a NaN scale (the tile reads back as NaN);
+    NaN never reaches another row of the decode.
 
   Raises:
     TypeError: `rows` is not an array or not a float dtype.
@@ -86,7 +86,10 @@ def quantize_kv(rows: jax.Array) -> jax.Array:
   x = jnp.asarray(rows).astype(jnp.bfloat16)
   lead = x.shape[:-1]
   latent = x[..., :HEAD_DIM_V].astype(jnp.float32).reshape(lead + (NUM_TILES, FP8_TILE_COLS))
-  scale = pow2_scale(jnp.max(jnp.abs(latent), axis=-1))  # [..., 4]
+  amax = jnp.max(jnp.abs(latent), axis=-1)  # [..., 4]
+  # A tile holding NaN or inf gets a NaN scale: it dequantizes to NaN (as its codes alone might
+  # not: e4m3fn has no inf), in the kernels as in dequantize_kv.
+  scale = jnp.where(jnp.isfinite(amax), pow2_scale(amax), jnp.float32(jnp.nan))
   codes = (latent / scale[..., None]).astype(jnp.float8_e4m3fn)  # exact division by 2^k
   parts = (
       lax.bitcast_convert_type(codes, jnp.uint8).reshape(lead + (HEAD_DIM_V,)),

@@ -117,21 +117,57 @@ __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   return v;
 }
 
-// Four e4m3 values (bytes of w, lowest first) times sc, as two bf16x2 words. e4m3 -> f16 is
-// exact, and so is the product by a power of two and its bf16 rounding.
-__device__ __forceinline__ uint2 dequant4(uint32_t w, float sc) {
-  uint32_t h01, h23;
-  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n"
-      " cvt.rn.f16x2.e4m3x2 %0, lo;\n cvt.rn.f16x2.e4m3x2 %1, hi;\n}\n"
-      : "=r"(h01), "=r"(h23)
-      : "r"(w));
-  float f[4];
-  asm("{\n .reg .f16 a, b, c, d;\n mov.b32 {a, b}, %4;\n mov.b32 {c, d}, %5;\n"
-      " cvt.f32.f16 %0, a;\n cvt.f32.f16 %1, b;\n cvt.f32.f16 %2, c;\n cvt.f32.f16 %3, d;\n}\n"
-      : "=f"(f[0]), "=f"(f[1]), "=f"(f[2]), "=f"(f[3])
-      : "r"(h01), "r"(h23));
-  return make_uint2(ElemOps<__nv_bfloat16>::pack2(f[0] * sc, f[1] * sc),
-                    ElemOps<__nv_bfloat16>::pack2(f[2] * sc, f[3] * sc));
+// The dequantization runs on the ALU and the FMA pipe only: the conversion instructions
+// (cvt.f16x2.e4m3x2, cvt.f32.f16, cvt.bf16x2.f32) issue at a quarter of the rate on sm_90, and
+// with them the dequantization alone took longer than a page's memory time (v4.0, NOTES).
+// An e4m3 byte b = s eeee mmm read as the bf16 bits s<<15 | eeeemmm<<4 is b's value times 2^-120,
+// exactly (e4m3 subnormals land on bf16 subnormals, which the bf16 multiply keeps); multiplying
+// by scale * 2^120, a power of two, restores value * scale exactly. That factor leaves bf16's
+// range for scales above 2^7 (a tile amax above 57344), so it is applied as two bf16 factors
+// (Fp8Factors), the second 1 in all but such tiles.
+struct Fp8Factors {
+  uint32_t f1;  // bf16x2 (both halves equal): 2^min(k, 127), k = log2(scale) + 120
+  uint32_t f2;  // bf16x2: 2^(k - min(k, 127)), 1 unless scale > 2^7
+};
+
+// The factors of a tile's scale, from its float32 bits, for the finite, normal powers of two the
+// format stores. A NaN or infinite scale (quantize_kv writes NaN for a tile that held NaN or inf)
+// makes the whole tile NaN, as dequantize_kv does. Other values are not the format's (zero,
+// subnormal, not a power of two: garbage in unused slots) and give some finite factors; the
+// kernels never let such rows reach another. (The e4m3 NaN codes 0x7F / 0xFF read as +-480 *
+// scale here; quantize_kv writes them only in tiles whose scale is NaN.)
+__device__ __forceinline__ Fp8Factors fp8_factors(float scale) {
+  const uint32_t e = (__float_as_uint(scale) >> 23) & 0xFFu;  // biased exponent of the scale
+  const uint32_t k = e + 120u;                                 // biased exponent of scale * 2^120
+  const uint32_t e1 = min(k, 254u);
+  const uint32_t e2 = k - e1 + 127u;
+  const uint32_t f1 = e == 0xFFu ? 0x7FC07FC0u : (e1 << 7) * 0x00010001u;  // NaN or the factor
+  return {f1, e == 0xFFu ? 0x3F803F80u : (e2 << 7) * 0x00010001u};
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// Bytes [0, b, 0, b'] -> the bf16x2 bits of (b, b') times 2^-120 (see above).
+__device__ __forceinline__ uint32_t e4m3x2_bits_to_bf16x2(uint32_t t) {
+  return (t & 0x80008000u) | ((t & 0x7F007F00u) >> 4);
+}
+
+// Four e4m3 values (bytes of w, lowest first) times the tile's scale, as two bf16x2 words.
+// `wide` says whether some lane of the warp has a second factor other than 1 (warp-uniform).
+__device__ __forceinline__ uint2 dequant4(uint32_t w, const Fp8Factors& f, bool wide) {
+  uint32_t lo = e4m3x2_bits_to_bf16x2(__byte_perm(w, 0, 0x1404));  // bytes 0, 1
+  uint32_t hi = e4m3x2_bits_to_bf16x2(__byte_perm(w, 0, 0x3424));  // bytes 2, 3
+  lo = bf16x2_mul(lo, f.f1);
+  hi = bf16x2_mul(hi, f.f1);
+  if (wide) {
+    lo = bf16x2_mul(lo, f.f2);
+    hi = bf16x2_mul(hi, f.f2);
+  }
+  return make_uint2(lo, hi);
 }
 
 // 16 fp8 columns [col, col + 16) of token `tok` (col a multiple of 16), dequantized into the
@@ -140,8 +176,10 @@ __device__ __forceinline__ uint2 dequant4(uint32_t w, float sc) {
 // hit 8 different bank groups.
 __device__ __forceinline__ void store_dequant16(uint32_t s_buf, int tok, int col, uint4 v,
                                                 float sc) {
-  const uint2 a = dequant4(v.x, sc), b = dequant4(v.y, sc);
-  const uint2 c = dequant4(v.z, sc), d = dequant4(v.w, sc);
+  const Fp8Factors f = fp8_factors(sc);
+  const bool wide = __any_sync(0xffffffffu, f.f2 != 0x3F803F80u);  // a factor 2^(k-127) != 1
+  const uint2 a = dequant4(v.x, f, wide), b = dequant4(v.y, f, wide);
+  const uint2 c = dequant4(v.z, f, wide), d = dequant4(v.w, f, wide);
   const int tile = col / kTileCols;
   const int chunk = (col % kTileCols) / 8;
   const uint32_t row = s_buf + tile * kTileBytes;
