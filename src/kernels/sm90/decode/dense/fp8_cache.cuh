@@ -208,16 +208,24 @@ __device__ __forceinline__ void dequant_page(uint32_t s_buf, uint32_t s_scales, 
   mbar_wait(bars + 8 * L::kRawBar, phase);
   mbar_wait(bars + 8 * L::kRopeBar, phase);
   // Unit k of a quarter: token u / 8, 16-byte chunk u % 8 (8 lanes read one token's 128 bytes).
+  // The quarter's loads are all issued before the first store: one shared-memory latency per
+  // quarter, not one per unit (this warp is often the only one its scheduler has).
   auto quarter = [&](int q, bool in_place) {
     const uint32_t raw = s_buf + L::kRawOffset + q * L::kRawQuarterBytes;
-#pragma unroll 1  // registers: the narrow kernel with N = 32 has none to spare
+    uint4 v[kUnits];
+    float sc[kUnits];
+#pragma unroll
     for (int k = 0; k < kUnits; ++k) {
       const int u = tid + kThreads * k;
       const int tok = u >> 3, c = u & 7;
-      const uint4 v = ld_shared_v4(raw + tok * L::kLatentBoxBytes + c * 16);
-      const float sc = ld_shared_f32(s_scales + (tok * kFp8NumScales + q) * 4);
-      if (in_place) __syncwarp();  // the token's 8 lanes have read what they overwrite
-      store_dequant16(s_buf, tok, L::kLatentBoxBytes * q + 16 * c, v, sc);
+      v[k] = ld_shared_v4(raw + tok * L::kLatentBoxBytes + c * 16);
+      sc[k] = ld_shared_f32(s_scales + (tok * kFp8NumScales + q) * 4);
+    }
+    if (in_place) __syncwarp();  // each token's 8 lanes have read what they overwrite
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k) {
+      const int u = tid + kThreads * k;
+      store_dequant16(s_buf, u >> 3, L::kLatentBoxBytes * q + 16 * (u & 7), v[k], sc[k]);
     }
   };
   quarter(0, false);
