@@ -117,9 +117,10 @@ __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   return v;
 }
 
-// The dequantization runs on the ALU and the FMA pipe only: the conversion instructions
-// (cvt.f16x2.e4m3x2, cvt.f32.f16, cvt.bf16x2.f32) issue at a quarter of the rate on sm_90, and
-// with them the dequantization alone took longer than a page's memory time (v4.0, NOTES).
+// The dequantization runs on the ALU and the FMA pipe only, in about half the issue slots of the
+// conversion instructions (cvt.f16x2.e4m3x2, cvt.f32.f16, cvt.bf16x2.f32), which also issue at a
+// quarter rate on sm_90. (Measured: the same speed either way, benchmarks/NOTES.md v4.0b; what
+// bounds the FP8 kernels is how few pages each group has in flight, not this arithmetic.)
 // An e4m3 byte b = s eeee mmm read as the bf16 bits s<<15 | eeeemmm<<4 is b's value times 2^-120,
 // exactly (e4m3 subnormals land on bf16 subnormals, which the bf16 multiply keeps); multiplying
 // by scale * 2^120, a power of two, restores value * scale exactly. That factor leaves bf16's
