@@ -5,6 +5,11 @@
     python benchmarks/bench_decode.py --json out.json --plot out.png
     python benchmarks/bench_decode.py --devices 2 --b 256 --len 8192   # batch over two GPUs
 
+With FlashMLA importable (PYTHONPATH=<the shared kit's flash_mla>, and torch), a FlashMLA column
+times its dense decode on the same cache, block table and lengths (one call replayed in a CUDA
+graph, flashmla_anchor.py) and `vs FM` = FlashMLA time / ours; `--implementations` without
+`flashmla` leaves it out.
+
 What is timed: one jitted program that runs the decode call `--layers` times, as the layers of a
 model do: each "layer" has its own queries and its own block table (the same pages under another
 permutation, so XLA cannot share the reference's page gather between layers), and all of them
@@ -39,6 +44,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jax_flashmla
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with -P: the sibling module
+import flashmla_anchor  # noqa: E402
 
 PAGE = 64
 HBM_TBPS = 4.8
@@ -198,7 +206,9 @@ def main(argv=None):
   p.add_argument("--h-q", type=int, default=16)
   p.add_argument("--len", type=int, default=None, help="one mean length (default: the grid)")
   p.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-  p.add_argument("--implementations", default="cuda,xla")
+  p.add_argument("--implementations", default="cuda,xla,flashmla",
+                 help="cuda (ours), xla (the pure-JAX path), flashmla (FlashMLA's dense decode, "
+                      "when importable)")
   p.add_argument("--layers", type=int, default=20,
                  help="decode calls per timed program (the XLA reference runs a quarter)")
   p.add_argument("--repeats", type=int, default=5)
@@ -216,6 +226,12 @@ def main(argv=None):
   p.add_argument("--plot", default=None)
   args = p.parse_args(argv)
   impls = args.implementations.split(",")
+  anchor = None
+  if "flashmla" in impls:
+    anchor, reason = flashmla_anchor.load()
+    if anchor is None or args.devices > 1:
+      print(f"# no FlashMLA column: {reason or 'one device only'}", flush=True)
+      impls.remove("flashmla")
   mesh = None
   if args.devices > 1:
     if args.b % args.devices:
@@ -229,8 +245,8 @@ def main(argv=None):
   rows = []
   key = jax.random.PRNGKey(0)
   cache_key = None
-  header = (f"{'b':>4} {'s_q':>3} {'h_q':>4} {'len':>6} {'causal':>6} {'impl':>5} {'ms':>9} "
-            f"{'TB/s':>6} {'TFLOPS':>7} {'%BW':>5} {'%PEAK':>5} {'vs XLA':>7}"
+  header = (f"{'b':>4} {'s_q':>3} {'h_q':>4} {'len':>6} {'causal':>6} {'impl':>8} {'ms':>9} "
+            f"{'TB/s':>6} {'TFLOPS':>7} {'%BW':>5} {'%PEAK':>5} {'vs XLA':>7} {'vs FM':>6}"
             + (f" {'gpu ms':>9} {'TB/s':>6} {'TFLOPS':>7}" if args.device_time else ""))
   print(header, flush=True)
   for n, (mean_len, s_q, h_q, causal) in enumerate(configs, 1):
@@ -246,6 +262,15 @@ def main(argv=None):
       if impl == "xla" and mean_len > args.xla_max_len:
         continue
       try:
+        if impl == "flashmla":  # one call on the first layer's inputs, replayed
+          qs, bts = layer_inputs(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576),
+                                 block_table, k_cache.shape[0], 1)
+          sec, gpu_sec = flashmla_anchor.dense_decode_seconds(
+              anchor, qs[0], k_cache, bts[0], lens, causal), None
+          del qs, bts
+          result[impl] = {"ms": sec * 1e3, "tbps": nbytes / sec / 1e12,
+                          "tflops": flops / sec / 1e12}
+          continue
         layers = args.layers if impl != "xla" else max(2, args.layers // 4)
         qs, bts = layer_inputs(jax.random.fold_in(key, n), (args.b, s_q, h_q, 576),
                                block_table, k_cache.shape[0] // args.devices, layers)
@@ -264,6 +289,8 @@ def main(argv=None):
                              "gpu_tflops": flops / gpu_sec / 1e12})
     if "cuda" in result and "xla" in result:
       result["speedup_vs_xla"] = result["xla"]["ms"] / result["cuda"]["ms"]
+    if "cuda" in result and "flashmla" in result:
+      result["ratio_vs_flashmla"] = result["flashmla"]["ms"] / result["cuda"]["ms"]
     rows.append(result)
     save(args, rows)  # after every config, so a sweep cut short still leaves its figures
     for impl in impls:
@@ -271,11 +298,14 @@ def main(argv=None):
         continue
       r = result[impl]
       speed = f"{result['speedup_vs_xla']:6.1f}x" if impl == "cuda" and "xla" in result else ""
+      vs_fm = (f"{result['ratio_vs_flashmla']:6.3f}" if impl == "cuda" and
+               "ratio_vs_flashmla" in result else "")
       gpu = (f" {r['gpu_ms']:9.3f} {r['gpu_tbps']:6.2f} {r['gpu_tflops']:7.1f}"
              if "gpu_ms" in r else "")
-      print(f"{args.b:>4} {s_q:>3} {h_q:>4} {mean_len:>6} {str(causal):>6} {impl:>5} "
+      print(f"{args.b:>4} {s_q:>3} {h_q:>4} {mean_len:>6} {str(causal):>6} {impl:>8} "
             f"{r['ms']:9.3f} {r['tbps']:6.2f} {r['tflops']:7.1f} "
-            f"{100 * r['tbps'] / HBM_TBPS:5.1f} {100 * r['tflops'] / PEAK_TFLOPS:5.1f} {speed:>7}"
+            f"{100 * r['tbps'] / HBM_TBPS:5.1f} {100 * r['tflops'] / PEAK_TFLOPS:5.1f} {speed:>7} "
+            f"{vs_fm:>6}"
             f"{gpu}   [{n}/{len(configs)}]", flush=True)
 
   if args.plot:

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flashmla as jfm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with -P: the sibling module
+from flashmla_anchor import dense_decode_seconds, load, to_torch  # noqa: E402
 
 DEFAULT_CASES = [  # the memory-bound rows, then its compute corner
     "128:1:16:normal:8192", "128:1:16:normal:16384", "128:1:16:normal:32768",
@@ -104,31 +108,6 @@ def slope_time(q, cache, bt, sl, md, causal, layers):
   return slopes[1]
 
 
-def graph_time(torch, fn, iters=50):
-  for _ in range(3):
-    fn()
-  torch.cuda.synchronize()
-  g = torch.cuda.CUDAGraph()
-  with torch.cuda.graph(g):
-    fn()
-  for _ in range(3):
-    g.replay()
-  ts = []
-  for _ in range(5):
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-      g.replay()
-    e.record()
-    torch.cuda.synchronize()
-    ts.append(s.elapsed_time(e) / iters / 1e3)
-  return sorted(ts)[2]
-
-
-def to_torch(torch, x):
-  return torch.from_dlpack(x)
-
-
 def agree(o_a, l_a, o_b, l_b):
   oa, ob = np.asarray(o_a, np.float32), np.asarray(o_b, np.float32)
   la, lb = np.asarray(l_a, np.float32), np.asarray(l_b, np.float32)
@@ -165,12 +144,7 @@ def run_case(c, layers, torch, flash_mla, check):
            fp8_tbps=(io + b * m * 656) / t8 / 1e12, bf16_tbps=(io + b * m * 1152) / t16 / 1e12,
            fp8_tflops=flop / t8 / 1e12)
   if flash_mla is not None:
-    meta, _ = flash_mla.get_mla_metadata()
-    qt, kt = to_torch(torch, q), to_torch(torch, rows)
-    btt, slt = to_torch(torch, bt), to_torch(torch, sl)
-    fm = lambda: flash_mla.flash_mla_with_kvcache(qt, kt, btt, slt, 512, meta, None,
-                                                  causal=causal)
-    t_fm = graph_time(torch, fm)
+    t_fm = dense_decode_seconds((torch, flash_mla), q, rows, bt, sl, causal)
     r.update(flashmla_bf16_us=t_fm * 1e6, fp8_over_flashmla=t_fm / t8)
   return r
 
@@ -213,8 +187,10 @@ def main():
   a = ap.parse_args()
   torch = flash_mla = None
   if not a.no_flashmla:
-    import torch
-    import flash_mla
+    anchor, reason = load()
+    if anchor is None:
+      ap.error(f"{reason} (or pass --no-flashmla)")
+    torch, flash_mla = anchor
   rng = np.random.default_rng(0)
   cases = [parse(c, rng) for c in (a.case or DEFAULT_CASES)]
   out = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=[], cross=[])

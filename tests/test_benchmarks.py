@@ -140,3 +140,30 @@ def test_trace_decode_fit_steps_separates_per_call_from_per_run(monkeypatch, cap
   trace_decode.main(["--b", "2", "--len", "100", "--layers", "2", "--implementation", "xla",
                      "--fit-steps", "1,3"])
   assert "fit: 100.0 us per call + 1.000 ms per run" in capsys.readouterr().out
+
+
+def test_bench_without_flashmla_says_so_and_keeps_the_other_columns(tmp_path, capsys):
+  # On a machine without torch/flash_mla the default FlashMLA column is dropped with a reason.
+  out = tmp_path / "b.json"
+  bench_decode.main(["--b", "2", "--len", "100", "--layers", "2", "--repeats", "1", "--steps",
+                     "1", "--implementations", "xla,flashmla", "--json", str(out)])
+  assert "# no FlashMLA column: " in capsys.readouterr().out
+  (row,) = json.loads(out.read_text())["results"]
+  assert "flashmla" not in row and row["xla"]["ms"] > 0
+
+
+def test_fp8_side_by_side_on_the_pure_jax_path(tmp_path, monkeypatch):
+  # The FP8 benchmark's own check (FP8 rows against the bf16 path over their dequantized rows)
+  # and its counting, on tiny cases through the pure-JAX path.
+  import fp8_side_by_side  # noqa: PLC0415
+
+  out = tmp_path / "f.json"
+  monkeypatch.setattr(sys, "argv", ["fp8_side_by_side.py", "--case", "2:1:16:fixed:100",
+                                    "--case", "2:2:16:uniform:1:150:causal", "--no-flashmla",
+                                    "--layers", "2", "--json", str(out)])
+  fp8_side_by_side.main()
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in rows] == ["2:1:16:fixed:100", "2:2:16:uniform:1:150:causal"]
+  for r in rows:
+    assert fp8_side_by_side.ok(r["vs_dequantized_bf16"]), r["vs_dequantized_bf16"]
+    assert r["fp8_us"] > 0 and r["bf16_us"] > 0 and "flashmla_bf16_us" not in r
