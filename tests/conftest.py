@@ -25,7 +25,24 @@ def _gpu_unavailable_reason():
   return None
 
 
+def _flashmla_skip_reason():
+  """Why the opt-in comparison with FlashMLA itself does not run, or None."""
+  if os.environ.get("JAX_FLASHMLA_AGAINST_FLASHMLA") != "1":
+    return "opt-in: set JAX_FLASHMLA_AGAINST_FLASHMLA=1 (once per kernel change; long)"
+  try:
+    import flash_mla  # noqa: F401, PLC0415
+    import torch  # noqa: F401, PLC0415
+  except ImportError as e:
+    return f"FlashMLA not importable ({e}): put the shared kit's flash_mla on PYTHONPATH"
+  return None
+
+
 def pytest_collection_modifyitems(config, items):
+  flashmla_reason = _flashmla_skip_reason()
+  if flashmla_reason is not None:
+    for item in items:
+      if "flashmla" in item.keywords:
+        item.add_marker(pytest.mark.skip(reason=flashmla_reason))
   reason = _gpu_unavailable_reason()
   if reason is None:
     return
