@@ -291,7 +291,7 @@ mla_sparse_decode_p.def_abstract_eval(_abstract_eval)
 
 
 def _batch(args, dims, **params):
-  nm = batching.not_mapped
+  nm = None  # batching.not_mapped
   lanes = next(a.shape[d] for a, d in zip(args, dims) if d is not nm)
   q, k_cache, indices, topk_length, attn_sink = (
       x if d is nm else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims))
