@@ -108,9 +108,11 @@ def flash_mla_with_kvcache(
     ValueError: wrong ranks or shapes (each message names the argument, what was expected and
       what was got), `is_fp8_kvcache` disagreeing with k_cache, `head_dim_v != 512`, metadata computed for another batch or other
       shapes, a `num_pools` that does not divide the batch and the pages, or
-      `implementation="cuda"` lowered for a platform other than a Hopper GPU.
+      `implementation="cuda"` lowered for a platform other than a Hopper GPU. With `indices`:
+      a dense-only argument that is not left at its default; without: `topk_length` or
+      `attn_sink` given.
     NotImplementedError: under `jax.grad` (the op is inference-only; differentiate
-      `flash_mla_reference`).
+      `flash_mla_reference`), or `indices` with `implementation="cuda"` (no sparse kernel yet).
 
   Example:
     >>> b, s_q, h_q, h_kv = 2, 1, 16, 1

@@ -159,9 +159,9 @@ def sparse_decode_reference(q, k_cache, indices, topk_length=None, attn_sink=Non
   o = o / l_safe[..., None]
   if attn_sink is not None:
     # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse)): +inf sink -> 0, -inf -> 1.
-    # An empty row (lse = +inf) keeps out = 0 even with a +inf sink (inf - inf is NaN).
-    factor = 1.0 / (1.0 + jnp.exp(attn_sink[None, None, :] - jnp.where(empty, 0.0, lse)))
+    factor = 1.0 / (1.0 + jnp.exp(attn_sink[None, None, :] - lse))
     o = o * factor[..., None]
+  # An empty row is 0 whatever the sink: selected, since a +inf sink gives inf - inf = NaN there.
   o = jnp.where(empty[..., None], 0.0, o)
   return o.astype(q.dtype), jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
 
