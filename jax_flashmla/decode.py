@@ -11,6 +11,7 @@ from jax_flashmla.metadata import (MetadataLike, as_metadata, check_metadata_for
 from jax_flashmla.primitives import check_implementation, mla_decode_p
 from jax_flashmla.quantization import cache_bytes, is_fp8_cache
 from jax_flashmla.reference import default_softmax_scale
+from jax_flashmla.sparse import flash_mla_sparse_decode
 
 
 def flash_mla_with_kvcache(
@@ -27,6 +28,9 @@ def flash_mla_with_kvcache(
     implementation: str | None = None,
     num_sms: int | None = None,
     num_pools: int = 1,
+    indices: jax.Array | None = None,
+    topk_length: jax.Array | None = None,
+    attn_sink: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Multi-head latent attention decode over a paged cache (absorbed weights: MQA, d=576).
 
@@ -81,6 +85,13 @@ def flash_mla_with_kvcache(
       consecutive rows, and group j's ids index pool j (ids local to the pool; others read
       nothing). With the batch and the page axis sharded over the same mesh axes, each device
       then decodes its rows from its own pools, and the cache never moves (docs/sharding.md).
+    indices: FlashMLA's sparse decode (DeepSeek-V3.2): `[b, s_q, topk]` int32 cache slots
+      (`page * block_size + offset`) each query token attends to. Given, the call is
+      `flash_mla_sparse_decode(q, k_cache, indices, topk_length=, attn_sink=, softmax_scale=,
+      implementation=)` (see there), and block_table and cache_seqlens must be None, causal
+      False, metadata None (no scheduler records yet), num_pools 1.
+    topk_length, attn_sink: with `indices` only: `[b]` int32 indices used per row, `[h_q]`
+      float32 sink logits.
 
   Returns:
     `out [b, s_q, h_q, d_v]` in q's dtype and `lse [b, h_q, s_q]` float32 (natural log; +inf
@@ -97,9 +108,11 @@ def flash_mla_with_kvcache(
     ValueError: wrong ranks or shapes (each message names the argument, what was expected and
       what was got), `is_fp8_kvcache` disagreeing with k_cache, `head_dim_v != 512`, metadata computed for another batch or other
       shapes, a `num_pools` that does not divide the batch and the pages, or
-      `implementation="cuda"` lowered for a platform other than a Hopper GPU.
+      `implementation="cuda"` lowered for a platform other than a Hopper GPU. With `indices`:
+      a dense-only argument that is not left at its default; without: `topk_length` or
+      `attn_sink` given.
     NotImplementedError: under `jax.grad` (the op is inference-only; differentiate
-      `flash_mla_reference`).
+      `flash_mla_reference`), or `indices` with `implementation="cuda"` (no sparse kernel yet).
 
   Example:
     >>> b, s_q, h_q, h_kv = 2, 1, 16, 1
@@ -113,6 +126,14 @@ def flash_mla_with_kvcache(
     >>> out.shape, lse.shape
     ((2, 1, 16, 512), (2, 16, 1))
   """
+  if indices is not None:
+    return _sparse(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale,
+                   causal, is_fp8_kvcache, implementation, num_sms, num_pools, indices,
+                   topk_length, attn_sink)
+  for name, value in (("topk_length", topk_length), ("attn_sink", attn_sink)):
+    if value is not None:
+      raise ValueError(f"{name}: expected None without indices (it belongs to the sparse "
+                       f"decode), got {type(value).__name__}")
   check_implementation(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
   causal = shapes.check_static_bool("causal", causal)
@@ -141,3 +162,28 @@ def flash_mla_with_kvcache(
       softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
       causal=causal and s_q > 1, implementation=implementation, num_pools=num_pools,
       num_sms=num_sms))
+
+
+def _sparse(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale, causal,
+            is_fp8_kvcache, implementation, num_sms, num_pools, indices, topk_length, attn_sink):
+  """FlashMLA's sparse call: the dense-only arguments must be left at their defaults."""
+  shapes.check_head_dim_v(head_dim_v)
+  unused = (("block_table", block_table, None), ("cache_seqlens", cache_seqlens, None),
+            ("metadata", metadata, None), ("num_sms", num_sms, None))
+  for name, value, default in unused:
+    if value is not default:
+      raise ValueError(f"{name}: expected None with indices (the sparse decode reads the tokens "
+                       f"indices names; it takes no {name}), got {type(value).__name__}")
+  if shapes.check_static_bool("causal", causal):
+    raise ValueError("causal: expected False with indices (the indices say which tokens each "
+                     "query token sees), got True")
+  if shapes.check_static_int("num_pools", num_pools) != 1:
+    raise ValueError(f"num_pools: expected 1 with indices (they address the whole cache), got "
+                     f"{num_pools}")
+  if is_fp8_kvcache is not None and not shapes.check_static_bool("is_fp8_kvcache",
+                                                                  is_fp8_kvcache):
+    raise ValueError("is_fp8_kvcache: expected True or None with indices (the sparse decode "
+                     "reads an FP8 cache), got False")
+  return flash_mla_sparse_decode(q, k_cache, indices, topk_length=topk_length,
+                                 attn_sink=attn_sink, softmax_scale=softmax_scale,
+                                 implementation=implementation)

@@ -100,6 +100,19 @@ def quantize_kv(rows: jax.Array) -> jax.Array:
   return jnp.concatenate(parts, axis=-1)
 
 
+def _from_le_bytes(b: jax.Array, word, dtype) -> jax.Array:
+  """`[..., n * k]` little-endian uint8 -> `[..., n]` of a k-byte `dtype`, bit for bit.
+
+  The words are put together with shifts and only then bitcast at equal width: a bitcast that
+  changes the element width (and so the shape) does not survive shape refinement when a leading
+  dimension is symbolic (jax.export with a symbolic batch).
+  """
+  k = jnp.dtype(word).itemsize
+  parts = b.reshape(b.shape[:-1] + (b.shape[-1] // k, k)).astype(word)
+  shifts = (jnp.arange(k, dtype=word) * 8).astype(word)
+  return lax.bitcast_convert_type(jnp.sum(parts << shifts, axis=-1, dtype=word), dtype)
+
+
 def dequantize_kv(fp8_rows: jax.Array) -> jax.Array:
   """FP8 cache rows `[..., 656]` (uint8 or float8_e4m3fn) -> `[..., 576]` bfloat16.
 
@@ -123,10 +136,8 @@ def dequantize_kv(fp8_rows: jax.Array) -> jax.Array:
   b = cache_bytes(jnp.asarray(fp8_rows))
   lead = b.shape[:-1]
   codes = lax.bitcast_convert_type(b[..., :FP8_SCALE_OFFSET], jnp.float8_e4m3fn)
-  scale = lax.bitcast_convert_type(
-      b[..., FP8_SCALE_OFFSET:FP8_ROPE_OFFSET].reshape(lead + (NUM_TILES, 4)), jnp.float32)
+  scale = _from_le_bytes(b[..., FP8_SCALE_OFFSET:FP8_ROPE_OFFSET], jnp.uint32, jnp.float32)
   latent = codes.astype(jnp.float32).reshape(lead + (NUM_TILES, FP8_TILE_COLS)) * scale[..., None]
-  rope = lax.bitcast_convert_type(
-      b[..., FP8_ROPE_OFFSET:].reshape(lead + (HEAD_DIM_K - HEAD_DIM_V, 2)), jnp.bfloat16)
+  rope = _from_le_bytes(b[..., FP8_ROPE_OFFSET:], jnp.uint16, jnp.bfloat16)
   return jnp.concatenate(
       [latent.reshape(lead + (HEAD_DIM_V,)).astype(jnp.bfloat16), rope], axis=-1)

@@ -166,6 +166,26 @@ def test_fp8_cuda_lowering_passes_the_bytes_to_the_same_target():
                                       if "@jax_flashmla_mla_decode_v1" in l][0]
 
 
+def test_fp8_decode_exports_with_a_symbolic_batch():
+  """The gathered rows then have a symbolic leading dim; dequantizing them must still lower."""
+  from jax import export
+  b, = export.symbolic_shape("b")
+  args = (jax.ShapeDtypeStruct((b, 1, 16, 576), jnp.bfloat16),
+          jax.ShapeDtypeStruct((12, 64, 1, 656), jnp.uint8),
+          jax.ShapeDtypeStruct((b, 4), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+  fn = jax.jit(lambda *a: jax_flashmla.flash_mla_with_kvcache(*a, num_sms=8,
+                                                              implementation="xla"))
+  exp = export.export(fn, platforms=("cpu",))(*args)
+  case = make_case(np.random.default_rng(9), 3, 1, 150, 16, 1, zero_rows=0.3, spare_pages=0)
+  k8, deq_case = fp8_case(case)
+  q, _, bt, lens = case.args()
+  pad = lambda x, n, value: np.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1),
+                                   constant_values=value)
+  k8 = pad(k8, 12, 0x7F)  # 12 pages, whatever this case needs
+  bt = pad(np.asarray(bt).T, 4, -1).T
+  check_decode(*exp.call(q, jnp.asarray(k8), jnp.asarray(bt), lens), *oracle(deq_case))
+
+
 def test_fp8_decode_under_vmap_matches_the_loop():
   rng = np.random.default_rng(5)
   case = make_case(rng, 3, 1, 150, 16, 1, zero_rows=0.3)

@@ -1,0 +1,416 @@
+"""Token-sparse MLA decode (DeepSeek-V3.2's DSA): each query token attends to its own top-k tokens.
+
+FlashMLA's sparse decode, as a JAX operation. The cache is V3.2's FP8 one (656-byte rows,
+`quantization.py`) with any number of tokens per block; each query token names the cache slots
+it attends to (`indices`, `page * block_size + offset`), as the indexer chose them.
+
+There is no CUDA kernel yet: every platform runs `sparse_decode_reference` (pure JAX). The
+layering is the dense decode's, so a kernel only has to replace one lowering:
+
+- `mla_sparse_decode_p`, the primitive users bind: abstract evaluation, vmap, no gradient, and
+  a lowering through `custom_partitioning` (batch- and head-parallel sharding);
+- `mla_sparse_decode_local_p`, one device's decode: the pure-JAX lowering everywhere; on 'cuda'
+  with `implementation=None` that is a fallback and warns (`KernelFallbackWarning`).
+
+`topk_length` and `attn_sink` are optional for users but always operands of the primitives (all
+topk indices, and a sink of -inf, change nothing), so the operand list is fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding
+
+from jax_flashmla import _compat, _extension, shapes
+from jax_flashmla.constants import FP8_ROW_BYTES, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX
+from jax_flashmla.local_primitives import cached_jit_bind, check_implementation
+from jax_flashmla.partitioning import _count, _dim_axes, _in_rule_order, _spec
+from jax_flashmla.quantization import CACHE_DTYPES, cache_bytes, dequantize_kv
+from jax_flashmla.reference import default_softmax_scale
+
+NO_KERNEL_REASON = "no sparse kernel in this build yet"
+
+# ------------------------------------------------------------------------------------------------
+# Trace-time checks (each names the argument, what was expected and what was got)
+# ------------------------------------------------------------------------------------------------
+
+
+def _array(name, x):
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    wrap = "; wrap it with jnp.asarray" if isinstance(x, (list, tuple, int, float)) else ""
+    raise TypeError(f"{name}: expected a jax.Array or numpy array, got {type(x).__name__}{wrap}")
+  return tuple(x.shape)
+
+
+def _dtype(name, x, want, what=None):
+  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in want]:
+    names = what or " or ".join(jnp.dtype(d).name for d in want)
+    raise TypeError(f"{name}: expected dtype {names}, got {jnp.dtype(x.dtype)}")
+
+
+def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> None:
+  """Shapes and dtypes of a sparse decode (arrays or abstract values); raises on the first bad."""
+  qs, ks, xs = _array("q", q), _array("k_cache", k_cache), _array("indices", indices)
+  if len(qs) != 4:
+    raise ValueError(f"q: expected rank 4 [b, s_q, h_q, 576], got shape {qs}")
+  _dtype("q", q, (jnp.bfloat16,), "bfloat16 (the sparse decode reads an FP8 cache)")
+  b, s_q, h_q, d = qs
+  if d != HEAD_DIM_K:
+    raise ValueError(f"q: expected head dim {HEAD_DIM_K} (512 latent + 64 RoPE), got {d} "
+                     f"(shape {qs})")
+  if not shapes.known(s_q, h_q):
+    raise ValueError(f"q: expected known s_q and h_q (only the batch and the cache's blocks may "
+                     f"be symbolic), got shape {qs}")
+  if any(shapes.known(n) and n < 1 for n in (b, s_q, h_q)):
+    raise ValueError(f"q: expected b, s_q, h_q >= 1, got shape {qs}")
+
+  if len(ks) != 4:
+    raise ValueError(f"k_cache: expected rank 4 [num_blocks, block_size, 1, 656] (an FP8 "
+                     f"cache), got shape {ks}")
+  _dtype("k_cache", k_cache, CACHE_DTYPES, "uint8 or float8_e4m3fn (an FP8 cache, quantize_kv)")
+  num_blocks, block_size, h_kv, row = ks
+  if row != FP8_ROW_BYTES:
+    raise ValueError(f"k_cache: expected {FP8_ROW_BYTES} bytes per row (axis 3, an FP8 cache), "
+                     f"got {row} (shape {ks})")
+  if h_kv != 1:
+    raise ValueError(f"k_cache: expected 1 KV head (axis 2; the sparse decode is MQA), got "
+                     f"{h_kv} (shape {ks})")
+  if not shapes.known(block_size) or block_size < 1:
+    raise ValueError(f"k_cache: expected a known block_size >= 1 (axis 1), got shape {ks}")
+  if shapes.known(num_blocks) and num_blocks < 1:
+    raise ValueError(f"k_cache: expected num_blocks >= 1 (axis 0), got shape {ks}")
+  if shapes.known(num_blocks) and num_blocks * block_size > INT32_MAX:
+    raise ValueError(f"k_cache: expected num_blocks * block_size below 2**31 (indices are "
+                     f"int32), got shape {ks}")
+
+  if len(xs) != 3:
+    raise ValueError(f"indices: expected rank 3 [b, s_q, topk], got shape {xs}")
+  _dtype("indices", indices, (jnp.int32,))
+  if xs[:2] != (b, s_q):
+    raise ValueError(f"indices: expected shape ({b}, {s_q}, topk) (b and s_q of q), got {xs}")
+  if not shapes.known(xs[2]) or xs[2] < 1:
+    raise ValueError(f"indices: expected a known topk >= 1 (axis 2), got shape {xs}")
+
+  if topk_length is not None:
+    ts = _array("topk_length", topk_length)
+    _dtype("topk_length", topk_length, (jnp.int32,))
+    if ts != (b,):
+      raise ValueError(f"topk_length: expected shape ({b},) (batch of q), got {ts}")
+  if attn_sink is not None:
+    ss = _array("attn_sink", attn_sink)
+    _dtype("attn_sink", attn_sink, (jnp.float32,))
+    if ss != (h_q,):
+      raise ValueError(f"attn_sink: expected shape ({h_q},) (one per query head of q), got {ss}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The pure-JAX decode
+# ------------------------------------------------------------------------------------------------
+
+
+def sparse_decode_reference(q, k_cache, indices, topk_length=None, attn_sink=None,
+                            softmax_scale=None):
+  """Token-sparse MLA decode in plain JAX (no checks: `flash_mla_sparse_decode` runs it).
+
+  For row `i`, query token `s`, head `h`: the keys are the cache rows `indices[i, s, j]` for
+  `j < clip(topk_length[i], 0, topk)` with an index in `[0, num_blocks * block_size)`, each
+  dequantized (`dequantize_kv`); a duplicated index is a key as many times as it appears.
+  Scores, softmax and `lse` are float32, as in the dense reference; `out` is then scaled by
+  `1 / (1 + exp(attn_sink[h] - lse))` when a sink is given. Returns `out [b, s_q, h_q, 512]`
+  bfloat16 and `lse [b, h_q, s_q]` float32 (+inf and out 0 where no index is valid).
+  """
+  b, s_q, h_q, d = q.shape
+  topk = indices.shape[2]
+  rows = cache_bytes(k_cache).reshape(-1, FP8_ROW_BYTES)  # token-major: page * bs + offset
+  n = rows.shape[0]
+  scale = default_softmax_scale(d) if softmax_scale is None else softmax_scale
+
+  valid = (indices >= 0) & (indices < n)  # [b, s_q, topk]
+  if topk_length is not None:
+    used = jnp.clip(topk_length, 0, topk)[:, None, None]
+    valid &= jnp.arange(topk, dtype=jnp.int32)[None, None, :] < used
+  # Gather through a clipped index, then select: an invalid index reads a real slot, whose bytes
+  # (garbage, NaN) are dropped by the select, never multiplied by zero.
+  kv = dequantize_kv(jnp.take(rows, jnp.clip(indices, 0, n - 1), axis=0))  # [b, s, t, 576]
+  kv = jnp.where(valid[..., None], kv, jnp.zeros((), kv.dtype))
+
+  scores = jnp.einsum("bshd,bstd->bsht", q, kv, preferred_element_type=jnp.float32,
+                      precision=lax.Precision.HIGHEST) * jnp.float32(scale)
+  scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m_safe)  # exactly 0 where masked
+  l = jnp.sum(p, axis=-1)  # [b, s, h]
+  o = jnp.einsum("bsht,bstv->bshv", p,
+                 kv[..., :HEAD_DIM_V].astype(jnp.float32), preferred_element_type=jnp.float32,
+                 precision=lax.Precision.HIGHEST)
+  empty = l == 0
+  l_safe = jnp.where(empty, 1.0, l)
+  lse = jnp.where(empty, jnp.inf, jnp.log(l_safe) + m_safe[..., 0])  # [b, s, h]
+  o = o / l_safe[..., None]
+  if attn_sink is not None:
+    # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse)): +inf sink -> 0, -inf -> 1.
+    factor = 1.0 / (1.0 + jnp.exp(attn_sink[None, None, :] - lse))
+    o = o * factor[..., None]
+  # An empty row is 0 whatever the sink: selected, since a +inf sink gives inf - inf = NaN there.
+  o = jnp.where(empty[..., None], 0.0, o)
+  return o.astype(q.dtype), jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# One device's decode: (q, k_cache, indices, topk_length, attn_sink) -> (out, lse)
+# ------------------------------------------------------------------------------------------------
+
+
+def _refuse_cuda(implementation) -> None:
+  if implementation == "cuda":
+    raise NotImplementedError(
+        f"implementation='cuda': the sparse decode's CUDA kernels are not built yet ("
+        f"{NO_KERNEL_REASON}); use implementation=None or 'xla' (the pure-JAX path)")
+
+
+def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, *, softmax_scale,
+                   implementation):
+  del softmax_scale
+  check_implementation(implementation)
+  check_sparse_args(q, k_cache, indices, topk_length, attn_sink)
+  b, s_q, h_q, _ = q.shape
+  return (jax.core.ShapedArray((b, s_q, h_q, HEAD_DIM_V), jnp.dtype(jnp.bfloat16)),
+          jax.core.ShapedArray((b, h_q, s_q), jnp.dtype(jnp.float32)))
+
+
+def _warn_no_kernel(platform: str) -> None:
+  """implementation=None lowered for 'cuda' where the dense kernels would run: say so."""
+  if platform != "cuda":
+    return
+  if _extension.local_gpus() and not _extension.local_hopper_gpus():
+    return  # not a Hopper: the pure-JAX path is the expected one
+  # The default filter shows each distinct message once per location.
+  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX sparse decode where a CUDA "
+                f"kernel could run: {NO_KERNEL_REASON}. Pass implementation='xla' to choose the "
+                f"pure-JAX path on purpose.", _extension.KernelFallbackWarning, stacklevel=2)
+
+
+def _local_lowering(ctx, *args, softmax_scale, implementation, platform):
+  _refuse_cuda(implementation)
+  platform = platform or ", ".join(_compat.lowering_platforms(ctx))
+  if implementation is None:
+    _warn_no_kernel(platform)
+  # The kernel, when there is one, replaces this branch on 'cuda' (see local_primitives.py).
+  fn = lambda *a: list(sparse_decode_reference(*a, softmax_scale=softmax_scale))
+  return mlir.lower_fun(fn, multiple_results=True)(_compat.without_varying_axes(ctx), *args)
+
+
+mla_sparse_decode_local_p = Primitive("jax_flashmla_mla_sparse_decode_local")
+mla_sparse_decode_local_p.multiple_results = True
+mla_sparse_decode_local_p.def_impl(cached_jit_bind(mla_sparse_decode_local_p))
+mla_sparse_decode_local_p.def_abstract_eval(_abstract_eval)
+# Per platform, as the dense decode: a multi-platform export gets each platform's rule.
+mlir.register_lowering(mla_sparse_decode_local_p,
+                       lambda ctx, *a, **p: _local_lowering(ctx, *a, platform="cuda", **p),
+                       platform="cuda")
+mlir.register_lowering(mla_sparse_decode_local_p,
+                       lambda ctx, *a, **p: _local_lowering(ctx, *a, platform=None, **p))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding: batch-parallel (q, indices, topk_length) and head-parallel (q, attn_sink), any mix;
+# the cache replicated (indices address the whole cache). Factors: b batch, s query tokens, h
+# heads, d = 576, n blocks, p block slots, k the KV head, w the 656-byte row, t topk, v = 512.
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+  softmax_scale: float
+  implementation: str | None
+
+
+SPARSE_RULE = "b s h d, n p k w, b s t, b, h -> b s h v, b h s"
+# Blocks are not listed: a cache split on them is refused by name rather than gathered.
+SPARSE_REPLICATED = "s d p k w t v"
+
+
+def _on_device(q, k_cache, indices, topk_length, attn_sink, config: SparseConfig):
+  return tuple(mla_sparse_decode_local_p.bind(
+      q, k_cache, indices, topk_length, attn_sink, softmax_scale=config.softmax_scale,
+      implementation=config.implementation))
+
+
+def _partition(config: SparseConfig, mesh, arg_shapes, result_shape):
+  del result_shape  # follows from the operands
+  q, k_cache = arg_shapes[0], arg_shapes[1]
+  b, _, h_q, _ = q.shape
+  q_axes = _dim_axes(q.sharding, 4)
+  batch, heads = q_axes[0], q_axes[2]
+  where = (f"q {tuple(q.shape)} sharded {q.sharding.spec}, k_cache {tuple(k_cache.shape)} "
+           f"sharded {k_cache.sharding.spec}")
+  if any(_dim_axes(k_cache.sharding, 4)):
+    raise ValueError(f"jax_flashmla: the sparse decode's indices address the whole cache, so "
+                     f"k_cache must be replicated (a split cache would be gathered onto every "
+                     f"device); {where}")
+  kb, kh = _count(mesh, batch), _count(mesh, heads)
+  if b % kb or h_q % kh:
+    raise ValueError(f"jax_flashmla: batch {b} and heads {h_q} must split evenly over their "
+                     f"mesh axes ({kb} and {kh} shards); {where}")
+  named = lambda *specs: tuple(NamedSharding(mesh, s) for s in specs)
+  args = named(_spec(batch, (), heads, ()), _spec(), _spec(batch, (), ()), _spec(batch),
+               _spec(heads))
+  results = named(_spec(batch, (), heads, ()), _spec(batch, heads, ()))
+  lower = lambda *a: _on_device(*a, config)
+  return mesh, lower, results, args
+
+
+_sparse_op = custom_partitioning(_on_device, static_argnums=(5,))
+_sparse_op.def_partition(_partition, sharding_rule=SPARSE_RULE,
+                         need_replication_factors=_in_rule_order(SPARSE_RULE, SPARSE_REPLICATED))
+
+
+def _lowering(ctx, *args, softmax_scale, implementation):
+  config = SparseConfig(softmax_scale, implementation)
+  return mlir.lower_fun(lambda *a: list(_sparse_op(*a, config)), multiple_results=True)(
+      ctx, *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# The primitive users bind: vmap, no gradient, lowering through the partitioning rule.
+# ------------------------------------------------------------------------------------------------
+
+mla_sparse_decode_p = Primitive("jax_flashmla_mla_sparse_decode")
+mla_sparse_decode_p.multiple_results = True
+mla_sparse_decode_p.def_impl(cached_jit_bind(mla_sparse_decode_p))
+mla_sparse_decode_p.def_abstract_eval(_abstract_eval)
+
+
+def _batch(args, dims, **params):
+  nm = None  # batching.not_mapped
+  lanes = next(a.shape[d] for a, d in zip(args, dims) if d is not nm)
+  q, k_cache, indices, topk_length, attn_sink = (
+      x if d is nm else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims))
+  qd, kd, xd, td, sd = dims
+
+  if sd is not nm:
+    # A sink per lane is per head, not per batch row, so it does not fold: run lanes in turn.
+    def lane(xs):
+      it = iter(xs)
+      return tuple(mla_sparse_decode_p.bind(*(x if d is nm else next(it) for x, d in
+                                              zip((q, k_cache, indices, topk_length, attn_sink),
+                                                  dims)), **params))
+    out, lse = lax.map(lane, [x for x, d in zip((q, k_cache, indices, topk_length, attn_sink),
+                                                dims) if d is not nm])
+    return [out, lse], [0, 0]
+
+  # Otherwise each lane's rows become more batch rows.
+  first = lambda x, d: jnp.broadcast_to(x, (lanes,) + x.shape) if d is nm else x
+  q, indices, topk_length = first(q, qd), first(indices, xd), first(topk_length, td)
+  if kd is not nm:
+    # One cache per lane: stack them and move each lane's indices into its own cache; invalid
+    # ones become -1, so they stay invalid.
+    n = math.prod(k_cache.shape[1:3])
+    k_cache = k_cache.reshape((lanes * k_cache.shape[1],) + k_cache.shape[2:])
+    valid = (indices >= 0) & (indices < n)
+    offset = (jnp.arange(lanes, dtype=jnp.int32) * n)[:, None, None, None]
+    indices = jnp.where(valid, indices + offset, -1)
+  b = q.shape[1]
+  fold = lambda x: x.reshape((lanes * b,) + x.shape[2:])
+  out, lse = mla_sparse_decode_p.bind(fold(q), k_cache, fold(indices), fold(topk_length),
+                                      attn_sink, **params)
+  return [out.reshape((lanes, b) + out.shape[1:]), lse.reshape((lanes, b) + lse.shape[1:])], [0, 0]
+
+
+def _jvp(primals, tangents, **params):
+  del primals, tangents, params
+  raise NotImplementedError(
+      "jax_flashmla's sparse decode is inference-only and has no gradient; differentiate "
+      "jax_flashmla.sparse.sparse_decode_reference instead")
+
+
+mlir.register_lowering(mla_sparse_decode_p, _lowering)
+batching.primitive_batchers[mla_sparse_decode_p] = _batch
+ad.primitive_jvps[mla_sparse_decode_p] = _jvp
+_compat.require_devices_during_lowering(mla_sparse_decode_p)
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function
+# ------------------------------------------------------------------------------------------------
+
+
+def flash_mla_sparse_decode(
+    q: jax.Array,
+    k_cache: jax.Array,
+    indices: jax.Array,
+    *,
+    topk_length: jax.Array | None = None,
+    attn_sink: jax.Array | None = None,
+    softmax_scale: float | None = None,
+    implementation: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Token-sparse MLA decode over an FP8 cache (DeepSeek-V3.2's DSA; FlashMLA's sparse decode).
+
+  For batch row `i`, query token `s` and head `h`, the keys are the cache rows named by
+  `indices[i, s, :k]`, `k = clip(topk_length[i], 0, topk)` (all `topk` without it):
+
+    K[j] = dequantize_kv(k_cache.reshape(-1, 656)[indices[i, s, j]])   (index = page * bs + offset)
+    scores[j] = softmax_scale * q[i, s, h] · K[j]            over the valid j
+    out[i, s, h] = Σ_j softmax(scores)[j] · K[j, :512]
+    lse[i, h, s] = log Σ_j exp(scores[j])                    (natural log)
+
+  An index `< 0` or `>= num_blocks * block_size` is invalid and skipped; only the rows valid
+  indices name are read, so other slots may hold anything (NaN bytes included). A duplicated
+  index counts each time it appears (it is that many keys). No valid index: `out = 0`,
+  `lse = +inf`. With `attn_sink`, `out` is multiplied by `exp(lse) / (exp(lse) +
+  exp(attn_sink[h]))` (a +inf sink gives 0, -inf changes nothing; an empty row stays 0) and
+  `lse` is unchanged. Scores and softmax are float32.
+
+  No CUDA kernel exists yet: every platform runs the pure-JAX path. With `implementation=None`
+  on a Hopper GPU (or lowered for 'cuda' with no GPU attached) that is a fallback and warns
+  (`KernelFallbackWarning`); `implementation="cuda"` raises `NotImplementedError`.
+
+  Args:
+    q: `[b, s_q, h_q, 576]` bfloat16 (512 absorbed latent + 64 RoPE).
+    k_cache: `[num_blocks, block_size, 1, 656]` uint8 or float8_e4m3fn, V3.2's FP8 rows
+      (`quantize_kv`); any `block_size >= 1`.
+    indices: `[b, s_q, topk]` int32 token slots, `topk >= 1`.
+    topk_length: optional `[b]` int32: row `i` uses only its first `topk_length[i]` indices.
+    attn_sink: optional `[h_q]` float32, one logit per head.
+    softmax_scale: static float, default `576 ** -0.5`.
+    implementation: None, "xla" (the pure-JAX path) or "cuda" (raises: not built yet).
+
+  Returns:
+    `out [b, s_q, h_q, 512]` bfloat16 and `lse [b, h_q, s_q]` float32.
+
+  Raises:
+    TypeError, ValueError: a wrong dtype, rank or shape (naming the argument, what was expected
+      and what was got), or a bad static argument.
+    NotImplementedError: `implementation="cuda"`, or under `jax.grad` (inference-only).
+
+  Example:
+    >>> q = jnp.zeros((2, 1, 16, 576), jnp.bfloat16)
+    >>> k_cache = quantize_kv(jnp.ones((4, 64, 1, 576), jnp.bfloat16))
+    >>> indices = jnp.asarray([[[0, 65, -1]], [[3, 3, 300]]], jnp.int32)
+    >>> out, lse = flash_mla_sparse_decode(q, k_cache, indices, implementation="xla")
+    >>> out.shape, lse.shape
+    ((2, 1, 16, 512), (2, 16, 1))
+  """
+  check_implementation(implementation)
+  _refuse_cuda(implementation)
+  softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
+  check_sparse_args(q, k_cache, indices, topk_length, attn_sink)
+  b, _, h_q, d = q.shape
+  if topk_length is None:
+    topk_length = jnp.full((b,), indices.shape[2], jnp.int32)
+  if attn_sink is None:
+    attn_sink = jnp.full((h_q,), -jnp.inf, jnp.float32)  # exactly a factor of 1
+  return tuple(mla_sparse_decode_p.bind(
+      q, cache_bytes(k_cache), indices, topk_length, attn_sink,
+      softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
+      implementation=implementation))

@@ -1,0 +1,526 @@
+"""The token-sparse decode (issue 22, DeepSeek-V3.2) on the CPU: its pure-JAX path against an
+independent float64 oracle, against the dense decode, through FlashMLA's call, and under jit,
+vmap, export and sharding; its errors and its fallback warning.
+
+The oracle loops over rows and tokens, reading the FP8 bytes with `mla_cases.np_dequantize`; the
+caches are built with `mla_cases.np_quantize`, and every slot no used, valid index names holds
+garbage bytes (NaN codes and NaN scales), so a read of one shows up as NaN.
+"""
+
+import pathlib
+import re
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import export
+
+import jax_flashmla
+from jax_flashmla import KernelFallbackWarning, _extension
+from jax_flashmla.sparse import flash_mla_sparse_decode
+from mla_cases import (LSE_TOL, OUT_TOL, PAGE, check_close, check_decode, fp8_case, make_case,
+                       np_dequantize, np_quantize)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCALE = 576**-0.5
+INVALID = (-1, -7, -2**31, 2**31 - 1)  # with num_blocks * block_size itself, added per case
+
+
+def sparse_oracle(q, k8, indices, topk_length=None, attn_sink=None, scale=SCALE):
+  """float64, written from the contract: a loop over rows and query tokens."""
+  q = np.asarray(q).astype(np.float64)
+  rows = np.asarray(k8).reshape(-1, 656)
+  n = rows.shape[0]
+  b, s_q, h_q, _ = q.shape
+  topk = indices.shape[2]
+  out = np.zeros((b, s_q, h_q, 512))
+  lse = np.full((b, h_q, s_q), np.inf)
+  for i in range(b):
+    k = topk if topk_length is None else int(np.clip(topk_length[i], 0, topk))
+    for s in range(s_q):
+      ids = [int(x) for x in indices[i, s, :k] if 0 <= x < n]  # duplicates stay
+      if not ids:
+        continue
+      keys = np_dequantize(rows[ids])  # [t, 576]
+      scores = q[i, s] @ keys.T * scale  # [h_q, t]
+      m = scores.max(axis=-1, keepdims=True)
+      p = np.exp(scores - m)
+      l = p.sum(axis=-1)
+      o = p @ keys[:, :512] / l[:, None]
+      row_lse = np.log(l) + m[:, 0]
+      if attn_sink is not None:
+        with np.errstate(over="ignore"):
+          o = o / (1.0 + np.exp(np.asarray(attn_sink, np.float64) - row_lse))[:, None]
+      out[i, s], lse[i, :, s] = o, row_lse
+  return out, lse
+
+
+def garbage_rows(rng, shape):
+  g = rng.integers(0, 256, shape + (656,), dtype=np.uint8)
+  g[..., :512:5] = 0x7F  # NaN codes
+  g[..., 512:528] = np.frombuffer(np.full(4, np.nan, "<f4").tobytes(), np.uint8)  # NaN scales
+  return g
+
+
+def make_sparse(rng, b, s_q, h_q, block_size, num_blocks, topk, *, lengths=None, sink=None,
+                invalid=0.2, dup=0.2):
+  """q, the FP8 cache, indices, topk_length and attn_sink of one case (NumPy).
+
+  Indices come from half of the slots (never the first or last, which clipped invalid indices
+  would read); every slot that no used, valid index names is garbage.
+  """
+  n = num_blocks * block_size
+  rows = np.clip(rng.standard_normal((num_blocks, block_size, 1, 576)) / 10, -1, 1)
+  k8 = np_quantize(rows.astype(ml_dtypes.bfloat16))
+  pool = rng.permutation(np.arange(1, n - 1))[: max(1, (n - 2) // 2)] if n > 2 else np.arange(n)
+  indices = rng.choice(pool, (b, s_q, topk)).astype(np.int32)
+  bad = rng.random(indices.shape) < invalid
+  indices[bad] = rng.choice(np.array(INVALID + (n,), np.int64), bad.sum()).astype(np.int32)
+  if topk > 1:  # a later index repeating an earlier one
+    rep = rng.random(indices.shape[:2]) < dup
+    indices[..., 1][rep] = indices[..., 0][rep]
+  q = np.clip(rng.standard_normal((b, s_q, h_q, 576)) / 10, -1, 1).astype(ml_dtypes.bfloat16)
+  if lengths == "partial":  # out of range on both sides too (clipped), and an empty row
+    topk_length = rng.integers(-2, topk + 3, b).astype(np.int32)
+    topk_length[0] = 0 if b > 1 else topk_length[0]
+  elif lengths == "full":
+    topk_length = np.full(b, topk, np.int32)
+  elif lengths == "zero":
+    topk_length = np.zeros(b, np.int32)
+  else:
+    topk_length = None
+  if sink == "finite":
+    attn_sink = (rng.standard_normal(h_q) * 2).astype(np.float32)
+  elif sink == "mixed":  # finite, +inf, -inf across the heads
+    attn_sink = np.resize(np.float32([0.5, np.inf, -np.inf, 3.0]), h_q)
+  else:
+    attn_sink = None
+  used = np.zeros(n, bool)
+  k_used = topk if topk_length is None else np.clip(topk_length, 0, topk)
+  for i in range(b):
+    ids = indices[i, :, : k_used[i] if topk_length is not None else topk].ravel()
+    used[ids[(ids >= 0) & (ids < n)]] = True
+  flat = k8.reshape(n, 656)
+  flat[~used] = garbage_rows(rng, (int((~used).sum()),))
+  return q, flat.reshape(k8.shape), indices, topk_length, attn_sink
+
+
+def _jnp(*xs):
+  return tuple(None if x is None else jnp.asarray(x) for x in xs)
+
+
+ORACLE_CASES = [  # b, s_q, h_q, block_size, num_blocks, topk, lengths, sink
+    (1, 1, 16, 64, 4, 64, None, None),
+    (4, 3, 16, 1, 300, 32, "partial", "finite"),
+    (4, 1, 64, 2, 150, 48, "full", "mixed"),
+    (1, 3, 128, 69, 5, 96, "partial", "mixed"),
+    (4, 3, 64, 64, 6, 128, "partial", None),
+    (4, 1, 128, 69, 3, 64, None, "finite"),
+    (1, 1, 64, 1, 70, 16, "zero", "mixed"),
+    (4, 3, 16, 2, 40, 8, "partial", "mixed"),
+]
+
+
+@pytest.mark.parametrize("b,s_q,h_q,block_size,num_blocks,topk,lengths,sink", ORACLE_CASES)
+def test_sparse_decode_matches_the_float64_oracle(b, s_q, h_q, block_size, num_blocks, topk,
+                                                  lengths, sink):
+  rng = np.random.default_rng(b * 1000 + h_q + block_size + topk)
+  q, k8, idx, tl, snk = make_sparse(rng, b, s_q, h_q, block_size, num_blocks, topk,
+                                    lengths=lengths, sink=sink)
+  want = sparse_oracle(q, k8, idx, tl, snk)
+  fn = jax.jit(lambda q, k, i, t, s: flash_mla_sparse_decode(
+      q, k, i, topk_length=t, attn_sink=s, implementation="xla"))
+  out, lse = fn(*_jnp(q, k8, idx, tl, snk))
+  assert out.dtype == jnp.bfloat16 and out.shape == (b, s_q, h_q, 512)
+  assert lse.dtype == jnp.float32 and lse.shape == (b, h_q, s_q)
+  check_decode(out, lse, *want)
+  # FlashMLA's dtype for the same bytes gives the same result.
+  k_f8 = jax.lax.bitcast_convert_type(jnp.asarray(k8), jnp.float8_e4m3fn)
+  out8, lse8 = fn(*_jnp(q), k_f8, *_jnp(idx, tl, snk))
+  np.testing.assert_array_equal(np.asarray(out8, np.float32), np.asarray(out, np.float32))
+  np.testing.assert_array_equal(lse8, lse)
+
+
+def test_the_oracle_cases_cover_what_they_claim():
+  # Guards the case builder: garbage exists, invalid and duplicated indices occur.
+  rng = np.random.default_rng(0)
+  q, k8, idx, tl, _ = make_sparse(rng, 4, 3, 16, 2, 40, 8, lengths="partial")
+  n = 80
+  assert np.isnan(np_dequantize(k8.reshape(n, 656))).any(axis=-1).sum() >= n // 2
+  assert ((idx < 0) | (idx >= n)).any()
+  assert (idx[..., 0] == idx[..., 1]).any() and tl[0] == 0
+
+
+def test_special_rows_exactly():
+  """No valid index (all invalid, topk_length 0, or a negative one): out 0 and lse +inf, also
+  with a +inf sink; a -inf sink changes nothing; a +inf sink zeroes out and keeps lse."""
+  rng = np.random.default_rng(1)
+  q, k8, idx, _, _ = make_sparse(rng, 4, 2, 16, 64, 3, 16, invalid=0.0)
+  n = 3 * 64
+  idx[0] = -1
+  idx[1, 0] = np.int32(n)
+  idx[1, 1] = np.int32(2**31 - 1)
+  idx[1, :, 2:] = -5
+  tl = np.int32([16, 16, 0, -3])
+  args = _jnp(q, k8, idx, tl)
+  base_out, base_lse = flash_mla_sparse_decode(*args[:3], topk_length=args[3])
+  sinks = {s: flash_mla_sparse_decode(*args[:3], topk_length=args[3],
+                                      attn_sink=jnp.full((16,), s, jnp.float32))
+           for s in (np.inf, -np.inf, 0.0)}
+  for out, lse in [(base_out, base_lse)] + list(sinks.values()):
+    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(lse).any()
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[[0, 1, 2, 3]], 0.0)
+    np.testing.assert_array_equal(lse, np.inf)
+  # Every row above is empty; now one that is not.
+  idx[1, 0, 0] = 5
+  args = _jnp(q, k8, idx, tl)
+  out, lse = flash_mla_sparse_decode(*args[:3], topk_length=args[3])
+  assert np.isfinite(lse[1, :, 0]).all() and np.isinf(lse[1, :, 1]).all()
+  o_inf, l_inf = flash_mla_sparse_decode(*args[:3], topk_length=args[3],
+                                         attn_sink=jnp.full((16,), np.inf, jnp.float32))
+  o_neg, l_neg = flash_mla_sparse_decode(*args[:3], topk_length=args[3],
+                                         attn_sink=jnp.full((16,), -np.inf, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(o_inf, np.float32), 0.0)
+  np.testing.assert_array_equal(l_inf, lse)
+  np.testing.assert_array_equal(np.asarray(o_neg, np.float32), np.asarray(out, np.float32))
+  np.testing.assert_array_equal(l_neg, lse)
+
+
+def test_duplicated_indices_count_each_time():
+  """A key named twice weighs twice: [a, a, b] is not [a, b]."""
+  rng = np.random.default_rng(2)
+  q, k8, _, _, _ = make_sparse(rng, 1, 1, 16, 4, 8, 3)
+  a, b_ = 3, 17
+  twice = jnp.asarray([[[a, a, b_]]], jnp.int32)
+  once = jnp.asarray([[[a, b_, -1]]], jnp.int32)
+  got = flash_mla_sparse_decode(*_jnp(q, k8), twice)
+  check_decode(*got, *sparse_oracle(q, k8, np.asarray(twice)))
+  other = flash_mla_sparse_decode(*_jnp(q, k8), once)
+  assert not np.allclose(got[1], other[1])  # a's weight doubled
+
+
+def test_only_slots_that_used_valid_indices_name_are_read():
+  """Slots named only past topk_length, or through invalid indices clipped into range, hold
+  NaN garbage; nothing of it reaches the output."""
+  rng = np.random.default_rng(3)
+  q, k8, _, _, _ = make_sparse(rng, 2, 1, 16, 64, 2, 8, invalid=0.0)
+  flat = k8.reshape(128, 656)
+  flat[:] = garbage_rows(rng, (128,))
+  flat[10] = np_quantize(np.full(576, 0.25, ml_dtypes.bfloat16))
+  idx = np.full((2, 1, 8), 20, np.int32)  # slot 20 is garbage, used only past topk_length
+  idx[:, :, 0] = 10
+  idx[1, :, 1:4] = (-1, 128, 2**31 - 1)  # clipped to slots 0 and 127: garbage
+  tl = np.int32([1, 4])
+  dec = lambda idx: flash_mla_sparse_decode(*_jnp(q, flat.reshape(k8.shape), idx),
+                                            topk_length=jnp.asarray(tl))
+  out, lse = dec(idx)
+  assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(lse).all()
+  check_decode(out, lse, *sparse_oracle(q, flat, idx, tl))
+  # A used, valid index to a garbage slot does read it (NaN propagates, as in the dense path).
+  idx[0, 0, 0] = 20
+  out, _ = dec(idx)
+  assert np.isnan(np.asarray(out, np.float32)[0]).all()
+  assert np.isfinite(np.asarray(out, np.float32)[1]).all()
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_every_token_as_indices_equals_the_dense_decode(s_q):
+  """Each row's tokens `0 … len-1` through its block table, padded with -1: the dense decode
+  over the same FP8 cache (pure-JAX path)."""
+  case = make_case(np.random.default_rng(4 + s_q), 4, s_q, 150, 64, 1, zero_rows=0.25)
+  k8, _ = fp8_case(case)
+  b, max_blocks = case.block_table.shape
+  topk = max_blocks * PAGE
+  indices = np.full((b, s_q, topk), -1, np.int32)
+  for i in range(b):
+    t = np.arange(case.cache_seqlens[i])
+    indices[i, :, : t.size] = case.block_table[i, t // PAGE] * PAGE + t % PAGE
+  q, _, bt, lens = case.args()
+  dense = jax_flashmla.flash_mla_with_kvcache(q, jnp.asarray(k8), bt, lens,
+                                              softmax_scale=case.softmax_scale,
+                                              implementation="xla")
+  sparse = flash_mla_sparse_decode(q, jnp.asarray(k8), jnp.asarray(indices),
+                                   softmax_scale=case.softmax_scale, implementation="xla")
+  assert np.isinf(dense[1]).any()  # the zero-length rows are there
+  check_close("out", np.asarray(sparse[0], np.float32), np.asarray(dense[0], np.float32),
+              **OUT_TOL)
+  check_close("lse", sparse[1], np.asarray(dense[1], np.float64), **LSE_TOL)
+
+
+def test_flashmla_style_call_through_flash_mla_with_kvcache():
+  rng = np.random.default_rng(5)
+  q, k8, idx, tl, snk = _jnp(*make_sparse(rng, 4, 2, 16, 64, 4, 32, lengths="partial",
+                                          sink="finite"))
+  want = flash_mla_sparse_decode(q, k8, idx, topk_length=tl, attn_sink=snk, softmax_scale=0.1)
+  k_f8 = jax.lax.bitcast_convert_type(k8, jnp.float8_e4m3fn)  # as FlashMLA holds it
+  # FlashMLA's positional order: q, k_cache, block_table, cache_seqlens, head_dim_v, (metadata),
+  # softmax_scale, causal, is_fp8_kvcache.
+  got = jax.jit(lambda q, k, i, t, s: jax_flashmla.flash_mla_with_kvcache(
+      q, k, None, None, 512, None, 0.1, False, is_fp8_kvcache=True, indices=i, topk_length=t,
+      attn_sink=s))(q, k_f8, idx, tl, snk)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+def _good():
+  return dict(q=jnp.zeros((2, 3, 16, 576), jnp.bfloat16), k_cache=jnp.zeros((4, 5, 1, 656),
+                                                                            jnp.uint8),
+              indices=jnp.zeros((2, 3, 8), jnp.int32), topk_length=jnp.zeros((2,), jnp.int32),
+              attn_sink=jnp.zeros((16,), jnp.float32))
+
+
+ERRORS = [
+    ("q", jnp.zeros((2, 3, 16), jnp.bfloat16), ValueError, r"^q: expected rank 4"),
+    ("q", jnp.zeros((2, 3, 16, 576), jnp.float16), TypeError, r"^q: expected dtype bfloat16"),
+    ("q", jnp.zeros((2, 3, 16, 512), jnp.bfloat16), ValueError, r"^q: expected head dim 576"),
+    ("q", [[1.0]], TypeError, r"^q: expected a jax.Array.*jnp.asarray"),
+    ("k_cache", jnp.zeros((4, 5, 656), jnp.uint8), ValueError, r"^k_cache: expected rank 4"),
+    ("k_cache", jnp.zeros((4, 5, 1, 576), jnp.bfloat16), TypeError,
+     r"^k_cache: expected dtype uint8 or float8_e4m3fn .*got bfloat16"),
+    ("k_cache", jnp.zeros((4, 5, 1, 576), jnp.uint8), ValueError,
+     r"^k_cache: expected 656 bytes per row .*got 576"),
+    ("k_cache", jnp.zeros((4, 5, 2, 656), jnp.uint8), ValueError,
+     r"^k_cache: expected 1 KV head .*got 2"),
+    ("k_cache", jnp.zeros((4, 0, 1, 656), jnp.uint8), ValueError,
+     r"^k_cache: expected a known block_size >= 1"),
+    ("indices", jnp.zeros((2, 3), jnp.int32), ValueError, r"^indices: expected rank 3"),
+    ("indices", jnp.zeros((2, 3, 8), jnp.uint32), TypeError, r"^indices: expected dtype int32"),
+    ("indices", jnp.zeros((3, 3, 8), jnp.int32), ValueError,
+     r"^indices: expected shape \(2, 3, topk\) .*got \(3, 3, 8\)"),
+    ("indices", jnp.zeros((2, 1, 8), jnp.int32), ValueError, r"^indices: expected shape \(2, 3"),
+    ("indices", jnp.zeros((2, 3, 0), jnp.int32), ValueError,
+     r"^indices: expected a known topk >= 1"),
+    ("topk_length", jnp.zeros((3,), jnp.int32), ValueError,
+     r"^topk_length: expected shape \(2,\) .*got \(3,\)"),
+    ("topk_length", jnp.zeros((2,), jnp.float32), TypeError, r"^topk_length: expected dtype int32"),
+    ("attn_sink", jnp.zeros((8,), jnp.float32), ValueError,
+     r"^attn_sink: expected shape \(16,\) .*got \(8,\)"),
+    ("attn_sink", jnp.zeros((16,), jnp.bfloat16), TypeError,
+     r"^attn_sink: expected dtype float32, got bfloat16"),
+]
+
+
+@pytest.mark.parametrize("name,value,exc,match", ERRORS)
+def test_errors_name_the_argument(name, value, exc, match):
+  args = dict(_good(), **{name: value})
+  with pytest.raises(exc, match=match):
+    jax.jit(lambda **kw: flash_mla_sparse_decode(**kw)).trace(**args)
+
+
+def test_static_and_implementation_errors():
+  a = _good()
+  dec = lambda **kw: flash_mla_sparse_decode(a["q"], a["k_cache"], a["indices"], **kw)
+  with pytest.raises(NotImplementedError, match=r"implementation='cuda': the sparse decode's "
+                     r"CUDA kernels are not built yet"):
+    dec(implementation="cuda")
+  with pytest.raises(ValueError, match=r"^implementation: expected one of"):
+    dec(implementation="triton")
+  with pytest.raises(ValueError, match=r"^softmax_scale: expected a finite positive float"):
+    dec(softmax_scale=-1.0)
+  with pytest.raises(NotImplementedError, match=r"inference-only"):
+    jax.grad(lambda q: flash_mla_sparse_decode(q, a["k_cache"], a["indices"])[1].sum())(a["q"])
+
+
+def test_flash_mla_with_kvcache_sparse_argument_errors():
+  a = _good()
+  q, k, idx = a["q"], a["k_cache"], a["indices"]
+  dec = jax_flashmla.flash_mla_with_kvcache
+  bt, lens = jnp.zeros((2, 1), jnp.int32), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match=r"^block_table: expected None with indices"):
+    dec(q, k, bt, None, indices=idx)
+  with pytest.raises(ValueError, match=r"^cache_seqlens: expected None with indices"):
+    dec(q, k, None, lens, indices=idx)
+  with pytest.raises(ValueError, match=r"^causal: expected False with indices"):
+    dec(q, k, None, None, causal=True, indices=idx)
+  with pytest.raises(ValueError, match=r"^metadata: expected None with indices"):
+    dec(q, k, None, None, metadata=(jnp.zeros((1, 8), jnp.int32), jnp.zeros((3,), jnp.int32)),
+        indices=idx)
+  with pytest.raises(ValueError, match=r"^is_fp8_kvcache: expected True or None with indices"):
+    dec(q, k, None, None, is_fp8_kvcache=False, indices=idx)
+  with pytest.raises(ValueError, match=r"^num_pools: expected 1 with indices"):
+    dec(q, k, None, None, num_pools=2, indices=idx)
+  with pytest.raises(ValueError, match=r"^head_dim_v: expected 512"):
+    dec(q, k, None, None, 576, indices=idx)
+  with pytest.raises(ValueError, match=r"^topk_length: expected None without indices"):
+    dec(q, k, bt, lens, topk_length=a["topk_length"])
+  with pytest.raises(ValueError, match=r"^attn_sink: expected None without indices"):
+    dec(q, k, bt, lens, attn_sink=a["attn_sink"])
+  with pytest.raises(TypeError, match=r"^indices: expected dtype int32"):
+    dec(q, k, None, None, indices=idx.astype(jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformations
+# ------------------------------------------------------------------------------------------------
+
+def _lanes(seed, n=3):
+  rng = np.random.default_rng(seed)
+  cases = [make_sparse(rng, 2, 2, 16, 3, 30, 12, lengths="partial", sink="finite")
+           for _ in range(n)]
+  return [jnp.stack([jnp.asarray(c[j]) for c in cases]) for j in range(5)]
+
+
+@pytest.mark.parametrize("mapped", ["q", "q,indices,topk_length", "all", "k_cache,indices",
+                                    "attn_sink"])
+def test_vmap_matches_the_loop(mapped):
+  stacked = _lanes(6)
+  names = ("q", "k_cache", "indices", "topk_length", "attn_sink")
+  mapped = names if mapped == "all" else tuple(mapped.split(","))
+  args = [x if name in mapped else x[0] for name, x in zip(names, stacked)]
+  axes = [0 if name in mapped else None for name in names]
+  fn = lambda q, k, i, t, s: flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s)
+  out, lse = jax.jit(jax.vmap(fn, in_axes=axes))(*args)
+  for lane in range(3):
+    lane_args = [x[lane] if a == 0 else x for x, a in zip(args, axes)]
+    want = sparse_oracle(*(np.asarray(x) for x in lane_args))
+    check_decode(out[lane], lse[lane], *want)
+    o, l = fn(*lane_args)
+    check_close("out", np.asarray(out[lane], np.float32), np.asarray(o, np.float32), **OUT_TOL)
+    check_close("lse", lse[lane], np.asarray(l, np.float64), **LSE_TOL)
+
+
+def test_vmap_on_a_non_leading_axis():
+  q, k, i, t, s = _lanes(7)
+  fn = lambda q, i: flash_mla_sparse_decode(q, k[0], i, topk_length=t[0], attn_sink=s[0])
+  out, lse = jax.vmap(fn, in_axes=(1, 2), out_axes=(2, 0))(jnp.moveaxis(q, 0, 1),
+                                                           jnp.moveaxis(i, 0, 2))
+  for lane in range(3):
+    o, l = fn(q[lane], i[lane])
+    check_close("out", np.asarray(out[:, :, lane], np.float32), np.asarray(o, np.float32),
+                **OUT_TOL)
+    check_close("lse", lse[lane], np.asarray(l, np.float64), **LSE_TOL)
+
+
+def _symbolic_fn():
+  return jax.jit(lambda q, k, i, t: flash_mla_sparse_decode(q, k, i, topk_length=t))
+
+
+def _symbolic_args():
+  b, n = export.symbolic_shape("b, n")
+  return (jax.ShapeDtypeStruct((b, 2, 16, 576), jnp.bfloat16),
+          jax.ShapeDtypeStruct((n, 64, 1, 656), jnp.uint8),
+          jax.ShapeDtypeStruct((b, 2, 24), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+
+
+def test_export_with_a_symbolic_batch_runs_any_batch():
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    exp = export.export(_symbolic_fn(), platforms=("cpu",))(*_symbolic_args())
+  assert not [w for w in record if issubclass(w.category, KernelFallbackWarning)]
+  exp = export.deserialize(exp.serialize())
+  assert "custom_call @jax_flashmla" not in exp.mlir_module()
+  for b, num_blocks in ((1, 3), (5, 4)):
+    q, k8, idx, tl, _ = make_sparse(np.random.default_rng(b), b, 2, 16, 64, num_blocks, 24,
+                                    lengths="partial")
+    check_decode(*exp.call(*_jnp(q, k8, idx, tl)), *sparse_oracle(q, k8, idx, tl))
+
+
+def _fallback_messages(record):
+  return {str(w.message) for w in record if issubclass(w.category, KernelFallbackWarning)}
+
+
+def test_export_for_cuda_is_a_fallback_and_says_so():
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    exp = export.export(_symbolic_fn(), platforms=("cpu", "cuda"))(*_symbolic_args())
+  [message] = _fallback_messages(record)
+  assert "no sparse kernel in this build yet" in message and "implementation='xla'" in message
+  assert "custom_call @jax_flashmla" not in exp.mlir_module()
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    export.export(jax.jit(lambda q, k, i, t: flash_mla_sparse_decode(
+        q, k, i, topk_length=t, implementation="xla")), platforms=("cpu", "cuda"))(
+            *_symbolic_args())
+  assert not _fallback_messages(record)
+
+
+class _FakeGpu:
+  def __init__(self, compute_capability):
+    self.compute_capability = compute_capability
+    self.device_kind = f"sm {compute_capability}"
+
+
+@pytest.mark.parametrize("cc,warns", [("9.0", True), ("8.0", False)])
+def test_a_simulated_gpu_warns_only_when_it_is_a_hopper(monkeypatch, cc, warns):
+  gpu = _FakeGpu(cc)
+  monkeypatch.setattr(_extension, "local_gpus", lambda: [gpu])
+  monkeypatch.setattr(_extension, "local_hopper_gpus", lambda: [gpu] if cc == "9.0" else [])
+  a = _good()
+  fn = jax.jit(lambda q, k, i: flash_mla_sparse_decode(q, k, i))
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    fn.trace(a["q"], a["k_cache"], a["indices"]).lower(lowering_platforms=("cuda",))
+  assert bool(_fallback_messages(record)) == warns
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding on 8 CPU devices
+# ------------------------------------------------------------------------------------------------
+
+LAYOUTS = {  # mesh shape, q's spec (batch, heads)
+    "batch": ((8, 1), ("batch", None)),
+    "heads": ((1, 8), (None, "heads")),
+    "both": ((2, 4), ("batch", "heads")),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_over_batch_and_heads_equals_one_device(layout):
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  shape, (batch, heads) = LAYOUTS[layout]
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("batch", "heads"))
+  rng = np.random.default_rng(8)
+  host = make_sparse(rng, 8, 2, 16, 64, 5, 40, lengths="partial", sink="mixed")
+  args = _jnp(*host)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  sharded = (put(args[0], P(batch, None, heads)), put(args[1], P()), put(args[2], P(batch)),
+             put(args[3], P(batch)), put(args[4], P(heads)))
+  fn = jax.jit(lambda q, k, i, t, s: flash_mla_sparse_decode(q, k, i, topk_length=t,
+                                                             attn_sink=s))
+  out, lse = fn(*sharded)
+  # Each device computed its own part: the results stay split the way q was.
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(batch, None, heads)), 4)
+  assert lse.sharding.is_equivalent_to(NamedSharding(mesh, P(batch, heads)), 3)
+  hlo = fn.lower(*sharded).compile().as_text()
+  assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo), \
+      "the sharded decode moved data between devices"
+  want_out, want_lse = fn(*args)  # one device (XLA may round differently per shape: ulps)
+  check_close("out", np.asarray(out, np.float32), np.asarray(want_out, np.float32), **OUT_TOL)
+  check_close("lse", lse, np.asarray(want_lse, np.float64), **LSE_TOL)
+  check_decode(out, lse, *sparse_oracle(*host))
+
+
+def test_a_cache_split_on_its_blocks_is_refused():
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 CPU devices")
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+  a = _good()
+  k = jax.device_put(jnp.zeros((8, 5, 1, 656), jnp.uint8), NamedSharding(mesh, P("x")))
+  fn = jax.jit(lambda q, k, i: flash_mla_sparse_decode(q, k, i))
+  # The partitioner's callback raises; JAX may wrap it in its runtime error.
+  with pytest.raises(Exception, match=r"k_cache must be replicated"):
+    fn(a["q"], k, a["indices"])
+
+
+def test_readme_sparse_example_runs():
+  # The block sits in a list item: indented fences.
+  blocks = re.findall(r"^( *)```python\n(.*?)^\1```$", (ROOT / "README.md").read_text(),
+                      re.S | re.M)
+  [block] = [textwrap.dedent(b) for _, b in blocks if "flash_mla_sparse_decode" in b]
+  namespace = {"__name__": "readme_sparse", "jax": jax, "jnp": jnp, "jax_flashmla": jax_flashmla}
+  exec(compile(block, "README.md sparse block", "exec"), namespace)
+  out, lse = namespace["out"], namespace["lse"]
+  assert out.shape == (2, 1, 64, 512) and lse.shape == (2, 64, 1)
+  # A zero cache and zero queries: every score is 0, so lse = log(number of tokens used).
+  np.testing.assert_allclose(lse[:, 0, 0], np.log([128, 7]), rtol=1e-6)
