@@ -167,3 +167,13 @@ def test_fp8_side_by_side_on_the_pure_jax_path(tmp_path, monkeypatch):
   for r in rows:
     assert fp8_side_by_side.ok(r["vs_dequantized_bf16"]), r["vs_dequantized_bf16"]
     assert r["fp8_us"] > 0 and r["bf16_us"] > 0 and "flashmla_bf16_us" not in r
+
+
+def test_fp8_quantization_error_prints_each_kind(capsys):
+  import fp8_quantization_error  # noqa: PLC0415
+
+  fp8_quantization_error.main()
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in lines[1:]] == ["normal", "outliers", "channel"]
+  # N(0, 1) rows: e4m3's 3 mantissa bits give a few percent, never more than 2^-4 of the norm.
+  assert 0.0 < float(lines[1].split()[1]) < 2.0**-4
