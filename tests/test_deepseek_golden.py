@@ -38,6 +38,9 @@ DATA = pathlib.Path(__file__).parent / "data" / "deepseek"
 MODELS = ["tiny-v2", "tiny-v3", "tiny-v3-fp8"]
 FLOAT32_TOL = 1e-4
 BF16_CACHE_TOL = 1.5e-2
+# The FP8 cache (e4m3: every cached value within 2^-4 of itself): 3.5e-2, 2.6e-2 and 5.5e-2 on
+# the three models when this bound was set.
+FP8_CACHE_TOL = 8e-2
 BF16_TOL = 4e-2
 CHUNK = 8  # prompts of 20 and 13 tokens: ragged chunks, and rows that wait for the other
 
@@ -64,13 +67,14 @@ def _errors(got, want):
   return np.abs(got - want).max(axis=-1) / np.abs(want).max(axis=-1)
 
 
-def _generate(name, param_dtype, cache_dtype, implementation="xla", forced=False):
+def _generate(name, param_dtype, cache_dtype, implementation="xla", forced=False,
+              kv_format="bf16"):
   g = _golden(name)
   prompts = [g["prompt_a"], g["prompt_b"]]
   force = [g["tokens_a"][:-1], g["tokens_b"][:-1]] if forced else None
   return deepseek.generate(_model(name, param_dtype), prompts, len(g["tokens_a"]), chunk=CHUNK,
                            implementation=implementation, cache_dtype=cache_dtype,
-                           force_tokens=force, return_logits=True)
+                           kv_format=kv_format, force_tokens=force, return_logits=True)
 
 
 def _check(name, out, tol, *, tokens=True):
@@ -119,22 +123,30 @@ def test_bf16_cache_within_its_bound(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_fp8_cache_within_its_bound(name):
+  _check(name, _generate(name, jnp.float32, jnp.bfloat16, forced=True, kv_format="fp8"),
+         FP8_CACHE_TOL, tokens=False)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_bf16_model_within_its_bound(name):
   _check(name, _generate(name, jnp.bfloat16, jnp.bfloat16, forced=True), BF16_TOL,
          tokens=False)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 @pytest.mark.parametrize("name", MODELS)
-def test_kernels_give_the_reference_logits(name):
-  # The CUDA kernels against the pure-JAX attention on the same bf16 cache; everything else
-  # (projections, MoE) at float32 precision so that only the attention differs.
+def test_kernels_give_the_reference_logits(name, kv_format):
+  # The CUDA kernels against the pure-JAX attention on the same cache (bf16 or FP8); everything
+  # else (projections, MoE) at float32 precision so that only the attention differs.
+  kw = dict(forced=True, kv_format=kv_format)
   with jax.default_matmul_precision("highest"):
-    cuda = _generate(name, jnp.float32, jnp.bfloat16, implementation="cuda", forced=True)
-    xla = _generate(name, jnp.float32, jnp.bfloat16, implementation="xla", forced=True)
+    cuda = _generate(name, jnp.float32, jnp.bfloat16, implementation="cuda", **kw)
+    xla = _generate(name, jnp.float32, jnp.bfloat16, implementation="xla", **kw)
   # Both round the cache and queries to bf16 alike; the kernels also feed bf16 probabilities
   # to the P @ V product, which the reference keeps in float32.
   for got, want in zip(cuda.logits, xla.logits, strict=True):
     err = _errors(got, want)
     assert err.max() <= 1e-2, f"{name}: kernels vs pure JAX, errors per step {err}"
-  _check(name, cuda, BF16_CACHE_TOL, tokens=False)
+  _check(name, cuda, BF16_CACHE_TOL if kv_format == "bf16" else FP8_CACHE_TOL, tokens=False)

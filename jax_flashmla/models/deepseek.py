@@ -382,9 +382,10 @@ class DeepseekForCausalLM(nnx.Module):
     return from_pretrained(directory, **kwargs)
 
   def create_caches(self, batch_size: int, max_seq_len: int, *, num_blocks: int | None = None,
-                    dtype=jnp.bfloat16) -> tuple[PagedKVCache, ...]:
+                    dtype=jnp.bfloat16, kv_format: str = "bf16") -> tuple[PagedKVCache, ...]:
     """One empty `PagedKVCache` per layer (see `PagedKVCache.create`)."""
-    return tuple(PagedKVCache.create(batch_size, max_seq_len, num_blocks=num_blocks, dtype=dtype)
+    return tuple(PagedKVCache.create(batch_size, max_seq_len, num_blocks=num_blocks, dtype=dtype,
+                                     kv_format=kv_format)
                  for _ in range(self.config.num_layers))
 
   def __call__(self, tokens, caches, *, num_new=None, metadata=None, implementation=None,
@@ -618,10 +619,12 @@ class Generator:
     chunk: prompt tokens read per step.
     implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
     cache_dtype: of the pages (the kernels take bfloat16; float32 for the reference only).
+    kv_format: "bf16" (rows of `cache_dtype`) or "fp8" (DeepSeek-V3.2's FP8 rows).
   """
 
   def __init__(self, model, *, batch_size: int, max_seq_len: int, chunk: int = 64,
-               implementation: str | None = None, cache_dtype=jnp.bfloat16):
+               implementation: str | None = None, cache_dtype=jnp.bfloat16,
+               kv_format: str = "bf16"):
     if chunk < 1:
       raise ValueError(f"chunk: expected a positive int, got {chunk}")
     self.batch_size, self.max_seq_len, self.chunk = batch_size, max_seq_len, chunk
@@ -629,7 +632,8 @@ class Generator:
     pages = -(-max_seq_len // 64)
     self.caches = tuple(
         PagedKVCache.create(batch_size, max_seq_len, num_blocks=batch_size * pages,
-                            dtype=cache_dtype) for _ in range(model.config.num_layers))
+                            dtype=cache_dtype, kv_format=kv_format)
+        for _ in range(model.config.num_layers))
     self.allocator = PageAllocator.for_cache(self.caches[0])
     self._step = serving.make_step(self.graphdef, implementation, return_logits=True)
     self._compiled = {}
@@ -745,7 +749,7 @@ class Generator:
 
 
 def generate(model, prompts: Sequence, max_new_tokens: int, *, chunk: int = 64,
-             implementation: str | None = None, cache_dtype=jnp.bfloat16,
+             implementation: str | None = None, cache_dtype=jnp.bfloat16, kv_format: str = "bf16",
              force_tokens: Sequence | None = None, return_logits: bool = False) -> Generation:
   """Greedy generation: `Generator(model, ...)` sized for these prompts, then `run`.
 
@@ -756,12 +760,14 @@ def generate(model, prompts: Sequence, max_new_tokens: int, *, chunk: int = 64,
     chunk: prompt tokens read per step.
     implementation: None (kernels on Hopper, pure JAX elsewhere), "cuda" or "xla".
     cache_dtype: of the cache pages (bfloat16 for the kernels).
+    kv_format: "bf16" or "fp8" (DeepSeek-V3.2's FP8 rows; `PagedKVCache.create`).
     force_tokens, return_logits: as for `Generator.run`.
   """
   longest = max(len(p) for p in prompts) + max_new_tokens - 1
   generator = Generator(model, batch_size=len(prompts), max_seq_len=longest,
                         chunk=min(chunk, max(len(p) for p in prompts)),
-                        implementation=implementation, cache_dtype=cache_dtype)
+                        implementation=implementation, cache_dtype=cache_dtype,
+                        kv_format=kv_format)
   return generator.run(prompts, max_new_tokens, force_tokens=force_tokens,
                        return_logits=return_logits)
 
@@ -857,6 +863,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="attention; auto: CUDA kernels on Hopper, pure-JAX reference elsewhere")
   p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                  help="weights and activations; auto: bfloat16 on GPU, float32 elsewhere")
+  p.add_argument("--kv-format", choices=["bf16", "fp8"], default="bf16",
+                 help="the paged cache's rows: bf16, or DeepSeek-V3.2's FP8 rows (656 bytes)")
   p.add_argument("--seed", type=int, default=0, help="weights and prompts")
   return p
 
@@ -870,10 +878,11 @@ def _serve(model, args, implementation, rng, log):
   pages = -(-max_seq_len // 64)
   server = serving.Server(model, batch_size=args.batch_size, max_seq_len=max_seq_len,
                           num_blocks=args.batch_size * pages, chunk=args.chunk,
-                          implementation=implementation, log=log, log_every=50)
+                          implementation=implementation, kv_format=args.kv_format, log=log,
+                          log_every=50)
   log(f"  serving {args.serve} requests over {args.batch_size} slots (prompts of 4.."
       f"{args.prompt_len} tokens, up to {args.new_tokens} new); attention: "
-      f"{args.implementation} on {jax.devices()[0].device_kind}; bf16 cache")
+      f"{args.implementation} on {jax.devices()[0].device_kind}; {args.kv_format} cache")
   log(f"  compiled (chunk and decode steps) in {server.compile():.1f} s")
   stats = server.serve(requests)
   log(f"served: {stats.tokens} tokens generated (after {stats.prompt_tokens} prompt tokens) in "
@@ -922,10 +931,10 @@ def main(argv=None, log=print):
   longest = max(map(len, prompts))
   chunk = min(args.chunk, longest)
   generator = Generator(model, batch_size=len(prompts), max_seq_len=longest + args.new_tokens,
-                        chunk=chunk, implementation=implementation)
+                        chunk=chunk, implementation=implementation, kv_format=args.kv_format)
   log(f"  attention: {args.implementation} on {jax.devices()[0].device_kind}; "
       f"{len(prompts)} prompts of {len(prompts[0])} tokens, {args.new_tokens} new each, "
-      f"chunk {chunk}; bf16 cache")
+      f"chunk {chunk}; {args.kv_format} cache")
   log(f"  compiled (chunk and decode steps) in {generator.compile():.1f} s")
   out = generator.run(prompts, args.new_tokens)
   prompt_tokens = sum(map(len, prompts))
