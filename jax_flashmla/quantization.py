@@ -93,11 +93,20 @@ def quantize_kv(rows: jax.Array) -> jax.Array:
   codes = (latent / scale[..., None]).astype(jnp.float8_e4m3fn)  # exact division by 2^k
   parts = (
       lax.bitcast_convert_type(codes, jnp.uint8).reshape(lead + (HEAD_DIM_V,)),
-      lax.bitcast_convert_type(scale, jnp.uint8).reshape(lead + (4 * NUM_TILES,)),
-      lax.bitcast_convert_type(x[..., HEAD_DIM_V:], jnp.uint8).reshape(
-          lead + (2 * (HEAD_DIM_K - HEAD_DIM_V),)),
+      _to_le_bytes(scale, jnp.uint32),
+      _to_le_bytes(x[..., HEAD_DIM_V:], jnp.uint16),
   )
   return jnp.concatenate(parts, axis=-1)
+
+
+def _to_le_bytes(x: jax.Array, word) -> jax.Array:
+  """`[..., n]` of a k-byte dtype -> `[..., n * k]` little-endian uint8, bit for bit (bitcast at
+  equal width, then shifts: see `_from_le_bytes` for why not a width-changing bitcast)."""
+  k = jnp.dtype(word).itemsize
+  w = lax.bitcast_convert_type(x, word)
+  shifts = (jnp.arange(k, dtype=word) * 8).astype(word)
+  parts = ((w[..., None] >> shifts) & jnp.asarray(0xFF, word)).astype(jnp.uint8)
+  return parts.reshape(x.shape[:-1] + (x.shape[-1] * k,))
 
 
 def _from_le_bytes(b: jax.Array, word, dtype) -> jax.Array:

@@ -87,6 +87,15 @@ def test_quantizer_under_jit_and_vmap_and_float8_bytes():
   np.testing.assert_array_equal(jax.vmap(dequantize_kv)(want), dequantize_kv(want))
 
 
+def test_quantizer_exports_with_a_symbolic_batch():
+  from jax import export  # noqa: PLC0415
+
+  b, = export.symbolic_shape("b")
+  exp = export.export(jax.jit(quantize_kv))(jax.ShapeDtypeStruct((b, 64, 1, 576), jnp.bfloat16))
+  rows = jnp.asarray(_rows(np.random.default_rng(4), (3, 64, 1, 576), "normal"))
+  np.testing.assert_array_equal(exp.call(rows), np_quantize(np.asarray(rows)))
+
+
 def test_quantizer_errors_name_the_argument():
   with pytest.raises(ValueError, match=r"rows: expected a last dim of 576"):
     quantize_kv(jnp.zeros((2, 512), jnp.bfloat16))
