@@ -15,8 +15,8 @@
 namespace jax_flashmla {
 
 // Launches the chosen kernel on `stream` with grid (num_m_blocks, h_kv, num_sm_parts), 256
-// threads and that kernel's kSmemBytes of dynamic shared memory. Takes the TMA descriptor of
-// k_cache from a host-side cache, encoding it on a miss (no device sync, safe under graph
+// threads and that kernel's kSmemBytes (FP8: kSmemBytesFp8) of dynamic shared memory. Encodes
+// the TMA descriptor(s) of k_cache on the host for every call (no device sync, safe under graph
 // capture). With programmatic_dependent it
 // is launched with programmatic stream serialization (its setup overlaps the previous kernel's
 // tail); either way it waits (griddepcontrol.wait) before reading any input, and lets its
