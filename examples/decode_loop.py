@@ -33,6 +33,8 @@ def main(argv=None, log=print):
   p.add_argument("--hidden", type=int, default=512)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--steps-per-call", type=int, default=16)
+  p.add_argument("--kv-format", choices=["bf16", "fp8"], default="bf16",
+                 help="cache rows: bf16, or DeepSeek-V3.2's FP8 rows (656 bytes per token)")
   args = p.parse_args(argv)
   impl = None if args.implementation == "auto" else args.implementation
 
@@ -49,7 +51,8 @@ def main(argv=None, log=print):
   for i, n in enumerate(prompt_lens):
     prompts[i, width - n:] = rng.integers(0, config.vocab_size, n)
   max_len = width + args.new_tokens
-  caches = tuple(PagedKVCache.create(args.batch_size, max_len) for _ in range(args.layers))
+  caches = tuple(PagedKVCache.create(args.batch_size, max_len, kv_format=args.kv_format)
+                 for _ in range(args.layers))
 
   def forward(state, caches, tokens, num_new):
     model = nnx.merge(graphdef, state)

@@ -176,13 +176,16 @@ def test_server_generates_each_requests_budget_within_the_pool():
     assert set(pages) <= set(aliased_parameters(text)), (pages, text.splitlines()[0])
 
 
-def test_example_decode_loop_runs():
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+def test_example_decode_loop_runs(kv_format):
   spec = importlib.util.spec_from_file_location("decode_loop", EXAMPLE)
   example = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(example)
   lines = []
   tokens, caches = example.main(["--batch-size", "2", "--layers", "1", "--hidden", "64",
-                                 "--new-tokens", "9", "--steps-per-call", "4"], log=lines.append)
+                                 "--new-tokens", "9", "--steps-per-call", "4",
+                                 "--kv-format", kv_format], log=lines.append)
+  assert caches[0].kv_format == kv_format
   assert tokens.shape == (2, 9)
   assert "tokens/s" in lines[-1]
   assert sum("tokens per sequence" in line for line in lines) == 2  # 8 decode steps, 4 a call
