@@ -62,7 +62,8 @@ def test_readme_api_example_runs():
     check_close("out", np.asarray(out, np.float32), oracle(layer)[0], **OUT_TOL)
 
 
-@pytest.mark.parametrize("module", ["decode", "metadata", "reference", "cache", "sparse"])
+@pytest.mark.parametrize("module", ["decode", "metadata", "reference", "cache", "sparse",
+                                    "quantization"])
 def test_docstring_examples_run(module):
   import doctest
   import importlib
