@@ -115,7 +115,7 @@ class PagedKVCache:
 
   @property
   def kv_format(self) -> str:
-    """"fp8" for FP8 rows, else "bf16" (rows of `pages.dtype`, bfloat16 unless created otherwise)."""
+    """The rows' format: "fp8" for FP8 rows, else "bf16" (rows of `pages.dtype`)."""
     return "fp8" if is_fp8_cache(self.pages) else "bf16"
 
   @property

@@ -102,12 +102,13 @@ def flash_mla_with_kvcache(
   Raises:
     TypeError: an array argument is not an array (a list: wrap it with `jnp.asarray`) or has
       the wrong dtype (q and k_cache must share one; an FP8 cache needs a bfloat16 q), a
-      static argument is traced or of the
-      wrong type, metadata was passed as the 5th positional argument (`head_dim_v`), or
-      `implementation="cuda"` with a dtype the kernels do not take.
+      static argument is traced or of the wrong type, metadata was passed as the 5th
+      positional argument (`head_dim_v`), or `implementation="cuda"` with a dtype the kernels
+      do not take.
     ValueError: wrong ranks or shapes (each message names the argument, what was expected and
-      what was got), `is_fp8_kvcache` disagreeing with k_cache, `head_dim_v != 512`, metadata computed for another batch or other
-      shapes, a `num_pools` that does not divide the batch and the pages, or
+      what was got), `is_fp8_kvcache` disagreeing with k_cache, `head_dim_v != 512`, metadata
+      computed for another batch or other shapes, a `num_pools` that does not divide the batch
+      and the pages, or
       `implementation="cuda"` lowered for a platform other than a Hopper GPU. With `indices`:
       a dense-only argument that is not left at its default; without: `topk_length` or
       `attn_sink` given.

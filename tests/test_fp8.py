@@ -264,7 +264,8 @@ def test_mla_layer_runs_on_an_fp8_cache():
   nnx = pytest.importorskip("flax.nnx")
   from jax_flashmla.layers import MLAConfig, MultiHeadLatentAttention
   config = MLAConfig(hidden_size=64, num_heads=2)
-  layer = MultiHeadLatentAttention(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  layer = MultiHeadLatentAttention(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                   param_dtype=jnp.float32)
   x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 5, 64)), jnp.bfloat16)
   outs = []
   for kv_format in ("bf16", "fp8"):
