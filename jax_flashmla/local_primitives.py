@@ -47,6 +47,14 @@ def check_implementation(implementation) -> None:
                      f"{implementation!r}")
 
 
+def kernels_could_run(platform: str) -> bool:
+  """Whether a lowering for `platform` is where our kernels run: 'cuda', with a Hopper GPU or
+  none attached (lowering ahead of time). Elsewhere the pure-JAX path is simply the expected one."""
+  if platform != "cuda":
+    return False
+  return not (_extension.local_gpus() and not _extension.local_hopper_gpus())
+
+
 def fallback_reason(platform: str, dtype=None) -> str | None:
   """Why `implementation=None`, lowered for `platform`, runs pure JAX where the kernels could.
 
@@ -55,9 +63,7 @@ def fallback_reason(platform: str, dtype=None) -> str | None:
   GPU or no GPU attached) the reason: the extension is missing or has no kernels, or `dtype` is
   not one of the kernels'.
   """
-  if platform != "cuda":
-    return None
-  if _extension.local_gpus() and not _extension.local_hopper_gpus():
+  if not kernels_could_run(platform):
     return None
   missing = _extension.kernels_missing_reason()
   if missing is not None:
@@ -68,12 +74,13 @@ def fallback_reason(platform: str, dtype=None) -> str | None:
   return None
 
 
-def _warn_fallback(reason: str) -> None:
+def warn_fallback(reason: str, what: str = "decode (12-27x slower on an H200)") -> None:
+  """KernelFallbackWarning: `implementation=None` runs the pure-JAX `what` where the CUDA kernels
+  could run, and why."""
   # The default filter shows each distinct message once per location: once per reason here.
-  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX decode (12-27x slower on "
-                f"an H200) where the CUDA kernels could run: {reason}. Pass "
-                f"implementation='xla' to choose the pure-JAX path on purpose.",
-                _extension.KernelFallbackWarning, stacklevel=2)
+  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX {what} where the CUDA "
+                f"kernels could run: {reason}. Pass implementation='xla' to choose the pure-JAX "
+                f"path on purpose.", _extension.KernelFallbackWarning, stacklevel=2)
 
 
 def _use_kernels(implementation, platform: str, dtype=None) -> bool:
@@ -99,7 +106,7 @@ def _use_kernels(implementation, platform: str, dtype=None) -> bool:
       return False
     reason = fallback_reason(platform, dtype)
     if reason is not None and dtype is not None:  # the decode warns, for both primitives
-      _warn_fallback(reason)
+      warn_fallback(reason)
     return _extension.has_cuda_kernels() and reason is None
   if gpus and not _extension.has_cuda_kernels():
     raise RuntimeError(

@@ -56,9 +56,10 @@ def _expect_rank(name: str, x, rank: int, layout: str) -> None:
     raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {_shape(x)}")
 
 
-def _expect_dtype(name: str, x, dtypes) -> None:
+def _expect_dtype(name: str, x, dtypes, what: str | None = None) -> None:
+  """`what`: how the expected dtypes are named in the message (default: their names)."""
   if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
-    names = ", ".join(str(jnp.dtype(d)) for d in dtypes)
+    names = what or ", ".join(str(jnp.dtype(d)) for d in dtypes)
     raise TypeError(f"{name}: expected dtype {names}, got {jnp.dtype(x.dtype)}")
 
 

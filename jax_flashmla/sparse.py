@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,8 @@ from jax.sharding import NamedSharding
 
 from jax_flashmla import _compat, _extension, shapes
 from jax_flashmla.constants import FP8_ROW_BYTES, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX
-from jax_flashmla.local_primitives import cached_jit_bind, check_implementation
+from jax_flashmla.local_primitives import (cached_jit_bind, check_implementation,
+                                           kernels_could_run, warn_fallback)
 from jax_flashmla.partitioning import _count, _dim_axes, _in_rule_order, _spec
 from jax_flashmla.quantization import CACHE_DTYPES, cache_bytes, dequantize_kv
 from jax_flashmla.reference import default_softmax_scale
@@ -44,17 +44,9 @@ NO_KERNEL_REASON = "no sparse kernel in this build yet"
 # ------------------------------------------------------------------------------------------------
 
 
-def _array(name, x):
-  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-    wrap = "; wrap it with jnp.asarray" if isinstance(x, (list, tuple, int, float)) else ""
-    raise TypeError(f"{name}: expected a jax.Array or numpy array, got {type(x).__name__}{wrap}")
+def _array(name, x) -> tuple:
+  shapes._expect_array(name, x)
   return tuple(x.shape)
-
-
-def _dtype(name, x, want, what=None):
-  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in want]:
-    names = what or " or ".join(jnp.dtype(d).name for d in want)
-    raise TypeError(f"{name}: expected dtype {names}, got {jnp.dtype(x.dtype)}")
 
 
 def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> None:
@@ -62,7 +54,7 @@ def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> 
   qs, ks, xs = _array("q", q), _array("k_cache", k_cache), _array("indices", indices)
   if len(qs) != 4:
     raise ValueError(f"q: expected rank 4 [b, s_q, h_q, 576], got shape {qs}")
-  _dtype("q", q, (jnp.bfloat16,), "bfloat16 (the sparse decode reads an FP8 cache)")
+  shapes._expect_dtype("q", q, (jnp.bfloat16,), "bfloat16 (the sparse decode reads an FP8 cache)")
   b, s_q, h_q, d = qs
   if d != HEAD_DIM_K:
     raise ValueError(f"q: expected head dim {HEAD_DIM_K} (512 latent + 64 RoPE), got {d} "
@@ -76,7 +68,7 @@ def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> 
   if len(ks) != 4:
     raise ValueError(f"k_cache: expected rank 4 [num_blocks, block_size, 1, 656] (an FP8 "
                      f"cache), got shape {ks}")
-  _dtype("k_cache", k_cache, CACHE_DTYPES, "uint8 or float8_e4m3fn (an FP8 cache, quantize_kv)")
+  shapes._expect_dtype("k_cache", k_cache, CACHE_DTYPES, "uint8 or float8_e4m3fn (an FP8 cache, quantize_kv)")
   num_blocks, block_size, h_kv, row = ks
   if row != FP8_ROW_BYTES:
     raise ValueError(f"k_cache: expected {FP8_ROW_BYTES} bytes per row (axis 3, an FP8 cache), "
@@ -94,7 +86,7 @@ def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> 
 
   if len(xs) != 3:
     raise ValueError(f"indices: expected rank 3 [b, s_q, topk], got shape {xs}")
-  _dtype("indices", indices, (jnp.int32,))
+  shapes._expect_dtype("indices", indices, (jnp.int32,))
   if xs[:2] != (b, s_q):
     raise ValueError(f"indices: expected shape ({b}, {s_q}, topk) (b and s_q of q), got {xs}")
   if not shapes.known(xs[2]) or xs[2] < 1:
@@ -102,12 +94,12 @@ def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> 
 
   if topk_length is not None:
     ts = _array("topk_length", topk_length)
-    _dtype("topk_length", topk_length, (jnp.int32,))
+    shapes._expect_dtype("topk_length", topk_length, (jnp.int32,))
     if ts != (b,):
       raise ValueError(f"topk_length: expected shape ({b},) (batch of q), got {ts}")
   if attn_sink is not None:
     ss = _array("attn_sink", attn_sink)
-    _dtype("attn_sink", attn_sink, (jnp.float32,))
+    shapes._expect_dtype("attn_sink", attn_sink, (jnp.float32,))
     if ss != (h_q,):
       raise ValueError(f"attn_sink: expected shape ({h_q},) (one per query head of q), got {ss}")
 
@@ -188,23 +180,11 @@ def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, *, softmax_scale
           jax.core.ShapedArray((b, h_q, s_q), jnp.dtype(jnp.float32)))
 
 
-def _warn_no_kernel(platform: str) -> None:
-  """implementation=None lowered for 'cuda' where the dense kernels would run: say so."""
-  if platform != "cuda":
-    return
-  if _extension.local_gpus() and not _extension.local_hopper_gpus():
-    return  # not a Hopper: the pure-JAX path is the expected one
-  # The default filter shows each distinct message once per location.
-  warnings.warn(f"jax_flashmla: implementation=None runs the pure-JAX sparse decode where a CUDA "
-                f"kernel could run: {NO_KERNEL_REASON}. Pass implementation='xla' to choose the "
-                f"pure-JAX path on purpose.", _extension.KernelFallbackWarning, stacklevel=2)
-
-
 def _local_lowering(ctx, *args, softmax_scale, implementation, platform):
   _refuse_cuda(implementation)
   platform = platform or ", ".join(_compat.lowering_platforms(ctx))
-  if implementation is None:
-    _warn_no_kernel(platform)
+  if implementation is None and kernels_could_run(platform):
+    warn_fallback(NO_KERNEL_REASON, what="sparse decode")
   # The kernel, when there is one, replaces this branch on 'cuda' (see local_primitives.py).
   fn = lambda *a: list(sparse_decode_reference(*a, softmax_scale=softmax_scale))
   return mlir.lower_fun(fn, multiple_results=True)(_compat.without_varying_axes(ctx), *args)
