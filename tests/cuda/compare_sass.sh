@@ -57,9 +57,9 @@ split_sass "$new" "$work/new"
 
 status=0
 roles="sched wide narrow16 narrow32 combine"
-for k in wide narrow16 narrow32 combine; do
-  if [ -s "$work/old/${k}_f16.sass" ] && [ -s "$work/new/${k}_f16.sass" ]; then
-    roles="$roles ${k}_f16"
+for k in wide_f16 narrow16_f16 narrow32_f16 combine_f16 wide_fp8 narrow16_fp8 narrow32_fp8; do
+  if [ -s "$work/old/${k}.sass" ] && [ -s "$work/new/${k}.sass" ]; then
+    roles="$roles ${k}"
   fi
 done
 for k in $roles; do

@@ -103,20 +103,6 @@ __device__ __forceinline__ void load_group(const Fp8TensorMaps* maps, uint32_t s
 
 // ------------------------------------------------------------------ dequantization
 
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
-  return v;
-}
-
 // The dequantization runs on the ALU and the FMA pipe only, in about half the issue slots of the
 // conversion instructions (cvt.f16x2.e4m3x2, cvt.f32.f16, cvt.bf16x2.f32), which also issue at a
 // quarter rate on sm_90. (Measured: the same speed either way, benchmarks/NOTES.md v4.0b; what
