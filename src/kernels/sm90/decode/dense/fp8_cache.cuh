@@ -37,17 +37,8 @@
 #include "kernels/sm90/ptx.cuh"
 #include "kernels/sm90/tile_geometry.h"
 
-// How many of a warpgroup's later FP8 pages the dense kernels prefetch into L2 (0: none, compiled
-// out). See prefetch_page_l2.
-#ifndef JFM_FP8_L2_PREFETCH_PAGES
-#define JFM_FP8_L2_PREFETCH_PAGES 1
-#endif
-
 namespace jax_flashmla {
 namespace sm90 {
-
-inline constexpr int kFp8L2PrefetchPages = JFM_FP8_L2_PREFETCH_PAGES;
-static_assert(kFp8L2PrefetchPages >= 0, "JFM_FP8_L2_PREFETCH_PAGES is a page count");
 
 // The three views of an FP8 cache [num_blocks, 64, h_kv, 656] the kernels load through
 // (launch.cu encodes them): the latent bytes, the scales as float32, the RoPE part as bf16.
@@ -107,38 +98,6 @@ __device__ __forceinline__ void load_group(const Fp8TensorMaps* maps, uint32_t s
   if (rope) {
     tma_load_4d(s_buf + 8 * kTileBytes, &maps->rope, rope_bar, kFp8RopeOffset / 2, hk, 0,
                 pi.kv_id, policy);
-  }
-}
-
-// Each group of the narrow and wide kernels has one FP8 page in flight, whose load can only be
-// issued once its previous page's P.V is done (benchmarks/NOTES.md, v4.0b): a page's turn-around
-// is HBM latency. Prefetching the group's later pages into L2 (the boxes load_group would fetch,
-// at the same coordinates) makes that load an L2 hit, at no shared-memory cost. No barrier is
-// involved: the prefetch is a hint the copy engine completes on its own.
-__device__ __forceinline__ void prefetch_page_l2(const Fp8TensorMaps* maps, const PageInfo& pi,
-                                                 int hk) {
-  using L = Fp8Layout;
-  if (!pi.loaded) return;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    tma_prefetch_l2_4d(&maps->latent, q * L::kLatentBoxBytes, hk, 0, pi.kv_id);
-  }
-  tma_prefetch_l2_4d(&maps->scales, kFp8ScaleOffset / 4, hk, 0, pi.kv_id);
-  tma_prefetch_l2_4d(&maps->rope, kFp8RopeOffset / 2, hk, 0, pi.kv_id);
-}
-// bf16/f16 caches: nothing (their groups keep a page's later tiles in flight instead).
-__device__ __forceinline__ void prefetch_page_l2(const CUtensorMap*, const PageInfo&, int) {}
-
-// The pages page0 + stride * d, d = 1..kFp8L2PrefetchPages, of chunk c (those below c.pe) into
-// L2: a group's next pages, one leader thread.
-template <class Maps>
-__device__ __forceinline__ void prefetch_pages_l2(const Maps* maps, const DecodeParams& p,
-                                                  const ReqCtx& c, int page0, int stride,
-                                                  int hk) {
-#pragma unroll
-  for (int d = 1; d <= kFp8L2PrefetchPages; ++d) {
-    const int page = page0 + stride * d;
-    if (page < c.pe) prefetch_page_l2(maps, make_page(p, c, page), hk);
   }
 }
 

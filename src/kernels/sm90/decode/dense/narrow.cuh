@@ -78,19 +78,6 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint32_t sQ
   }
 }
 
-// The first chunk at or after request `req` that has a page for warpgroup w (page pb + w), for
-// the FP8 prologue, which also prefetches the chunk's next pages (first_page_from is kept
-// separate: built on this, the bf16 kernels' code changes). Returns false if none.
-__device__ __forceinline__ bool first_req_from(const DecodeParams& p, const SchedRecord& rec,
-                                               int req, int w, ReqCtx& out) {
-  const int last = min(rec.end_req, p.b - 1);
-  for (int r = req; r <= last; ++r) {
-    out = make_req(p, rec, r, 0);
-    if (out.pb + w < out.pe) return true;
-  }
-  return false;
-}
-
 // The first page of warpgroup w's sequence at or after request `req`: page pb + w of the first
 // chunk that has one. Returns false if none.
 __device__ __forceinline__ bool first_page_from(const DecodeParams& p, const SchedRecord& rec,
@@ -191,18 +178,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   constexpr uint32_t kAllTiles = (1u << T::kNumKTiles) - 1;
 
   if (leader) {  // each group starts the first page of its own sequence
-    if constexpr (kFp8 && kFp8L2PrefetchPages > 0) {
-      ReqCtx c0;
-      if (first_req_from(p, rec, rec.begin_req, wg, c0)) {
-        load_group(&tmap_k, s_buf, s_scales, bars, make_page(p, c0, c0.pb + wg), hk, kAllTiles,
-                   policy);
-        prefetch_pages_l2(&tmap_k, p, c0, c0.pb + wg, 2, hk);  // and its next pages into L2
-      }
-    } else {
-      PageInfo first;
-      if (first_page_from(p, rec, rec.begin_req, wg, first)) {
-        load_group(&tmap_k, s_buf, s_scales, bars, first, hk, kAllTiles, policy);
-      }
+    PageInfo first;
+    if (first_page_from(p, rec, rec.begin_req, wg, first)) {
+      load_group(&tmap_k, s_buf, s_scales, bars, first, hk, kAllTiles, policy);
     }
   }
 
@@ -346,13 +324,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         release_tiles(NT::bar_group(wg), leader, &tmap_k, s_buf, s_scales, bars, next, hk, 0xF0u,
                       policy);
         phase ^= 1u;
-      }
-      // FP8: the group's pages after `next` (this request's only) into L2, so that their loads,
-      // issued only after a P.V each (one page in flight per group), hit L2 instead of HBM.
-      // Here, just after `next`'s load, the block-table read this needs delays only a leader
-      // that would now wait for that load anyway.
-      if constexpr (kFp8) {
-        if (leader) prefetch_pages_l2(&tmap_k, p, c, page + 2, 2, hk);
       }
     }
 

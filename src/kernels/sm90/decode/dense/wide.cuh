@@ -143,8 +143,6 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
       if constexpr (kFp8) {
         load_group(&tmap_k, sK[0], s_scales[0], bars[0], pa, hk, W::group_tiles(0, wg), policy);
         load_group(&tmap_k, sK[1], s_scales[1], bars[1], pb, hk, W::group_tiles(1, wg), policy);
-        // The following pairs' pages into L2 (fp8_cache.cuh), each group's leader those it scores.
-        prefetch_pages_l2(&tmap_k, p, c, c.pb + wg, 2, hk);
       } else {  // the order the bf16 kernels were tuned with: both expects, then the copies
         expect_group(bars[0], pa, W::group_tiles(0, wg));
         expect_group(bars[1], pb, W::group_tiles(1, wg));
@@ -308,14 +306,6 @@ __global__ void __launch_bounds__(WideTraits::kThreads, 1)
         named_bar_sync(W::kBarWg1, W::kWarpgroupThreads);
         refill(leader, &tmap_k, sK[1], s_scales[1], bars[1], nb, hk, W::group_tiles(1, 1),
                policy);
-      }
-      // FP8: the pairs after (na, nb) (this request's only) into L2, each group's leader the
-      // pages its group scores, so that their loads, issued only once the pages before them were
-      // read (one FP8 page in flight per buffer), hit L2 instead of HBM. Here, after the group's
-      // last refill, the block-table read this needs delays only a leader that would now wait
-      // for the next pair anyway.
-      if constexpr (kFp8) {
-        if (leader) prefetch_pages_l2(&tmap_k, p, c, page + 2 + wg, 2, hk);
       }
       if (pa.loaded) phase[0] ^= 1u;
       if (pb.loaded) phase[1] ^= 1u;
