@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import ad, mlir
 
 from jax_flashmla import _compat, _extension, shapes
 from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET, SCHED_RECORD_INTS
@@ -130,6 +130,16 @@ def cached_jit_bind(prim: Primitive):
     return jitted(tuple(sorted(params.items())))(*args)
 
   return impl
+
+
+def register_no_gradient(prim: Primitive, what: str, reference: str) -> None:
+  """Makes `jax.grad` through `prim` raise: the kernels are inference-only; `reference` names
+  the differentiable pure-JAX twin users should differentiate instead."""
+  def jvp(primals, tangents, **params):
+    del primals, tangents, params
+    raise NotImplementedError(f"jax_flashmla's {what} is inference-only and has no gradient; "
+                              f"differentiate {reference} instead")
+  ad.primitive_jvps[prim] = jvp
 
 
 def _register_lowerings(prim: Primitive, lowering) -> None:

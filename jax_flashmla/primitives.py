@@ -18,11 +18,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import batching, mlir
 
 from jax_flashmla import _compat, partitioning, shapes
 from jax_flashmla.local_primitives import (IMPLEMENTATIONS, cached_jit_bind, check_implementation,
-                                           decode_abstract_eval, metadata_abstract_eval)
+                                           decode_abstract_eval, metadata_abstract_eval,
+                                           register_no_gradient)
 
 __all__ = ["IMPLEMENTATIONS", "check_implementation", "mla_decode_p", "mla_metadata_p"]
 
@@ -131,17 +132,10 @@ def _decode_batch(args, dims, **params):
   return [out.reshape((n, b) + out.shape[1:]), lse.reshape((n, b) + lse.shape[1:])], [0, 0]
 
 
-def _decode_jvp(primals, tangents, **params):
-  del primals, tangents, params
-  raise NotImplementedError(
-      "jax_flashmla's decode is inference-only and has no gradient; differentiate "
-      "jax_flashmla.flash_mla_reference instead")
-
-
 mla_decode_p.def_abstract_eval(_decode_abstract_eval)
 mlir.register_lowering(mla_decode_p, partitioning.decode_lowering)
 batching.primitive_batchers[mla_decode_p] = _decode_batch
-ad.primitive_jvps[mla_decode_p] = _decode_jvp
+register_no_gradient(mla_decode_p, "decode", "jax_flashmla.flash_mla_reference")
 
 # Their lowering (custom_partitioning) decides from the devices whether to partition.
 _compat.require_devices_during_lowering(mla_metadata_p, mla_decode_p)

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding
 
 from jax_flashmla import _compat, _extension, shapes
 from jax_flashmla.constants import FP8_ROW_BYTES, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX
 from jax_flashmla.local_primitives import (cached_jit_bind, check_implementation,
-                                           kernels_could_run, warn_fallback)
+                                           kernels_could_run, register_no_gradient,
+                                           warn_fallback)
 from jax_flashmla.partitioning import _count, _dim_axes, _in_rule_order, _spec
 from jax_flashmla.quantization import CACHE_DTYPES, cache_bytes, dequantize_kv
 from jax_flashmla.reference import default_softmax_scale
@@ -306,16 +307,10 @@ def _batch(args, dims, **params):
   return [out.reshape((lanes, b) + out.shape[1:]), lse.reshape((lanes, b) + lse.shape[1:])], [0, 0]
 
 
-def _jvp(primals, tangents, **params):
-  del primals, tangents, params
-  raise NotImplementedError(
-      "jax_flashmla's sparse decode is inference-only and has no gradient; differentiate "
-      "jax_flashmla.sparse.sparse_decode_reference instead")
-
-
 mlir.register_lowering(mla_sparse_decode_p, _lowering)
 batching.primitive_batchers[mla_sparse_decode_p] = _batch
-ad.primitive_jvps[mla_sparse_decode_p] = _jvp
+register_no_gradient(mla_sparse_decode_p, "sparse decode",
+                     "jax_flashmla.sparse.sparse_decode_reference")
 _compat.require_devices_during_lowering(mla_sparse_decode_p)
 
 
