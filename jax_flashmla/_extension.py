@@ -15,9 +15,11 @@ import pathlib
 
 import jax
 
-from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET
+from jax_flashmla.constants import DECODE_TARGET, METADATA_TARGET, SPARSE_DECODE_TARGET
 
-TARGETS = (METADATA_TARGET, DECODE_TARGET)
+TARGETS = (METADATA_TARGET, DECODE_TARGET)  # the dense decode's: what has_cuda_kernels() means
+# Targets that came later: an extension built before them still runs the dense kernels.
+LATER_TARGETS = (SPARSE_DECODE_TARGET,)
 
 
 class KernelFallbackWarning(UserWarning):
@@ -79,6 +81,11 @@ def build_info() -> dict:
   return info
 
 
+def has_sparse_kernel() -> bool:
+  """True when the extension has the token-sparse decode's kernel (and the scheduler)."""
+  return {METADATA_TARGET, SPARSE_DECODE_TARGET} <= _registered_targets()
+
+
 def kernels_missing_reason() -> str | None:
   """Why this installation has no CUDA kernels to run (None when it has them)."""
   if _ext is None:
@@ -120,4 +127,4 @@ def local_gpus() -> list:
 def disable_export_checks() -> tuple:
   from jax import export
 
-  return tuple(export.DisabledSafetyCheck.custom_call(name) for name in TARGETS)
+  return tuple(export.DisabledSafetyCheck.custom_call(name) for name in TARGETS + LATER_TARGETS)

@@ -23,6 +23,7 @@ INT32_MAX = 2**31 - 1  # the scheduler and the kernels do their length arithmeti
 # registered, so programs exported with `jax.export` keep working.
 METADATA_TARGET = "jax_flashmla_mla_metadata_v1"  # the scheduler
 DECODE_TARGET = "jax_flashmla_mla_decode_v1"  # the decode (split-KV kernel + combine)
+SPARSE_DECODE_TARGET = "jax_flashmla_mla_sparse_decode_v1"  # the token-sparse decode (FP8 cache)
 
 # The FP8 cache row (DeepSeek-V3.2's layout; jax_flashmla/quantization.py): 512 float8_e4m3fn
 # latent values, then 4 float32 scales (one per tile of 128), then 64 bfloat16 RoPE values.

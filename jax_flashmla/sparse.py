@@ -4,13 +4,16 @@ FlashMLA's sparse decode, as a JAX operation. The cache is V3.2's FP8 one (656-b
 `quantization.py`) with any number of tokens per block; each query token names the cache slots
 it attends to (`indices`, `page * block_size + offset`), as the indexer chose them.
 
-There is no CUDA kernel yet: every platform runs `sparse_decode_reference` (pure JAX). The
-layering is the dense decode's, so a kernel only has to replace one lowering:
+On a Hopper GPU it runs our sm90 sparse kernel (`src/kernels/sm90/decode/sparse/`, FFI target
+`jax_flashmla_mla_sparse_decode_v1`); every other platform runs `sparse_decode_reference` (pure
+JAX). The layering is the dense decode's:
 
 - `mla_sparse_decode_p`, the primitive users bind: abstract evaluation, vmap, no gradient, and
   a lowering through `custom_partitioning` (batch- and head-parallel sharding);
-- `mla_sparse_decode_local_p`, one device's decode: the pure-JAX lowering everywhere; on 'cuda'
-  with `implementation=None` that is a fallback and warns (`KernelFallbackWarning`).
+- `mla_sparse_decode_local_p`, one device's decode: on 'cuda' the kernel (its scheduler records
+  computed in the lowering, from the per-device `topk_length`), the pure-JAX lowering elsewhere;
+  with `implementation=None` on 'cuda' where the kernel is missing (an extension built before
+  it), the pure-JAX path warns (`KernelFallbackWarning`).
 
 `topk_length` and `attn_sink` are optional for users but always operands of the primitives (all
 topk indices, and a sink of -inf, change nothing), so the operand list is fixed.
@@ -29,16 +32,21 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding
 
+import numpy as np
+
 from jax_flashmla import _compat, _extension, shapes
-from jax_flashmla.constants import FP8_ROW_BYTES, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX
-from jax_flashmla.local_primitives import (cached_jit_bind, check_implementation,
-                                           kernels_could_run, register_no_gradient,
-                                           warn_fallback)
+from jax_flashmla.constants import (FP8_ROW_BYTES, HEAD_DIM_K, HEAD_DIM_V, INT32_MAX,
+                                    SCHED_RECORD_INTS, SPARSE_DECODE_TARGET)
+from jax_flashmla.local_primitives import (_use_kernels, cached_jit_bind, check_implementation,
+                                           kernels_could_run, mla_metadata_local_p,
+                                           register_no_gradient, warn_fallback)
+from jax_flashmla.metadata import local_num_sms
 from jax_flashmla.partitioning import _count, _dim_axes, _in_rule_order, _spec
 from jax_flashmla.quantization import CACHE_DTYPES, cache_bytes, dequantize_kv
 from jax_flashmla.reference import default_softmax_scale
 
-NO_KERNEL_REASON = "no sparse kernel in this build yet"
+NO_KERNEL_REASON = ("this build of jax_flashmla has no sparse kernel (its extension predates "
+                    "it); rebuild it")
 
 # ------------------------------------------------------------------------------------------------
 # Trace-time checks (each names the argument, what was expected and what was got)
@@ -164,11 +172,42 @@ def sparse_decode_reference(q, k_cache, indices, topk_length=None, attn_sink=Non
 # ------------------------------------------------------------------------------------------------
 
 
-def _refuse_cuda(implementation) -> None:
-  if implementation == "cuda":
-    raise NotImplementedError(
-        f"implementation='cuda': the sparse decode's CUDA kernels are not built yet ("
-        f"{NO_KERNEL_REASON}); use implementation=None or 'xla' (the pure-JAX path)")
+def sparse_request_lengths(topk_length, topk: int, s_q: int):
+  """The kernel's requests: query token `s` of batch row `i` is request `i * s_q + s`, whose
+  length is the number of index slots it uses, `clip(topk_length[i], 0, topk)`: `[b * s_q]`."""
+  used = jnp.clip(topk_length, 0, topk).astype(jnp.int32)
+  return jnp.broadcast_to(used[:, None], (used.shape[0], s_q)).reshape(-1)
+
+
+def _fallback_reason(platform: str) -> str | None:
+  """Why implementation=None runs pure JAX where the sparse kernel could run (None if it runs)."""
+  if not kernels_could_run(platform):
+    return None
+  missing = _extension.kernels_missing_reason()
+  if missing is not None:
+    return missing
+  return None if _extension.has_sparse_kernel() else NO_KERNEL_REASON
+
+
+def _use_kernel(implementation, platform: str) -> bool:
+  """Whether a lowering for `platform` emits the sparse kernel (raises where it cannot)."""
+  if implementation == "xla":
+    return False
+  if implementation is None:
+    if platform != "cuda" or (_extension.local_gpus() and not _extension.local_hopper_gpus()):
+      return False
+    reason = _fallback_reason(platform)
+    if reason is not None:
+      warn_fallback(reason, what="sparse decode")
+      return False
+    return True
+  # "cuda": the dense decode's rules (a non-CUDA platform, a GPU that is not a Hopper, an
+  # extension without kernels on a GPU machine all raise), then this kernel's own.
+  _use_kernels(implementation, platform)
+  if _extension.local_gpus() and not _extension.has_sparse_kernel():
+    raise RuntimeError(f"implementation='cuda': {NO_KERNEL_REASON} (build_info: "
+                       f"{_extension.build_info()})")
+  return True
 
 
 def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, *, softmax_scale,
@@ -181,12 +220,50 @@ def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, *, softmax_scale
           jax.core.ShapedArray((b, h_q, s_q), jnp.dtype(jnp.float32)))
 
 
+def _plain(shape, dtype):
+  return jax.core.ShapedArray(tuple(shape), jnp.dtype(dtype))
+
+
+def _kernel_lowering(ctx, q, k_cache, indices, topk_length, attn_sink, *, softmax_scale):
+  """The FFI call, after the request lengths and the scheduler records of this device's batch.
+
+  The records are recomputed on every call (one small kernel): each shard and each vmap lane
+  then has records for its own lengths. The SM count is the local GPU's (132 without one).
+  """
+  avals = [_plain(a.shape, a.dtype) for a in ctx.avals_in]
+  q_aval, k_aval, x_aval, t_aval, s_aval = avals
+  b, s_q, h_q, _ = q_aval.shape
+  topk = x_aval.shape[2]
+  parts = shapes.num_sm_parts_for(local_num_sms(), h_q, 1)
+  requests = b * s_q
+  lens_aval = _plain((requests,), jnp.int32)
+  sched_aval = _plain((parts, SCHED_RECORD_INTS), jnp.int32)
+  splits_aval = _plain((requests + 1,), jnp.int32)
+
+  def metadata(tl):
+    lens = sparse_request_lengths(tl, topk, s_q)
+    sched, splits = mla_metadata_local_p.bind(lens, num_sm_parts=parts, implementation="cuda")
+    return [lens, sched, splits]
+
+  meta_ctx = ctx.replace(avals_in=[t_aval], avals_out=[lens_aval, sched_aval, splits_aval])
+  lens, sched, splits = (v[0] if isinstance(v, (list, tuple)) else v for v in
+                         mlir.lower_fun(metadata, multiple_results=True)(meta_ctx, topk_length))
+  avals_out = [_plain((b, s_q, h_q, HEAD_DIM_V), jnp.bfloat16),
+               _plain((b, h_q, s_q), jnp.float32),
+               _plain((requests + parts, 1, h_q), jnp.float32),
+               _plain((requests + parts, 1, h_q, HEAD_DIM_V), jnp.float32)]
+  call_ctx = ctx.replace(avals_in=[q_aval, k_aval, x_aval, lens_aval, s_aval, sched_aval,
+                                   splits_aval], avals_out=avals_out)
+  results = jax.ffi.ffi_lowering(SPARSE_DECODE_TARGET)(
+      call_ctx, q, k_cache, indices, lens, attn_sink, sched, splits,
+      softmax_scale=np.float32(softmax_scale))
+  return results[:2]
+
+
 def _local_lowering(ctx, *args, softmax_scale, implementation, platform):
-  _refuse_cuda(implementation)
   platform = platform or ", ".join(_compat.lowering_platforms(ctx))
-  if implementation is None and kernels_could_run(platform):
-    warn_fallback(NO_KERNEL_REASON, what="sparse decode")
-  # The kernel, when there is one, replaces this branch on 'cuda' (see local_primitives.py).
+  if _use_kernel(implementation, platform):
+    return _kernel_lowering(ctx, *args, softmax_scale=softmax_scale)
   fn = lambda *a: list(sparse_decode_reference(*a, softmax_scale=softmax_scale))
   return mlir.lower_fun(fn, multiple_results=True)(_compat.without_varying_axes(ctx), *args)
 
@@ -346,9 +423,10 @@ def flash_mla_sparse_decode(
   exp(attn_sink[h]))` (a +inf sink gives 0, -inf changes nothing; an empty row stays 0) and
   `lse` is unchanged. Scores and softmax are float32.
 
-  No CUDA kernel exists yet: every platform runs the pure-JAX path. With `implementation=None`
-  on a Hopper GPU (or lowered for 'cuda' with no GPU attached) that is a fallback and warns
-  (`KernelFallbackWarning`); `implementation="cuda"` raises `NotImplementedError`.
+  On a Hopper GPU (and lowered for 'cuda' with no GPU attached, as when exporting) this runs
+  our sm90 sparse kernel; elsewhere the pure-JAX path. With `implementation=None` and an
+  extension built before the kernel existed, 'cuda' runs the pure-JAX path and warns
+  (`KernelFallbackWarning`).
 
   Args:
     q: `[b, s_q, h_q, 576]` bfloat16 (512 absorbed latent + 64 RoPE).
@@ -358,7 +436,8 @@ def flash_mla_sparse_decode(
     topk_length: optional `[b]` int32: row `i` uses only its first `topk_length[i]` indices.
     attn_sink: optional `[h_q]` float32, one logit per head.
     softmax_scale: static float, default `576 ** -0.5`.
-    implementation: None, "xla" (the pure-JAX path) or "cuda" (raises: not built yet).
+    implementation: None (the kernel where it can run), "xla" (the pure-JAX path) or "cuda"
+      (the kernel; raises where it cannot run).
 
   Returns:
     `out [b, s_q, h_q, 512]` bfloat16 and `lse [b, h_q, s_q]` float32.
@@ -366,7 +445,9 @@ def flash_mla_sparse_decode(
   Raises:
     TypeError, ValueError: a wrong dtype, rank or shape (naming the argument, what was expected
       and what was got), or a bad static argument.
-    NotImplementedError: `implementation="cuda"`, or under `jax.grad` (inference-only).
+    ValueError, RuntimeError: `implementation="cuda"` where the kernel cannot run (another
+      platform, a GPU that is not a Hopper, an extension without it).
+    NotImplementedError: under `jax.grad` (inference-only).
 
   Example:
     >>> q = jnp.zeros((2, 1, 16, 576), jnp.bfloat16)
@@ -377,7 +458,6 @@ def flash_mla_sparse_decode(
     ((2, 1, 16, 512), (2, 16, 1))
   """
   check_implementation(implementation)
-  _refuse_cuda(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
   check_sparse_args(q, k_cache, indices, topk_length, attn_sink)
   b, _, h_q, d = q.shape

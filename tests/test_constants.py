@@ -27,6 +27,7 @@ PYTHON_VALUE_OF = {
     "fixed_overhead_blocks": constants.FIXED_OVERHEAD_BLOCKS,
     "metadata_target": constants.METADATA_TARGET,
     "decode_target": constants.DECODE_TARGET,
+    "sparse_decode_target": constants.SPARSE_DECODE_TARGET,
     "fp8_row_bytes": constants.FP8_ROW_BYTES,
     "fp8_scale_offset": constants.FP8_SCALE_OFFSET,
     "fp8_rope_offset": constants.FP8_ROPE_OFFSET,

@@ -10,8 +10,10 @@ namespace jax_flashmla {
 
 inline constexpr char kMlaMetadataTarget[] = "jax_flashmla_mla_metadata_v1";
 inline constexpr char kMlaDecodeTarget[] = "jax_flashmla_mla_decode_v1";
+inline constexpr char kMlaSparseDecodeTarget[] = "jax_flashmla_mla_sparse_decode_v1";
 
 XLA_FFI_Handler* MlaMetadataHandler();  // mla_metadata.cc
 XLA_FFI_Handler* MlaDecodeHandler();    // mla_decode.cc
+XLA_FFI_Handler* MlaSparseDecodeHandler();  // mla_sparse_decode.cc
 
 }  // namespace jax_flashmla

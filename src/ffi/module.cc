@@ -30,6 +30,8 @@ nb::dict Registrations() {
       nb::capsule(reinterpret_cast<void*>(jax_flashmla::MlaMetadataHandler()));
   handlers[jax_flashmla::kMlaDecodeTarget] =
       nb::capsule(reinterpret_cast<void*>(jax_flashmla::MlaDecodeHandler()));
+  handlers[jax_flashmla::kMlaSparseDecodeTarget] =
+      nb::capsule(reinterpret_cast<void*>(jax_flashmla::MlaSparseDecodeHandler()));
 #endif
   return handlers;
 }
@@ -53,6 +55,12 @@ nb::dict BuildInfo() {
   formats.append("bf16");
   formats.append("fp8");
   info["kv_formats"] = formats;
+  // The operations with kernels, by FFI target (the pure-JAX path serves the others).
+  nb::list targets;
+  targets.append(jax_flashmla::kMlaMetadataTarget);
+  targets.append(jax_flashmla::kMlaDecodeTarget);
+  targets.append(jax_flashmla::kMlaSparseDecodeTarget);
+  info["kernel_targets"] = targets;
 #else
   info["cuda"] = false;
   info["cuda_version"] = nb::none();
@@ -79,6 +87,7 @@ nb::dict Constants() {
   c["fixed_overhead_blocks"] = jfm::kFixedOverheadBlocks;
   c["metadata_target"] = jfm::kMlaMetadataTarget;
   c["decode_target"] = jfm::kMlaDecodeTarget;
+  c["sparse_decode_target"] = jfm::kMlaSparseDecodeTarget;
   c["fp8_row_bytes"] = jfm::kFp8RowBytes;
   c["fp8_scale_offset"] = jfm::kFp8ScaleOffset;
   c["fp8_rope_offset"] = jfm::kFp8RopeOffset;
@@ -94,10 +103,11 @@ NB_MODULE(_ext, m) {
         "Dict of XLA FFI target name -> PyCapsule handler (empty without CUDA).");
   m.def("build_info", &BuildInfo,
         "Dict describing this build: cuda, cuda_version, cuda_archs, kernel_dtypes (CUDA "
-        "builds), kv_formats (CUDA builds), xla_ffi_api, jaxlib_headers.");
+        "builds), kv_formats (CUDA builds), kernel_targets (CUDA builds), xla_ffi_api, "
+        "jaxlib_headers.");
   m.def("constants", &Constants,
         "Dict of the layout constants the kernels are built with: head_dim_k, head_dim_v, "
         "page_size, block_m, max_sm_parts, sched_record_ints, fixed_overhead_blocks, "
-        "metadata_target, decode_target, fp8_row_bytes, fp8_scale_offset, fp8_rope_offset, "
+        "metadata_target, decode_target, sparse_decode_target, fp8_row_bytes, fp8_scale_offset, fp8_rope_offset, "
         "fp8_tile_cols.");
 }

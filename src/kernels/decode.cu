@@ -11,6 +11,7 @@
 #include "kernels/launch.h"
 #include "kernels/params.h"
 #include "kernels/sm90/decode/dense/launch.h"
+#include "kernels/sm90/decode/sparse/launch.h"
 
 namespace jax_flashmla {
 
@@ -34,6 +35,17 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
       launch_dense_decode_sm90(params, stream, policy.pdl, policy.allow_narrow);
   if (err != cudaSuccess) return err;
   return launch_combine(params, stream, policy.pdl);
+}
+
+}  // namespace jax_flashmla
+
+namespace jax_flashmla {
+
+cudaError_t launch_sparse_decode(const SparseDecodeParams& params, cudaStream_t stream) {
+  const DecodePolicy& policy = decode_policy();
+  const cudaError_t err = launch_sparse_decode_sm90(params, stream, policy.pdl);
+  if (err != cudaSuccess) return err;
+  return launch_sparse_combine(params, stream, policy.pdl);
 }
 
 }  // namespace jax_flashmla

@@ -14,6 +14,10 @@ cudaError_t launch_sched(const SchedParams& params, cudaStream_t stream);
 // Split-KV decode followed by the combine of split rows; both on `stream` (decode.cu).
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
 
+// Token-sparse decode over an FP8 cache (params.h, SparseDecodeParams): the sm90 sparse kernel,
+// then the sparse combine of split rows (which applies the sink to them); both on `stream`.
+cudaError_t launch_sparse_decode(const SparseDecodeParams& params, cudaStream_t stream);
+
 // The switches launch_decode follows, read from the environment once per process (the tools
 // use them too, to time the kernel launch_decode would run):
 //   JAX_FLASHMLA_DISABLE_PDL set        pdl = false: no programmatic dependent launches, to rule
@@ -31,5 +35,10 @@ const DecodePolicy& decode_policy();
 // as a programmatic dependent of it.
 cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream,
                            bool programmatic_dependent);
+
+// The sparse decode's combine (common/combine.cu): as launch_combine on the folded problem, with
+// the lse indexed by the real s_q and the sink applied to the merged rows.
+cudaError_t launch_sparse_combine(const SparseDecodeParams& params, cudaStream_t stream,
+                                  bool programmatic_dependent);
 
 }  // namespace jax_flashmla

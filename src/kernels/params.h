@@ -127,6 +127,31 @@ struct DecodeParams {
   CacheFormat cache_format; // likewise
 };
 
+// The token-sparse decode over an FP8 cache (DeepSeek-V3.2; jax_flashmla/sparse.py), which
+// reuses the dense machinery on a *folded* problem. Query token s of batch row i is request
+// r = i * s_q + s, whose keys are the cache rows indices[i, s, j] for the index slots
+// j < req_lens[r] (the caller passes clip(topk_length[i], 0, topk)); a block of 64 index slots
+// plays the part of a page. `base` describes that folded problem: b = batch * s_q requests,
+// s_q = 1, h_kv = 1, g = q_rows = h_q, seqlens = req_lens, max_blocks = ceil(topk / 64),
+// num_blocks and block_table unused, cache_format kFp8. q [b, s_q, h_q, 576] and
+// out [b, s_q, h_q, 512] are the same memory as [b * s_q, 1, h_q, .], so their indexing, the
+// scheduler records and the split partials are the dense ones; only lse [b, h_q, s_q] is indexed
+// with the real s_q.
+//   indices    [batch, s_q, topk]  int32: token slots page * block_size + offset
+//   attn_sink  [h_q]               float32, natural-log logits, -inf = no sink
+// Value rules: a slot at or past min(req_lens[r], topk) or an index outside [0, num_tokens) is no
+// key (its row is never read); duplicates are keys as often as they appear; a row with no key
+// gets out = 0 and lse = +inf. The sink scales out by exp(lse) / (exp(lse) + exp(sink)) and
+// leaves lse alone.
+struct SparseDecodeParams {
+  DecodeParams base;
+  const int32_t* indices;
+  const float* attn_sink;
+  int topk;
+  int s_q;                  // query tokens per batch row (base.s_q is 1)
+  int32_t num_tokens;       // num_blocks * block_size: rows of the cache
+};
+
 // Run-time value rules shared by every kernel and by the pure-JAX reference, so that values no
 // trace can check never fault and never leak between rows:
 //  - a length is clamped to [0, max_blocks * 64];

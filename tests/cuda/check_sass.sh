@@ -2,7 +2,8 @@
 # Guards against ptxas silently serializing the wgmmas of the decode kernels: it then closes every
 # HGMMA's group and waits on it (WARPGROUP.DEPBAR) before the next, and says nothing.
 # The wide kernel issues six wgmma batches per pair (QK^T and two P.V per warpgroup), 88 HGMMAs
-# in all; the narrow one (both forms, N = 16 and 32) three per page, 68 HGMMAs. A healthy build
+# in all; the narrow one (both forms, N = 16 and 32) three per page, 68 HGMMAs; the sparse one
+# (sm90/decode/sparse) the wide one's six per pair. A healthy build
 # has a handful of DEPBAR (one per batch, a few duplicated paths), a serialized one one per HGMMA.
 # Usage: check_sass.sh BINARY [CUOBJDUMP]
 set -euo pipefail
@@ -10,8 +11,8 @@ bin=$1
 cu=${2:-cuobjdump}
 "$cu" --dump-sass "$bin" | awk '
   /Function :/ { f = $3 }
-  f ~ /decode_(wide|narrow)_kernel/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
-  f ~ /decode_(wide|narrow)_kernel/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
+  f ~ /decode_(wide|narrow|sparse_fp8)_kernel/ && /HGMMA/ { mma[f]++; if (/gsb0/) closed[f]++ }
+  f ~ /decode_(wide|narrow|sparse_fp8)_kernel/ && /WARPGROUP.DEPBAR/ { dep[f]++ }
   END {
     bad = 0
     n = 0

@@ -33,6 +33,13 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
                : "memory");
 }
 
+// One plain arrival (release at CTA scope: this thread's earlier shared-memory writes are
+// visible to whoever then completes a wait on the phase). For barriers a producer warpgroup
+// signals thread by thread.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
 // Spins until the phase with the given parity has completed. With JFM_WATCHDOG defined (test
 // builds) a wait that lasts ~seconds prints the barrier and traps instead of hanging the GPU.
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
@@ -89,6 +96,39 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar),
       "l"(policy)
       : "memory");
+}
+
+// `bytes` (a multiple of 16) at a 16-byte aligned global address, brought into L2 only: a
+// hint, with no shared memory and nothing to wait for.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes)
+               : "memory");
+}
+
+// 16 bytes / 4 bytes of read-only global memory through the non-coherent path (the data must
+// not change while the kernel runs), kept in L1 if it can be.
+__device__ __forceinline__ uint4 ld_global_nc_v4(const void* src) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::evict_last.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
+}
+__device__ __forceinline__ float ld_global_nc_f32(const void* src) {
+  float v;
+  asm volatile("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(src));
+  return v;
+}
+
+// Warpgroup register re-allocation (every thread of the warpgroup executes it, converged):
+// kernels with a producer warpgroup give its registers to the consumers.
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
