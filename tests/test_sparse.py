@@ -318,8 +318,8 @@ def test_errors_name_the_argument(name, value, exc, match):
 def test_static_and_implementation_errors():
   a = _good()
   dec = lambda **kw: flash_mla_sparse_decode(a["q"], a["k_cache"], a["indices"], **kw)
-  with pytest.raises(NotImplementedError, match=r"implementation='cuda': the sparse decode's "
-                     r"CUDA kernels are not built yet"):
+  # The kernel exists now: 'cuda' is refused only where it cannot run (this CPU).
+  with pytest.raises(ValueError, match=r"implementation='cuda' needs an NVIDIA Hopper GPU"):
     dec(implementation="cuda")
   with pytest.raises(ValueError, match=r"^implementation: expected one of"):
     dec(implementation="triton")
@@ -427,19 +427,27 @@ def _fallback_messages(record):
   return {str(w.message) for w in record if issubclass(w.category, KernelFallbackWarning)}
 
 
-def test_export_for_cuda_is_a_fallback_and_says_so():
+def test_export_for_cuda_runs_the_kernel_or_says_why_not():
+  """Exported for (cpu, cuda): the cuda branch calls the kernel, with no warning; an extension
+  built before the kernel falls back to pure JAX and warns (the build decides which)."""
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
-    exp = export.export(_symbolic_fn(), platforms=("cpu", "cuda"))(*_symbolic_args())
-  [message] = _fallback_messages(record)
-  assert "no sparse kernel in this build yet" in message and "implementation='xla'" in message
-  assert "custom_call @jax_flashmla" not in exp.mlir_module()
+    exp = export.export(_symbolic_fn(), platforms=("cpu", "cuda"),
+                        disabled_checks=jax_flashmla.DISABLE_JAX_EXPORT_CHECKS)(*_symbolic_args())
+  if _extension.has_sparse_kernel():
+    assert not _fallback_messages(record)
+    assert "custom_call @jax_flashmla_mla_sparse_decode_v1" in exp.mlir_module()
+  else:
+    [message] = _fallback_messages(record)
+    assert "no sparse kernel" in message and "implementation='xla'" in message
+    assert "custom_call @jax_flashmla" not in exp.mlir_module()
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
-    export.export(jax.jit(lambda q, k, i, t: flash_mla_sparse_decode(
+    exp = export.export(jax.jit(lambda q, k, i, t: flash_mla_sparse_decode(
         q, k, i, topk_length=t, implementation="xla")), platforms=("cpu", "cuda"))(
             *_symbolic_args())
   assert not _fallback_messages(record)
+  assert "custom_call @jax_flashmla" not in exp.mlir_module()
 
 
 class _FakeGpu:
@@ -448,17 +456,119 @@ class _FakeGpu:
     self.device_kind = f"sm {compute_capability}"
 
 
-@pytest.mark.parametrize("cc,warns", [("9.0", True), ("8.0", False)])
-def test_a_simulated_gpu_warns_only_when_it_is_a_hopper(monkeypatch, cc, warns):
+@pytest.mark.parametrize("cc,kernel", [("9.0", True), ("9.0", False), ("8.0", True)])
+def test_a_simulated_gpu_runs_the_kernel_only_on_a_hopper(monkeypatch, cc, kernel):
+  """A Hopper runs the kernel; a Hopper whose extension lacks it warns and runs pure JAX; any
+  other GPU runs pure JAX without a word."""
   gpu = _FakeGpu(cc)
   monkeypatch.setattr(_extension, "local_gpus", lambda: [gpu])
   monkeypatch.setattr(_extension, "local_hopper_gpus", lambda: [gpu] if cc == "9.0" else [])
+  monkeypatch.setattr(_extension, "has_sparse_kernel", lambda: kernel)
+  if _extension.kernels_missing_reason() is not None:
+    pytest.skip(f"needs an extension with the dense kernels: {_extension.kernels_missing_reason()}")
   a = _good()
   fn = jax.jit(lambda q, k, i: flash_mla_sparse_decode(q, k, i))
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
-    fn.trace(a["q"], a["k_cache"], a["indices"]).lower(lowering_platforms=("cuda",))
-  assert bool(_fallback_messages(record)) == warns
+    text = fn.trace(a["q"], a["k_cache"], a["indices"]).lower(
+        lowering_platforms=("cuda",)).as_text()
+  hopper = cc == "9.0"
+  assert bool(_fallback_messages(record)) == (hopper and not kernel)
+  assert ("custom_call @jax_flashmla_mla_sparse_decode_v1" in text) == (hopper and kernel)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel's CUDA lowering, produced on this CPU (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+def _cuda_calls(fn, *args):
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return re.findall(r"stablehlo\.custom_call @(\w+)\(.*?\{(.*?)\}\s*:\s*\((.*?)\)\s*->\s*"
+                    r"\((.*?)\)", text)
+
+
+def _needs_kernel():
+  if not _extension.has_sparse_kernel():
+    pytest.skip("the extension has no sparse kernel (built before it, or without CUDA)")
+
+
+KERNEL_SHAPES = [  # b, s_q, h_q, block_size, num_blocks, topk
+    (2, 1, 64, 64, 8, 64),
+    (4, 3, 128, 69, 10, 200),
+    (3, 2, 16, 2, 40, 33),
+    (1, 1, 32, 576, 2, 2048),
+]
+
+
+@pytest.mark.parametrize("b,s_q,h_q,block_size,num_blocks,topk", KERNEL_SHAPES)
+@pytest.mark.parametrize("implementation", [None, "cuda"])
+def test_cuda_lowering_calls_the_kernel_with_its_operands(b, s_q, h_q, block_size, num_blocks,
+                                                          topk, implementation):
+  _needs_kernel()
+  args = (jnp.zeros((b, s_q, h_q, 576), jnp.bfloat16),
+          jnp.zeros((num_blocks, block_size, 1, 656), jnp.float8_e4m3fn),
+          jnp.zeros((b, s_q, topk), jnp.int32), jnp.zeros((b,), jnp.int32),
+          jnp.zeros((h_q,), jnp.float32))
+  fn = lambda q, k, i, t, s: flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s,
+                                                     softmax_scale=0.125,
+                                                     implementation=implementation)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    calls = _cuda_calls(fn, *args)
+  assert not _fallback_messages(record)
+  assert [c[0] for c in calls] == ["jax_flashmla_mla_metadata_v1",
+                                   "jax_flashmla_mla_sparse_decode_v1"]
+  (_, _, meta_in, meta_out), (_, attrs, ins, outs) = calls
+  r = b * s_q  # one request per query token
+  parts = min(132 // -(-h_q // 64), 160)  # the dense formula: h_q rows, one KV head, 132 SMs
+  assert meta_in == f"tensor<{r}xi32>"
+  assert meta_out.split(", ") == [f"tensor<{parts}x8xi32>", f"tensor<{r + 1}xi32>"]
+  assert ins.split(", ") == [
+      f"tensor<{b}x{s_q}x{h_q}x576xbf16>", f"tensor<{num_blocks}x{block_size}x1x656xui8>",
+      f"tensor<{b}x{s_q}x{topk}xi32>", f"tensor<{r}xi32>", f"tensor<{h_q}xf32>",
+      f"tensor<{parts}x8xi32>", f"tensor<{r + 1}xi32>"]
+  assert outs.split(", ") == [
+      f"tensor<{b}x{s_q}x{h_q}x512xbf16>", f"tensor<{b}x{h_q}x{s_q}xf32>",
+      f"tensor<{r + parts}x1x{h_q}xf32>", f"tensor<{r + parts}x1x{h_q}x512xf32>"]
+  assert "softmax_scale = 1.250000e-01 : f32" in attrs
+
+
+def test_request_lengths_repeat_the_clipped_topk_length_per_token():
+  from jax_flashmla.sparse import sparse_request_lengths
+  got = sparse_request_lengths(jnp.int32([5, -2, 99, 0]), 40, 3)
+  np.testing.assert_array_equal(got, [5, 5, 5, 0, 0, 0, 40, 40, 40, 0, 0, 0])
+
+
+def test_cuda_lowering_under_vmap_folds_the_lanes_into_the_batch():
+  _needs_kernel()
+  q, k, i, t, s = _lanes(9)  # 3 lanes of b = 2, s_q = 2, h_q = 16, topk = 12
+  fn = jax.vmap(lambda q, i, t: flash_mla_sparse_decode(q, k[0], i, topk_length=t,
+                                                        attn_sink=s[0]))
+  calls = _cuda_calls(fn, q, i, t)
+  assert [c[0] for c in calls] == ["jax_flashmla_mla_metadata_v1",
+                                   "jax_flashmla_mla_sparse_decode_v1"]
+  assert calls[1][2].split(", ")[:4] == ["tensor<6x2x16x576xbf16>", "tensor<30x3x1x656xui8>",
+                                         "tensor<6x2x12xi32>", "tensor<12xi32>"]
+
+
+def test_metadata_is_computed_per_call_from_the_call_lengths():
+  """Two decodes with different topk_length: each gets the records of its own lengths."""
+  _needs_kernel()
+  a = _good()
+  def two(q, k, i, t):
+    o1, _ = flash_mla_sparse_decode(q, k, i, topk_length=t)
+    o2, _ = flash_mla_sparse_decode(q, k, i, topk_length=t // 2)
+    return o1, o2
+  names = [c[0] for c in _cuda_calls(two, a["q"], a["k_cache"], a["indices"], a["topk_length"])]
+  assert names.count("jax_flashmla_mla_metadata_v1") == 2
+  assert names.count("jax_flashmla_mla_sparse_decode_v1") == 2
+
+
+def test_build_info_lists_the_sparse_target():
+  info = jax_flashmla.build_info()
+  if not info.get("cuda"):
+    pytest.skip("a build without CUDA lists no kernels")
+  assert "jax_flashmla_mla_sparse_decode_v1" in info["kernel_targets"]
 
 
 # ------------------------------------------------------------------------------------------------
