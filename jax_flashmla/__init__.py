@@ -12,7 +12,7 @@ on a Hopper GPU, an extension that did not load) warns with the reason (`KernelF
 The cache may also hold DeepSeek-V3.2's FP8 rows (656 bytes per token: `quantize_kv`,
 `PagedKVCache.create(..., kv_format="fp8")`), read by the same calls at 1.76x fewer bytes.
 `flash_mla_sparse_decode` attends each query token to its own top-k tokens of such a cache
-(V3.2's sparse attention; pure JAX on every platform for now).
+(V3.2's sparse attention; its own kernel on Hopper, pure JAX elsewhere).
 Model code works on `PagedKVCache` (per layer) and `mla_decode`; `PageAllocator` hands out pages
 for serving; `jax_flashmla.layers` has a Flax NNX MLA layer (needs flax, not imported here).
 `validate_decode_inputs` (eager) and `check_decode_values` (checkify) report lengths, page ids

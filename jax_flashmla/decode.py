@@ -113,7 +113,7 @@ def flash_mla_with_kvcache(
       a dense-only argument that is not left at its default; without: `topk_length` or
       `attn_sink` given.
     NotImplementedError: under `jax.grad` (the op is inference-only; differentiate
-      `flash_mla_reference`), or `indices` with `implementation="cuda"` (no sparse kernel yet).
+      `flash_mla_reference`).
 
   Example:
     >>> b, s_q, h_q, h_kv = 2, 1, 16, 1
