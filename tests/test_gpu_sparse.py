@@ -76,8 +76,9 @@ def test_special_rows_exactly_on_the_kernel():
   q, k8, idx, _, _ = ts.make_sparse(rng, 4, 2, 64, 64, 8, 128, invalid=0.0)
   idx[0] = -1
   tl = np.int32([128, 128, 0, -3])
-  run = lambda s: flash_mla_sparse_decode(*ts._jnp(q, k8, idx, tl), attn_sink=jnp.full(
-      (64,), s, jnp.float32), implementation="cuda")
+  run = lambda s: flash_mla_sparse_decode(*ts._jnp(q, k8, idx), topk_length=jnp.asarray(tl),
+                                          attn_sink=jnp.full((64,), s, jnp.float32),
+                                          implementation="cuda")
   out, lse = run(-np.inf)
   o_inf, l_inf = run(np.inf)
   for o, l in ((out, lse), (o_inf, l_inf)):
@@ -85,14 +86,17 @@ def test_special_rows_exactly_on_the_kernel():
     np.testing.assert_array_equal(np.asarray(l)[[0, 2, 3]], np.inf)
   np.testing.assert_array_equal(np.asarray(o_inf, np.float32), 0.0)
   np.testing.assert_array_equal(l_inf, lse)
-  o_none, l_none = flash_mla_sparse_decode(*ts._jnp(q, k8, idx, tl), implementation="cuda")
+  o_none, l_none = flash_mla_sparse_decode(*ts._jnp(q, k8, idx), topk_length=jnp.asarray(tl),
+                                           implementation="cuda")
   np.testing.assert_array_equal(np.asarray(o_none, np.float32), np.asarray(out, np.float32))
   np.testing.assert_array_equal(l_none, lse)
 
 
 def test_duplicates_count_each_time_on_the_kernel():
   rng = np.random.default_rng(6)
-  q, k8, _, _, _ = ts.make_sparse(rng, 1, 1, 64, 64, 4, 3)
-  twice = jnp.asarray([[[3, 3, 17]]], jnp.int32)
+  # Only the slots make_sparse's own indices name hold data; the others are NaN-poisoned.
+  q, k8, idx, _, _ = ts.make_sparse(rng, 1, 1, 64, 64, 4, 3, invalid=0.0)
+  a, c = int(idx[0, 0, 0]), int(idx[0, 0, 1])
+  twice = jnp.asarray([[[a, a, c]]], jnp.int32)
   out, lse = flash_mla_sparse_decode(*ts._jnp(q, k8), twice, implementation="cuda")
   check_decode(out, lse, *ts.sparse_oracle(q, k8, np.asarray(twice)))
