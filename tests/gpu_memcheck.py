@@ -20,6 +20,12 @@ become NaN scales and codes, and pages no row uses get random bytes), through th
 
     ... python3 -P tests/gpu_memcheck.py --fp8 [--hostile-metadata | --config NAME]
 
+`--sparse` runs the token-sparse decode (decode_sparse_fp8_kernel, combine_sparse_kernel) on
+hostile indices (negative, INT32_MIN/MAX, the slot count itself, the last slot), topk_length out
+of range both ways, duplicates, sinks, block sizes 1..576, batches split across parts and not:
+
+    ... python3 -P tests/gpu_memcheck.py --sparse
+
 For racecheck and synccheck, one decode call on a small (64 query rows: the wide kernel), a narrow
 (16 rows), a narrow32 (32 rows) or a large configuration:
 
@@ -84,6 +90,38 @@ def main():
   big = make_case(rng, 64, 1, 2000, 128, 1, zero_rows=0.3)
   check_decode(*run(big))
   print(f"memcheck cases ok{' (FP8 cache)' if FP8 else ''}")
+
+
+def sparse():
+  import ml_dtypes  # noqa: PLC0415
+  import test_sparse as ts  # noqa: PLC0415
+  from jax_flashmla.sparse import flash_mla_sparse_decode  # noqa: PLC0415
+
+  rng = np.random.default_rng(4)
+  int_min, int_max = -(2**31), 2**31 - 1
+  cases = [  # b, s_q, h_q, block_size, num_blocks, topk
+      (4, 3, 16, 1, 300, 70), (4, 1, 64, 2, 150, 130), (74, 1, 128, 69, 8, 64),
+      (4, 3, 128, 64, 6, 200), (2, 2, 64, 576, 2, 64), (1, 1, 32, 64, 4, 1)]
+  for b, s_q, h_q, bs, nb, topk in cases:
+    q, k8, idx, tl, snk = ts.make_sparse(rng, b, s_q, h_q, bs, nb, topk, lengths="partial",
+                                         sink="mixed", invalid=0.4, dup=0.3)
+    n = nb * bs
+    flat = k8.reshape(n, 656)
+    row = np.clip(rng.standard_normal((1, 1, 1, 576)) / 10, -1, 1).astype(ml_dtypes.bfloat16)
+    flat[n - 1] = ts.np_quantize(row).reshape(656)  # the very last slot, holding data
+    idx[0, 0, 0] = n - 1
+    idx[-1, -1, -1] = int_max
+    if b > 1:
+      tl[1] = int_max
+      tl[-1] = int_min
+    def fn(q, k, i, t, s):
+      return tuple(flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s,
+                                           implementation=impl) for impl in ("cuda", "xla"))
+    (out, lse), (ref_out, ref_lse) = jax.jit(fn)(*ts._jnp(q, flat.reshape(k8.shape), idx, tl,
+                                                          snk))
+    check_decode(out, lse, ref_out, ref_lse)
+    print(f"sparse case ok: b={b} s_q={s_q} h_q={h_q} block_size={bs} topk={topk}", flush=True)
+  print("memcheck sparse cases ok")
 
 
 def hostile_metadata_variants(lens, q_rows, parts):
@@ -152,7 +190,9 @@ def one_config(name):
 
 if __name__ == "__main__":
   argv = sys.argv[1:]
-  if "--hostile-metadata" in argv:
+  if "--sparse" in argv:
+    sparse()
+  elif "--hostile-metadata" in argv:
     hostile_metadata()
   elif "--config" in argv:
     one_config(argv[argv.index("--config") + 1])
