@@ -100,7 +100,8 @@ def run_case(spec, layers, anchor):
     t_fm = graph_seconds(torch, call)
     o, l = jax.jit(flash_mla_sparse_decode)(q, k8, idx)
     oa, ob = np.asarray(o, np.float32), o_fm.float().cpu().numpy()
-    la, lb = np.asarray(l, np.float32), l_fm.float().cpu().numpy().reshape(la.shape)
+    la = np.asarray(l, np.float32)
+    lb = l_fm.float().cpu().numpy().reshape(la.shape)
     r.update(flashmla_us=t_fm * 1e6, flashmla_tflops=flop / t_fm / 1e12,
              ours_over_flashmla=t_fm / t, out_max_abs=float(np.max(np.abs(oa - ob))),
              lse_max_abs=float(np.max(np.abs(la - lb))))

@@ -111,9 +111,12 @@ def sparse():
     flat[n - 1] = ts.np_quantize(row).reshape(656)  # the very last slot, holding data
     idx[0, 0, 0] = n - 1
     idx[-1, -1, -1] = int_max
-    if b > 1:
-      tl[1] = int_max
+    if b > 1:  # row 1 now uses every index slot: the slots they name get data (a NaN key would
+      tl[1] = int_max  # make the row's answer NaN on one path and "no key" on the other)
       tl[-1] = int_min
+      ids = idx[1][(idx[1] >= 0) & (idx[1] < n)]
+      rows = np.clip(rng.standard_normal((len(ids), 1, 1, 576)) / 10, -1, 1)
+      flat[ids] = ts.np_quantize(rows.astype(ml_dtypes.bfloat16)).reshape(-1, 656)
     def fn(q, k, i, t, s):
       return tuple(flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s,
                                            implementation=impl) for impl in ("cuda", "xla"))
