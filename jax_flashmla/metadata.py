@@ -15,7 +15,7 @@ from jax_flashmla.primitives import check_implementation, mla_metadata_p
 # The ints are static (pytree aux data): they survive jit, vmap and tree_map and are never traced.
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("tile_scheduler_metadata", "num_splits"),
-                   meta_fields=("num_sms", "num_q_tokens_per_head_k", "num_heads_k"))
+                   meta_fields=("num_sms", "num_q_tokens_per_head_k", "num_heads_k", "topk"))
 @dataclasses.dataclass(frozen=True)
 class MLAMetadata:
   """Scheduler output for one decode step (a pytree of two int32 arrays and static ints).
@@ -28,9 +28,13 @@ class MLAMetadata:
     num_splits: `[b + 1]` int32, exclusive prefix sum of each request's number of splits.
     num_sms: the SM count the records were scheduled for. A decode whose batch or heads are
       sharded recomputes the records per device for this count, unless given its own.
-    num_q_tokens_per_head_k: the `s_q * h_q // h_kv` the records were scheduled for; a decode
-      with other shapes raises. None (a hand-made MLAMetadata) is not checked.
+    num_q_tokens_per_head_k: the `s_q * h_q // h_kv` the records were scheduled for (`h_q` for
+      the sparse decode's, whose requests are query tokens); a decode with other shapes raises.
+      None (a hand-made MLAMetadata) is not checked.
     num_heads_k: the `h_kv` the records were scheduled for, checked the same way.
+    topk: None for the dense decode's records (`get_mla_metadata`); for the sparse decode's
+      (`get_sparse_mla_metadata`), the `topk` (index slots per query token) they were scheduled
+      for. Each decode refuses the other's records.
   """
 
   tile_scheduler_metadata: jax.Array
@@ -38,6 +42,7 @@ class MLAMetadata:
   num_sms: int
   num_q_tokens_per_head_k: int | None = None
   num_heads_k: int | None = None
+  topk: int | None = None
 
   @property
   def num_sm_parts(self) -> int:
@@ -76,7 +81,7 @@ def as_metadata(metadata: MetadataLike, *, num_sms: int | None = None) -> MLAMet
   """
   if isinstance(metadata, MLAMetadata):
     shapes.check_static_int("metadata.num_sms", metadata.num_sms)
-    for name in ("num_q_tokens_per_head_k", "num_heads_k"):
+    for name in ("num_q_tokens_per_head_k", "num_heads_k", "topk"):
       if getattr(metadata, name) is not None:
         shapes.check_static_int(f"metadata.{name}", getattr(metadata, name))
   if metadata is None or isinstance(metadata, MLAMetadata):
@@ -95,8 +100,15 @@ def check_metadata_for(metadata: MLAMetadata, num_q_tokens_per_head_k: int,
 
   Free (static data, checked while tracing). Records scheduled for another number of query rows
   or KV heads still cover every page, but their split of the work was planned for the wrong
-  grid. Fields that are None (a pair, a hand-made MLAMetadata) are not checked.
+  grid. Fields that are None (a pair, a hand-made MLAMetadata) are not checked. The sparse
+  decode's records (`topk` set) are refused.
   """
+  if metadata.topk is not None:
+    raise ValueError(
+        f"metadata: expected the dense decode's records (get_mla_metadata(cache_seqlens, "
+        f"{num_q_tokens_per_head_k}, {num_heads_k})), got the sparse decode's "
+        f"(get_sparse_mla_metadata, topk={metadata.topk}), whose requests are query tokens and "
+        f"whose lengths are index counts")
   got = (metadata.num_q_tokens_per_head_k, metadata.num_heads_k)
   want = (num_q_tokens_per_head_k, num_heads_k)
   if any(g is not None and g != w for g, w in zip(got, want)):
