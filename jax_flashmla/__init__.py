@@ -12,7 +12,8 @@ on a Hopper GPU, an extension that did not load) warns with the reason (`KernelF
 The cache may also hold DeepSeek-V3.2's FP8 rows (656 bytes per token: `quantize_kv`,
 `PagedKVCache.create(..., kv_format="fp8")`), read by the same calls at 1.76x fewer bytes.
 `flash_mla_sparse_decode` attends each query token to its own top-k tokens of such a cache
-(V3.2's sparse attention; its own kernel on Hopper, pure JAX elsewhere).
+(V3.2's sparse attention; its own kernel on Hopper, pure JAX elsewhere), with its scheduler
+records computed once per step by `get_sparse_mla_metadata`.
 Model code works on `PagedKVCache` (per layer) and `mla_decode`; `PageAllocator` hands out pages
 for serving; `jax_flashmla.layers` has a Flax NNX MLA layer (needs flax, not imported here).
 `validate_decode_inputs` (eager) and `check_decode_values` (checkify) report lengths, page ids
@@ -33,6 +34,7 @@ from jax_flashmla.quantization import dequantize_kv as dequantize_kv
 from jax_flashmla.quantization import quantize_kv as quantize_kv
 from jax_flashmla.reference import flash_mla_reference as flash_mla_reference
 from jax_flashmla.sparse import flash_mla_sparse_decode as flash_mla_sparse_decode
+from jax_flashmla.sparse import get_sparse_mla_metadata as get_sparse_mla_metadata
 from jax_flashmla.validation import check_decode_values as check_decode_values
 from jax_flashmla.validation import validate_decode_inputs as validate_decode_inputs
 
@@ -59,6 +61,7 @@ __all__ = [
     "flash_mla_sparse_decode",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
+    "get_sparse_mla_metadata",
     "mla_decode",
     "quantize_kv",
     "validate_decode_inputs",

@@ -88,8 +88,10 @@ def flash_mla_with_kvcache(
     indices: FlashMLA's sparse decode (DeepSeek-V3.2): `[b, s_q, topk]` int32 cache slots
       (`page * block_size + offset`) each query token attends to. Given, the call is
       `flash_mla_sparse_decode(q, k_cache, indices, topk_length=, attn_sink=, softmax_scale=,
-      implementation=)` (see there), and block_table and cache_seqlens must be None, causal
-      False, metadata None (no scheduler records yet), num_pools 1.
+      metadata=, implementation=)` (see there), and block_table, cache_seqlens and num_sms
+      must be None, causal False, num_pools 1. `metadata` is then the sparse decode's:
+      `get_sparse_mla_metadata(topk_length, s_q=, h_q=, topk=)` once per step (or the pair of
+      its arrays); the dense decode's raises.
     topk_length, attn_sink: with `indices` only: `[b]` int32 indices used per row, `[h_q]`
       float32 sink logits.
 
@@ -107,11 +109,11 @@ def flash_mla_with_kvcache(
       do not take.
     ValueError: wrong ranks or shapes (each message names the argument, what was expected and
       what was got), `is_fp8_kvcache` disagreeing with k_cache, `head_dim_v != 512`, metadata
-      computed for another batch or other shapes, a `num_pools` that does not divide the batch
-      and the pages, or
-      `implementation="cuda"` lowered for a platform other than a Hopper GPU. With `indices`:
-      a dense-only argument that is not left at its default; without: `topk_length` or
-      `attn_sink` given.
+      computed for another batch or other shapes (or for the other decode: the sparse
+      decode's without `indices`, the dense one's with), a `num_pools` that does not divide
+      the batch and the pages, or `implementation="cuda"` lowered for a platform other than a
+      Hopper GPU. With `indices`: a dense-only argument that is not left at its default;
+      without: `topk_length` or `attn_sink` given.
     NotImplementedError: under `jax.grad` (the op is inference-only; differentiate
       `flash_mla_reference`).
 
@@ -170,7 +172,7 @@ def _sparse(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softma
   """FlashMLA's sparse call: the dense-only arguments must be left at their defaults."""
   shapes.check_head_dim_v(head_dim_v)
   unused = (("block_table", block_table, None), ("cache_seqlens", cache_seqlens, None),
-            ("metadata", metadata, None), ("num_sms", num_sms, None))
+            ("num_sms", num_sms, None))
   for name, value, default in unused:
     if value is not default:
       raise ValueError(f"{name}: expected None with indices (the sparse decode reads the tokens "
@@ -187,4 +189,4 @@ def _sparse(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softma
                      "reads an FP8 cache), got False")
   return flash_mla_sparse_decode(q, k_cache, indices, topk_length=topk_length,
                                  attn_sink=attn_sink, softmax_scale=softmax_scale,
-                                 implementation=implementation)
+                                 metadata=metadata, implementation=implementation)

@@ -11,12 +11,18 @@ JAX). The layering is the dense decode's:
 - `mla_sparse_decode_p`, the primitive users bind: abstract evaluation, vmap, no gradient, and
   a lowering through `custom_partitioning` (batch- and head-parallel sharding);
 - `mla_sparse_decode_local_p`, one device's decode: on 'cuda' the kernel (its scheduler records
-  computed in the lowering, from the per-device `topk_length`), the pure-JAX lowering elsewhere;
-  with `implementation=None` on 'cuda' where the kernel is missing (an extension built before
-  it), the pure-JAX path warns (`KernelFallbackWarning`).
+  computed in the lowering, from the per-device `topk_length`, unless the call was given them),
+  the pure-JAX lowering elsewhere; with `implementation=None` on 'cuda' where the kernel is
+  missing (an extension built before it), the pure-JAX path warns (`KernelFallbackWarning`).
 
 `topk_length` and `attn_sink` are optional for users but always operands of the primitives (all
-topk indices, and a sink of -inf, change nothing), so the operand list is fixed.
+topk indices, and a sink of -inf, change nothing). The scheduler records are optional operands:
+both primitives take `(q, k_cache, indices, topk_length, attn_sink)` and, when the caller passed
+`metadata` (`get_sparse_mla_metadata`, once per step), `(tile_scheduler_metadata, num_splits)`
+after them. Without them the kernel's lowering schedules the call itself, as it always did; with
+them it passes them to the kernel. Wherever the batch a device decodes is not the batch the
+records were made for (a batch or head split, vmap's folded lanes) they are dropped and that
+batch is scheduled in the lowering, as the dense decode does (`partitioning.py`).
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ from jax_flashmla.constants import (FP8_ROW_BYTES, HEAD_DIM_K, HEAD_DIM_V, INT32
 from jax_flashmla.local_primitives import (_use_kernels, cached_jit_bind, check_implementation,
                                            kernels_could_run, mla_metadata_local_p,
                                            register_no_gradient, warn_fallback)
-from jax_flashmla.metadata import local_num_sms
+from jax_flashmla.metadata import (MetadataLike, MLAMetadata, as_metadata, get_mla_metadata,
+                                   local_num_sms)
 from jax_flashmla.partitioning import _count, _dim_axes, _in_rule_order, _spec
 from jax_flashmla.quantization import CACHE_DTYPES, cache_bytes, dequantize_kv
-from jax_flashmla.reference import default_softmax_scale
+from jax_flashmla.reference import default_softmax_scale, stale_requests
 
 NO_KERNEL_REASON = ("this build of jax_flashmla has no sparse kernel (its extension predates "
                     "it); rebuild it")
@@ -111,6 +118,44 @@ def check_sparse_args(q, k_cache, indices, topk_length=None, attn_sink=None) -> 
     shapes._expect_dtype("attn_sink", attn_sink, (jnp.float32,))
     if ss != (h_q,):
       raise ValueError(f"attn_sink: expected shape ({h_q},) (one per query head of q), got {ss}")
+
+
+def _sparse_metadata_call(s_q, h_q, topk) -> str:
+  return f"get_sparse_mla_metadata(topk_length, s_q={s_q}, h_q={h_q}, topk={topk})"
+
+
+def check_sparse_metadata(metadata: MLAMetadata, b, s_q: int, h_q: int, topk: int) -> None:
+  """Raises when `metadata` was not scheduled for a sparse decode of these shapes.
+
+  Static checks (free, at trace time): the records of the dense decode (`get_mla_metadata`:
+  requests are batch rows, lengths `cache_seqlens`), records for another `h_q` or `topk` (the
+  shapes `get_sparse_mla_metadata` stores), records for another number of requests
+  (`num_splits` is `[b * s_q + 1]`), and arrays of the wrong rank or dtype. A FlashMLA-style
+  pair carries no shapes, so only its arrays are checked. Records of other lengths are caught
+  when the decode runs: their requests are NaN (the kernel's fingerprint check, and the pure-JAX
+  path's `stale_requests`).
+  """
+  call = _sparse_metadata_call(s_q, h_q, topk)
+  if metadata.topk is None and metadata.num_q_tokens_per_head_k is not None:
+    raise ValueError(
+        f"metadata: expected the sparse decode's records ({call}), got the dense decode's "
+        f"(get_mla_metadata, num_q_tokens_per_head_k={metadata.num_q_tokens_per_head_k}, "
+        f"num_heads_k={metadata.num_heads_k}), whose requests are batch rows and whose lengths "
+        f"are cache lengths")
+  got = (metadata.num_q_tokens_per_head_k, metadata.num_heads_k, metadata.topk)
+  if any(g is not None and g != w for g, w in zip(got, (h_q, 1, topk))):
+    raise ValueError(
+        f"metadata: expected records for this call's h_q={h_q} query heads (one KV head) and "
+        f"topk={topk}, got metadata computed with h_q={got[0]}, num_heads_k={got[1]}, "
+        f"topk={got[2]}; compute it with {call}")
+  splits = metadata.num_splits
+  requests = b * s_q
+  if hasattr(splits, "shape") and tuple(splits.shape) != (requests + 1,):
+    raise ValueError(
+        f"metadata: expected num_splits of shape ({requests + 1},) (b * s_q + 1 = {b} * {s_q} + "
+        f"1: one request per query token), got {tuple(splits.shape)} (metadata computed for "
+        f"another batch or s_q? compute it with {call})")
+  shapes.check_scheduler_records(metadata.tile_scheduler_metadata, splits, requests)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,12 +255,19 @@ def _use_kernel(implementation, platform: str) -> bool:
   return True
 
 
-def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, *, softmax_scale,
-                   implementation):
+def _abstract_eval(q, k_cache, indices, topk_length, attn_sink, *records, softmax_scale,
+                   implementation, num_sms):
   del softmax_scale
   check_implementation(implementation)
   check_sparse_args(q, k_cache, indices, topk_length, attn_sink)
   b, s_q, h_q, _ = q.shape
+  if num_sms is not None:
+    shapes.check_static_int("num_sms", num_sms)
+  if records:
+    if len(records) != 2:
+      raise ValueError(f"metadata: expected two arrays (tile_scheduler_metadata, num_splits), "
+                       f"got {len(records)}")
+    shapes.check_scheduler_records(*records, b * s_q)
   return (jax.core.ShapedArray((b, s_q, h_q, HEAD_DIM_V), jnp.dtype(jnp.bfloat16)),
           jax.core.ShapedArray((b, h_q, s_q), jnp.dtype(jnp.float32)))
 
@@ -224,30 +276,48 @@ def _plain(shape, dtype):
   return jax.core.ShapedArray(tuple(shape), jnp.dtype(dtype))
 
 
-def _kernel_lowering(ctx, q, k_cache, indices, topk_length, attn_sink, *, softmax_scale):
-  """The FFI call, after the request lengths and the scheduler records of this device's batch.
+def _first(v):
+  return v[0] if isinstance(v, (list, tuple)) else v
 
-  The records are recomputed on every call (one small kernel): each shard and each vmap lane
-  then has records for its own lengths. The SM count is the local GPU's (132 without one).
+
+def _kernel_lowering(ctx, q, k_cache, indices, topk_length, attn_sink, *records, softmax_scale,
+                     num_sms):
+  """The FFI call, after the request lengths and (without `records`) the scheduler records.
+
+  Without records they are computed here, on every call (one small kernel): each shard and each
+  vmap lane then has records for its own lengths. The SM count is `num_sms`, or the local GPU's
+  (132 without one) when None. Given records (the call's `metadata`, scheduled once per step)
+  go to the kernel as they are. The lengths are computed here either way: they are a clip and a
+  broadcast, and taken from this call's `topk_length` they are the ones the kernel checks the
+  records' length fingerprints against.
   """
   avals = [_plain(a.shape, a.dtype) for a in ctx.avals_in]
-  q_aval, k_aval, x_aval, t_aval, s_aval = avals
+  q_aval, k_aval, x_aval, t_aval, s_aval = avals[:5]
   b, s_q, h_q, _ = q_aval.shape
   topk = x_aval.shape[2]
-  parts = shapes.num_sm_parts_for(local_num_sms(), h_q, 1)
   requests = b * s_q
   lens_aval = _plain((requests,), jnp.int32)
-  sched_aval = _plain((parts, SCHED_RECORD_INTS), jnp.int32)
-  splits_aval = _plain((requests + 1,), jnp.int32)
 
-  def metadata(tl):
-    lens = sparse_request_lengths(tl, topk, s_q)
-    sched, splits = mla_metadata_local_p.bind(lens, num_sm_parts=parts, implementation="cuda")
-    return [lens, sched, splits]
+  if records:
+    sched_aval, splits_aval = avals[5:]
+    parts = sched_aval.shape[0]
+    sched, splits = records
+    lens_ctx = ctx.replace(avals_in=[t_aval], avals_out=[lens_aval])
+    lens = _first(mlir.lower_fun(lambda tl: [sparse_request_lengths(tl, topk, s_q)],
+                                 multiple_results=True)(lens_ctx, topk_length)[0])
+  else:
+    parts = shapes.num_sm_parts_for(local_num_sms() if num_sms is None else num_sms, h_q, 1)
+    sched_aval = _plain((parts, SCHED_RECORD_INTS), jnp.int32)
+    splits_aval = _plain((requests + 1,), jnp.int32)
 
-  meta_ctx = ctx.replace(avals_in=[t_aval], avals_out=[lens_aval, sched_aval, splits_aval])
-  lens, sched, splits = (v[0] if isinstance(v, (list, tuple)) else v for v in
-                         mlir.lower_fun(metadata, multiple_results=True)(meta_ctx, topk_length))
+    def metadata(tl):
+      lens = sparse_request_lengths(tl, topk, s_q)
+      sched, splits = mla_metadata_local_p.bind(lens, num_sm_parts=parts, implementation="cuda")
+      return [lens, sched, splits]
+
+    meta_ctx = ctx.replace(avals_in=[t_aval], avals_out=[lens_aval, sched_aval, splits_aval])
+    lowered = mlir.lower_fun(metadata, multiple_results=True)(meta_ctx, topk_length)
+    lens, sched, splits = (_first(v) for v in lowered)
   avals_out = [_plain((b, s_q, h_q, HEAD_DIM_V), jnp.bfloat16),
                _plain((b, h_q, s_q), jnp.float32),
                _plain((requests + parts, 1, h_q), jnp.float32),
@@ -260,11 +330,27 @@ def _kernel_lowering(ctx, q, k_cache, indices, topk_length, attn_sink, *, softma
   return results[:2]
 
 
-def _local_lowering(ctx, *args, softmax_scale, implementation, platform):
+def sparse_decode_with_records(q, k_cache, indices, topk_length, attn_sink, sched,
+                               num_splits, *, softmax_scale):
+  """`sparse_decode_reference`, plus the kernel's check of given scheduler records: the rows of
+  requests covered by a record scheduled for other lengths are NaN (`stale_requests`)."""
+  del num_splits  # not fingerprinted
+  b, s_q = q.shape[:2]
+  out, lse = sparse_decode_reference(q, k_cache, indices, topk_length, attn_sink,
+                                     softmax_scale=softmax_scale)
+  lens = sparse_request_lengths(topk_length, indices.shape[2], s_q)
+  stale = stale_requests(sched, lens).reshape(b, s_q)
+  out = jnp.where(stale[:, :, None, None], jnp.array(jnp.nan, out.dtype), out)
+  lse = jnp.where(stale[:, None, :], jnp.float32(jnp.nan), lse)
+  return out, lse
+
+
+def _local_lowering(ctx, *args, softmax_scale, implementation, num_sms, platform):
   platform = platform or ", ".join(_compat.lowering_platforms(ctx))
   if _use_kernel(implementation, platform):
-    return _kernel_lowering(ctx, *args, softmax_scale=softmax_scale)
-  fn = lambda *a: list(sparse_decode_reference(*a, softmax_scale=softmax_scale))
+    return _kernel_lowering(ctx, *args, softmax_scale=softmax_scale, num_sms=num_sms)
+  decode = sparse_decode_with_records if len(args) > 5 else sparse_decode_reference
+  fn = lambda *a: list(decode(*a, softmax_scale=softmax_scale))
   return mlir.lower_fun(fn, multiple_results=True)(_compat.without_varying_axes(ctx), *args)
 
 
@@ -283,27 +369,43 @@ mlir.register_lowering(mla_sparse_decode_local_p,
 # ------------------------------------------------------------------------------------------------
 # Sharding: batch-parallel (q, indices, topk_length) and head-parallel (q, attn_sink), any mix;
 # the cache replicated (indices address the whole cache). Factors: b batch, s query tokens, h
-# heads, d = 576, n blocks, p block slots, k the KV head, w the 656-byte row, t topk, v = 512.
+# heads, d = 576, n blocks, p block slots, k the KV head, w the 656-byte row, t topk, v = 512,
+# r e / c the scheduler records (when the call was given them).
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
   softmax_scale: float
   implementation: str | None
+  num_sms: int | None = None  # SMs of one device, for records scheduled in the lowering
 
 
 SPARSE_RULE = "b s h d, n p k w, b s t, b, h -> b s h v, b h s"
 # Blocks are not listed: a cache split on them is refused by name rather than gathered.
 SPARSE_REPLICATED = "s d p k w t v"
+# With the records: they describe the whole batch, so they are never split.
+SPARSE_RECORDS_RULE = "b s h d, n p k w, b s t, b, h, r e, c -> b s h v, b h s"
+SPARSE_RECORDS_REPLICATED = SPARSE_REPLICATED + " r e c"
 
 
 def _on_device(q, k_cache, indices, topk_length, attn_sink, config: SparseConfig):
   return tuple(mla_sparse_decode_local_p.bind(
       q, k_cache, indices, topk_length, attn_sink, softmax_scale=config.softmax_scale,
-      implementation=config.implementation))
+      implementation=config.implementation, num_sms=config.num_sms))
+
+
+def _on_device_with_records(q, k_cache, indices, topk_length, attn_sink, sched, num_splits,
+                            config: SparseConfig):
+  return tuple(mla_sparse_decode_local_p.bind(
+      q, k_cache, indices, topk_length, attn_sink, sched, num_splits,
+      softmax_scale=config.softmax_scale, implementation=config.implementation,
+      num_sms=config.num_sms))
 
 
 def _partition(config: SparseConfig, mesh, arg_shapes, result_shape):
+  """Per-device shardings and computation. Given records describe the whole batch: with the
+  batch or the heads split, each device drops them and schedules its own part in the lowering
+  (for `config.num_sms`), as the dense decode does; unsplit, the records are used."""
   del result_shape  # follows from the operands
   q, k_cache = arg_shapes[0], arg_shapes[1]
   b, _, h_q, _ = q.shape
@@ -320,22 +422,33 @@ def _partition(config: SparseConfig, mesh, arg_shapes, result_shape):
     raise ValueError(f"jax_flashmla: batch {b} and heads {h_q} must split evenly over their "
                      f"mesh axes ({kb} and {kh} shards); {where}")
   named = lambda *specs: tuple(NamedSharding(mesh, s) for s in specs)
-  args = named(_spec(batch, (), heads, ()), _spec(), _spec(batch, (), ()), _spec(batch),
-               _spec(heads))
+  specs = [_spec(batch, (), heads, ()), _spec(), _spec(batch, (), ()), _spec(batch),
+           _spec(heads)]
   results = named(_spec(batch, (), heads, ()), _spec(batch, heads, ()))
-  lower = lambda *a: _on_device(*a, config)
-  return mesh, lower, results, args
+  if len(arg_shapes) == 5:
+    lower = lambda *a: _on_device(*a, config)
+  elif kb > 1 or kh > 1:
+    specs += [_spec(), _spec()]
+    lower = lambda *a: _on_device(*a[:5], config)  # records of this device's part, scheduled
+  else:
+    specs += [_spec(), _spec()]
+    lower = lambda *a: _on_device_with_records(*a, config)
+  return mesh, lower, results, named(*specs)
 
 
 _sparse_op = custom_partitioning(_on_device, static_argnums=(5,))
 _sparse_op.def_partition(_partition, sharding_rule=SPARSE_RULE,
                          need_replication_factors=_in_rule_order(SPARSE_RULE, SPARSE_REPLICATED))
+_sparse_records_op = custom_partitioning(_on_device_with_records, static_argnums=(7,))
+_sparse_records_op.def_partition(
+    _partition, sharding_rule=SPARSE_RECORDS_RULE,
+    need_replication_factors=_in_rule_order(SPARSE_RECORDS_RULE, SPARSE_RECORDS_REPLICATED))
 
 
-def _lowering(ctx, *args, softmax_scale, implementation):
-  config = SparseConfig(softmax_scale, implementation)
-  return mlir.lower_fun(lambda *a: list(_sparse_op(*a, config)), multiple_results=True)(
-      ctx, *args)
+def _lowering(ctx, *args, softmax_scale, implementation, num_sms):
+  config = SparseConfig(softmax_scale, implementation, num_sms)
+  op = _sparse_op if len(args) == 5 else _sparse_records_op
+  return mlir.lower_fun(lambda *a: list(op(*a, config)), multiple_results=True)(ctx, *args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,6 +464,10 @@ mla_sparse_decode_p.def_abstract_eval(_abstract_eval)
 def _batch(args, dims, **params):
   nm = None  # batching.not_mapped
   lanes = next(a.shape[d] for a, d in zip(args, dims) if d is not nm)
+  # Given scheduler records describe one lane's batch, not the batch decoded below (the lanes
+  # folded into it, or each lane in turn): they are dropped, and the lowering schedules that
+  # batch itself (for `num_sms`), as the dense decode recomputes them for its folded batch.
+  args, dims = args[:5], dims[:5]
   q, k_cache, indices, topk_length, attn_sink = (
       x if d is nm else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims))
   qd, kd, xd, td, sd = dims
@@ -404,6 +521,7 @@ def flash_mla_sparse_decode(
     topk_length: jax.Array | None = None,
     attn_sink: jax.Array | None = None,
     softmax_scale: float | None = None,
+    metadata: MetadataLike = None,
     implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Token-sparse MLA decode over an FP8 cache (DeepSeek-V3.2's DSA; FlashMLA's sparse decode).
@@ -436,6 +554,17 @@ def flash_mla_sparse_decode(
     topk_length: optional `[b]` int32: row `i` uses only its first `topk_length[i]` indices.
     attn_sink: optional `[h_q]` float32, one logit per head.
     softmax_scale: static float, default `576 ** -0.5`.
+    metadata: the kernel's split-KV scheduler records, `get_sparse_mla_metadata(topk_length,
+      s_q=, h_q=, topk=)` computed once per step and shared by every layer (each layer has its
+      own indices, but the same lengths and shapes), or a `(tile_scheduler_metadata,
+      num_splits)` pair of its arrays (see `as_metadata`). None (default) schedules each call
+      itself. Records scheduled for another `h_q`, `topk` or number of requests (`b * s_q`), or
+      the dense decode's (`get_mla_metadata`), raise; records scheduled for other lengths give
+      NaN `out` and `lse` rows for the query tokens they cover, on every platform (the
+      kernel's check, which the pure-JAX path repeats). The records describe the whole batch:
+      where the batch or the heads are sharded, each device schedules its own part instead
+      (for `metadata.num_sms`), and under vmap the decoded batch (the lanes folded into it) is
+      scheduled in the call, as the dense decode does; the results are the same.
     implementation: None (the kernel where it can run), "xla" (the pure-JAX path) or "cuda"
       (the kernel; raises where it cannot run).
 
@@ -444,7 +573,7 @@ def flash_mla_sparse_decode(
 
   Raises:
     TypeError, ValueError: a wrong dtype, rank or shape (naming the argument, what was expected
-      and what was got), or a bad static argument.
+      and what was got), a bad static argument, or `metadata` scheduled for other shapes.
     ValueError, RuntimeError: `implementation="cuda"` where the kernel cannot run (another
       platform, a GPU that is not a Hopper, an extension without it).
     NotImplementedError: under `jax.grad` (inference-only).
@@ -456,16 +585,102 @@ def flash_mla_sparse_decode(
     >>> out, lse = flash_mla_sparse_decode(q, k_cache, indices, implementation="xla")
     >>> out.shape, lse.shape
     ((2, 1, 16, 512), (2, 16, 1))
+    >>> md = get_sparse_mla_metadata(None, batch=2, s_q=1, h_q=16, topk=3)   # once per step
+    >>> out, lse = flash_mla_sparse_decode(q, k_cache, indices, metadata=md,
+    ...                                    implementation="xla")
+    >>> out.shape, lse.shape
+    ((2, 1, 16, 512), (2, 16, 1))
   """
   check_implementation(implementation)
   softmax_scale = shapes.check_static_float("softmax_scale", softmax_scale)
   check_sparse_args(q, k_cache, indices, topk_length, attn_sink)
-  b, _, h_q, d = q.shape
+  b, s_q, h_q, d = q.shape
+  topk = indices.shape[2]
+  metadata = as_metadata(metadata)
+  records, num_sms = (), None
+  if metadata is not None:
+    check_sparse_metadata(metadata, b, s_q, h_q, topk)
+    records = (metadata.tile_scheduler_metadata, metadata.num_splits)
+    num_sms = metadata.num_sms
   if topk_length is None:
-    topk_length = jnp.full((b,), indices.shape[2], jnp.int32)
+    topk_length = jnp.full((b,), topk, jnp.int32)
   if attn_sink is None:
     attn_sink = jnp.full((h_q,), -jnp.inf, jnp.float32)  # exactly a factor of 1
   return tuple(mla_sparse_decode_p.bind(
-      q, cache_bytes(k_cache), indices, topk_length, attn_sink,
+      q, cache_bytes(k_cache), indices, topk_length, attn_sink, *records,
       softmax_scale=default_softmax_scale(d) if softmax_scale is None else softmax_scale,
-      implementation=implementation))
+      implementation=implementation, num_sms=num_sms))
+
+
+def get_sparse_mla_metadata(
+    topk_length: jax.Array | None = None,
+    *,
+    s_q: int,
+    h_q: int,
+    topk: int,
+    batch: int | None = None,
+    num_sms: int | None = None,
+    implementation: str | None = None,
+) -> MLAMetadata:
+  """Schedules one step's sparse decodes, on the device (no host sync): FlashMLA's
+  `get_mla_metadata()` for its sparse decode.
+
+  The sparse kernel decodes one request per query token: token `s` of batch row `i` is request
+  `i * s_q + s`, with `h_q` query rows over the one KV head and a length of
+  `clip(topk_length[i], 0, topk)` index slots (`topk` without `topk_length`). Its records are
+  the dense scheduler's for those requests (`get_mla_metadata(lengths, h_q, 1)`). Every layer of
+  a step has the same lengths and shapes, so compute this once per step and pass it to each
+  layer's `flash_mla_sparse_decode(..., metadata=...)` (or `flash_mla_with_kvcache(...,
+  metadata=..., indices=...)`).
+
+  Args:
+    topk_length: `[b]` int32, the `topk_length` the step's decodes get, or None where they get
+      none (every index slot is used).
+    s_q: static int, query tokens per batch row (`q.shape[1]`).
+    h_q: static int, query heads of the decodes (`q.shape[2]`).
+    topk: static int, index slots per query token (`indices.shape[2]`).
+    batch: static int, the batch `b`; needed only without `topk_length` (and must agree with
+      it otherwise).
+    num_sms: static int, SMs to fill; defaults to the local GPU's count (132 when no GPU is
+      attached, e.g. when exporting on a CPU host for an H100/H200).
+    implementation: None, "cuda" or "xla", as for the decode.
+
+  Returns:
+    `MLAMetadata`: `tile_scheduler_metadata [num_sm_parts, 8]` int32 (`num_sm_parts =
+    min(max(num_sms // ceil(h_q / 64), 1), 160)`) and `num_splits [b * s_q + 1]` int32, with
+    `num_sms`, `num_q_tokens_per_head_k = h_q`, `num_heads_k = 1` and `topk` as static data. A
+    decode with another `h_q`, `topk` or `b * s_q` raises; one with other lengths returns NaN
+    rows for the query tokens of the records whose length fingerprint no longer matches.
+
+  Raises:
+    TypeError: `topk_length` is not an int32 array, or a static argument is not an int.
+    ValueError: `topk_length` is not `[b]`, `batch` is missing without it or disagrees with it,
+      a static int is below 1, or `implementation` is unknown.
+
+  Example:
+    >>> md = get_sparse_mla_metadata(jnp.asarray([2048, 100], jnp.int32), s_q=2, h_q=128,
+    ...                              topk=2048, num_sms=132)
+    >>> md.tile_scheduler_metadata.shape, md.num_splits.shape
+    ((66, 8), (5,))
+  """
+  check_implementation(implementation)
+  s_q = shapes.check_static_int("s_q", s_q)
+  h_q = shapes.check_static_int("h_q", h_q)
+  topk = shapes.check_static_int("topk", topk)
+  if batch is not None:
+    batch = shapes.check_static_int("batch", batch)
+  if topk_length is None:
+    if batch is None:
+      raise ValueError("batch: expected the batch size (a static int) when topk_length is None, "
+                       "got None")
+    topk_length = jnp.full((batch,), topk, jnp.int32)
+  else:
+    ts = _array("topk_length", topk_length)
+    shapes._expect_dtype("topk_length", topk_length, (jnp.int32,))
+    if len(ts) != 1 or (shapes.known(ts[0]) and ts[0] < 1):
+      raise ValueError(f"topk_length: expected shape [b] with b >= 1, got shape {ts}")
+    if batch is not None and (not shapes.known(ts[0]) or ts[0] != batch):
+      raise ValueError(f"batch: expected topk_length's batch {ts[0]} (or None), got {batch}")
+  lengths = sparse_request_lengths(topk_length, topk, s_q)
+  md = get_mla_metadata(lengths, h_q, 1, num_sms=num_sms, implementation=implementation)
+  return dataclasses.replace(md, topk=topk)

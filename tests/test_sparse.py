@@ -20,7 +20,7 @@ import pytest
 from jax import export
 
 import jax_flashmla
-from jax_flashmla import KernelFallbackWarning, _extension
+from jax_flashmla import KernelFallbackWarning, _extension, shapes
 from jax_flashmla.sparse import flash_mla_sparse_decode
 from mla_cases import (LSE_TOL, OUT_TOL, PAGE, check_close, check_decode, fp8_case, make_case,
                        np_dequantize, np_quantize)
@@ -340,9 +340,13 @@ def test_flash_mla_with_kvcache_sparse_argument_errors():
     dec(q, k, None, lens, indices=idx)
   with pytest.raises(ValueError, match=r"^causal: expected False with indices"):
     dec(q, k, None, None, causal=True, indices=idx)
-  with pytest.raises(ValueError, match=r"^metadata: expected None with indices"):
+  # metadata is forwarded now (the sparse decode's records; see the metadata tests below), and
+  # checked there: this pair is for 2 requests, the call has b * s_q = 6.
+  with pytest.raises(ValueError, match=r"^metadata: expected num_splits of shape \(7,\)"):
     dec(q, k, None, None, metadata=(jnp.zeros((1, 8), jnp.int32), jnp.zeros((3,), jnp.int32)),
         indices=idx)
+  with pytest.raises(ValueError, match=r"^num_sms: expected None with indices"):
+    dec(q, k, None, None, num_sms=132, indices=idx)
   with pytest.raises(ValueError, match=r"^is_fp8_kvcache: expected True or None with indices"):
     dec(q, k, None, None, is_fp8_kvcache=False, indices=idx)
   with pytest.raises(ValueError, match=r"^num_pools: expected 1 with indices"):
@@ -634,3 +638,402 @@ def test_readme_sparse_example_runs():
   assert out.shape == (2, 1, 64, 512) and lse.shape == (2, 64, 1)
   # A zero cache and zero queries: every score is 0, so lse = log(number of tokens used).
   np.testing.assert_allclose(lse[:, 0, 0], np.log([128, 7]), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scheduler records computed once per step (get_sparse_mla_metadata, metadata=)
+# ------------------------------------------------------------------------------------------------
+
+def _same(got, want):
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("lengths", ["partial", None])
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_get_sparse_mla_metadata_schedules_one_request_per_query_token(lengths, s_q):
+  from jax_flashmla.reference import mla_metadata_reference
+  from jax_flashmla.sparse import sparse_request_lengths
+  rng = np.random.default_rng(20)
+  b, h_q, topk = 5, 128, 40
+  tl = None if lengths is None else jnp.asarray(rng.integers(-3, 50, b), jnp.int32)
+  md = jax_flashmla.get_sparse_mla_metadata(tl, batch=None if tl is not None else b, s_q=s_q,
+                                            h_q=h_q, topk=topk, num_sms=100)
+  assert (md.num_sms, md.num_q_tokens_per_head_k, md.num_heads_k, md.topk) == (100, h_q, 1, topk)
+  parts = 50  # 128 query rows: two row blocks of 64, so 100 SMs // 2
+  assert md.tile_scheduler_metadata.shape == (parts, 8)
+  assert md.num_splits.shape == (b * s_q + 1,)
+  # Request i * s_q + s has length clip(topk_length[i], 0, topk), topk without topk_length.
+  used = np.full(b, topk) if tl is None else np.clip(np.asarray(tl), 0, topk)
+  lens = jnp.asarray(np.repeat(used, s_q), jnp.int32)
+  np.testing.assert_array_equal(sparse_request_lengths(
+      jnp.asarray(used, jnp.int32), topk, s_q), lens)
+  want_sched, want_splits = mla_metadata_reference(lens, parts)
+  np.testing.assert_array_equal(md.tile_scheduler_metadata, want_sched)
+  np.testing.assert_array_equal(md.num_splits, want_splits)
+
+
+@pytest.mark.parametrize("lengths,sink", [("partial", "finite"), (None, None), ("full", "mixed")])
+def test_metadata_gives_the_results_of_a_call_without_it(lengths, sink):
+  rng = np.random.default_rng(21)
+  b, s_q, h_q, topk = 4, 2, 16, 32
+  q, k8, idx, tl, snk = _jnp(*make_sparse(rng, b, s_q, h_q, 64, 4, topk, lengths=lengths,
+                                          sink=sink))
+  want = flash_mla_sparse_decode(q, k8, idx, topk_length=tl, attn_sink=snk)
+  check_decode(*want, *sparse_oracle(*(None if x is None else np.asarray(x) for x in
+                                       (q, k8, idx, tl, snk))))
+  md = jax_flashmla.get_sparse_mla_metadata(tl, batch=b, s_q=s_q, h_q=h_q, topk=topk)
+  _same(flash_mla_sparse_decode(q, k8, idx, topk_length=tl, attn_sink=snk, metadata=md), want)
+  # Under jit, the records an argument (computed once per step, outside the layers).
+  step = jax.jit(lambda q, k, i, t, s, md: flash_mla_sparse_decode(q, k, i, topk_length=t,
+                                                                     attn_sink=s, metadata=md))
+  _same(step(q, k8, idx, tl, snk, md), want)
+  # The pair of its arrays, as FlashMLA's tuple.
+  pair = (md.tile_scheduler_metadata, md.num_splits)
+  _same(flash_mla_sparse_decode(q, k8, idx, topk_length=tl, attn_sink=snk, metadata=pair), want)
+
+
+def test_flashmla_sparse_call_with_scheduler_metadata_ports():
+  """FlashMLA's `flash_mla_with_kvcache(q, k, None, None, 512, sched_meta, None,
+  is_fp8_kvcache=True, indices=...)`, sched_meta computed once for every layer."""
+  rng = np.random.default_rng(22)
+  b, s_q, h_q, topk = 3, 2, 64, 24
+  layers = [_jnp(*make_sparse(rng, b, s_q, h_q, 2, 60, topk, lengths="partial", sink="finite"))
+            for _ in range(2)]
+  tl = layers[0][3]
+  layers = [(q, jax.lax.bitcast_convert_type(k, jnp.float8_e4m3fn), i, tl, s)
+            for q, k, i, _, s in layers]
+
+  @jax.jit
+  def step(layers, tl):
+    sched_meta = jax_flashmla.get_sparse_mla_metadata(tl, s_q=s_q, h_q=h_q, topk=topk)
+    return [jax_flashmla.flash_mla_with_kvcache(q, k, None, None, 512, sched_meta, None,
+                                                is_fp8_kvcache=True, indices=i, topk_length=tl,
+                                                attn_sink=s) for q, k, i, _, s in layers]
+
+  for got, (q, k, i, t, s) in zip(step(layers, tl), layers, strict=True):
+    _same(got, flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s))
+
+
+def test_records_of_other_lengths_give_nan_rows_as_the_kernel_does():
+  """The kernel checks each record's length fingerprint against the call's request lengths;
+  the pure-JAX path given records repeats the check, so a stale schedule shows on the CPU."""
+  from jax_flashmla.reference import stale_requests
+  from jax_flashmla.sparse import sparse_request_lengths
+  rng = np.random.default_rng(23)
+  b, s_q, h_q, topk = 8, 2, 16, 64
+  q, k8, idx, tl, _ = _jnp(*make_sparse(rng, b, s_q, h_q, 64, 8, topk, lengths="partial"))
+  want = flash_mla_sparse_decode(q, k8, idx, topk_length=tl)
+  other = tl.at[3].set(jnp.where(jnp.clip(tl[3], 0, topk) == 5, 6, 5))  # one row's length
+  md = jax_flashmla.get_sparse_mla_metadata(other, s_q=s_q, h_q=h_q, topk=topk, num_sms=4)
+  stale = np.asarray(stale_requests(md.tile_scheduler_metadata,
+                                    sparse_request_lengths(tl, topk, s_q))).reshape(b, s_q)
+  assert stale[3].all() and not stale.all()  # the changed row's record, not every record
+  out, lse = flash_mla_sparse_decode(q, k8, idx, topk_length=tl, metadata=md)
+  out = np.asarray(out, np.float32)
+  assert np.isnan(out[stale]).all() and np.isnan(np.asarray(lse).transpose(0, 2, 1)[stale]).all()
+  fresh = ~stale
+  np.testing.assert_array_equal(out[fresh], np.asarray(want[0], np.float32)[fresh])
+  # Records of no topk_length (every slot) are stale wherever a row uses fewer.
+  md_full = jax_flashmla.get_sparse_mla_metadata(None, batch=b, s_q=s_q, h_q=h_q, topk=topk,
+                                                 num_sms=4)
+  _, lse = flash_mla_sparse_decode(q, k8, idx, topk_length=tl, metadata=md_full)
+  assert np.isnan(lse).any()
+
+
+def _metadata_case():
+  a = _good()  # b = 2, s_q = 3, h_q = 16, topk = 8
+  return a, jax_flashmla.get_sparse_mla_metadata(a["topk_length"], s_q=3, h_q=16, topk=8)
+
+
+METADATA_ERRORS = [
+    ("h_q", lambda tl: jax_flashmla.get_sparse_mla_metadata(tl, s_q=3, h_q=128, topk=8),
+     ValueError, r"^metadata: expected records for this call's h_q=16 query heads .*and "
+                 r"topk=8, got metadata computed with h_q=128.*get_sparse_mla_metadata\("),
+    ("topk", lambda tl: jax_flashmla.get_sparse_mla_metadata(tl, s_q=3, h_q=16, topk=9),
+     ValueError, r"^metadata: expected .*topk=8, got .*topk=9"),
+    ("s_q", lambda tl: jax_flashmla.get_sparse_mla_metadata(tl, s_q=1, h_q=16, topk=8),
+     ValueError, r"^metadata: expected num_splits of shape \(7,\) \(b \* s_q \+ 1 = 2 \* 3 \+ 1"
+                 r".*got \(3,\)"),
+    ("batch", lambda tl: jax_flashmla.get_sparse_mla_metadata(None, batch=3, s_q=3, h_q=16,
+                                                              topk=8),
+     ValueError, r"^metadata: expected num_splits of shape \(7,\).*got \(10,\)"),
+    ("dense", lambda tl: jax_flashmla.get_mla_metadata(jnp.zeros((6,), jnp.int32), 16, 1),
+     ValueError, r"^metadata: expected the sparse decode's records .*got the dense decode's"),
+    ("pair_batch", lambda tl: (jnp.zeros((4, 8), jnp.int32), jnp.zeros((3,), jnp.int32)),
+     ValueError, r"^metadata: expected num_splits of shape \(7,\)"),
+    ("pair_dtype", lambda tl: (jnp.zeros((4, 8), jnp.uint32), jnp.zeros((7,), jnp.int32)),
+     TypeError, r"^tile_scheduler_metadata: expected dtype int32"),
+    ("pair_width", lambda tl: (jnp.zeros((4, 7), jnp.int32), jnp.zeros((7,), jnp.int32)),
+     ValueError, r"^tile_scheduler_metadata: expected shape \[num_sm_parts, 8\]"),
+    ("triple", lambda tl: (jnp.zeros((4, 8), jnp.int32),) * 3, TypeError,
+     r"^metadata: expected MLAMetadata, a \(tile_scheduler_metadata, num_splits\) pair or None, "
+     r"got tuple of length 3"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", METADATA_ERRORS,
+                         ids=[e[0] for e in METADATA_ERRORS])
+def test_metadata_for_other_shapes_is_refused_at_trace_time(name, make, exc, match):
+  a, _ = _metadata_case()
+  md = make(a["topk_length"])
+  fn = jax.jit(lambda q, k, i, t, md: flash_mla_sparse_decode(q, k, i, topk_length=t,
+                                                                metadata=md))
+  with pytest.raises(exc, match=match):
+    fn.trace(a["q"], a["k_cache"], a["indices"], a["topk_length"], md)
+  # Through FlashMLA's call the same.
+  with pytest.raises(exc, match=match):
+    jax_flashmla.flash_mla_with_kvcache(a["q"], a["k_cache"], None, None, 512, md,
+                                        indices=a["indices"], topk_length=a["topk_length"])
+
+
+def test_the_right_metadata_is_accepted_where_the_wrong_is_refused():
+  """The other side of the error table: the records of these very shapes pass every check."""
+  a, md = _metadata_case()
+  fn = jax.jit(lambda q, k, i, t, md: flash_mla_sparse_decode(q, k, i, topk_length=t,
+                                                                metadata=md))
+  out = fn.trace(a["q"], a["k_cache"], a["indices"], a["topk_length"], md).out_info
+  assert out[0].shape == (2, 3, 16, 512) and out[1].shape == (2, 16, 3)
+
+
+def test_the_dense_decode_refuses_the_sparse_records():
+  lens = jnp.zeros((6,), jnp.int32)
+  md = jax_flashmla.get_sparse_mla_metadata(None, batch=6, s_q=1, h_q=16, topk=8)
+  # Shaped like the dense records of this call (6 requests, 16 rows, one KV head) all the same.
+  assert md.num_splits.shape == (7,) and md.num_q_tokens_per_head_k == 16
+  with pytest.raises(ValueError, match=r"^metadata: expected the dense decode's records "
+                                       r"\(get_mla_metadata\(cache_seqlens, 16, 1\)\), got the "
+                                       r"sparse decode's"):
+    jax_flashmla.flash_mla_with_kvcache(jnp.zeros((6, 1, 16, 576), jnp.bfloat16),
+                                        jnp.zeros((2, 64, 1, 576), jnp.bfloat16),
+                                        jnp.zeros((6, 1), jnp.int32), lens, metadata=md)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(topk_length=None, s_q=1, h_q=16, topk=8), ValueError,
+     r"^batch: expected the batch size \(a static int\) when topk_length is None, got None"),
+    (dict(topk_length=jnp.zeros((2,), jnp.int32), batch=3, s_q=1, h_q=16, topk=8), ValueError,
+     r"^batch: expected topk_length's batch 2 \(or None\), got 3"),
+    (dict(topk_length=jnp.zeros((2,), jnp.float32), s_q=1, h_q=16, topk=8), TypeError,
+     r"^topk_length: expected dtype int32, got float32"),
+    (dict(topk_length=jnp.zeros((2, 1), jnp.int32), s_q=1, h_q=16, topk=8), ValueError,
+     r"^topk_length: expected shape \[b\] with b >= 1, got shape \(2, 1\)"),
+    (dict(topk_length=[3, 4], s_q=1, h_q=16, topk=8), TypeError,
+     r"^topk_length: expected a jax.Array .*jnp.asarray"),
+    (dict(topk_length=None, batch=2, s_q=1, h_q=16, topk=0), ValueError,
+     r"^topk: expected a static int >= 1, got 0"),
+    (dict(topk_length=None, batch=2, s_q=1.0, h_q=16, topk=8), TypeError,
+     r"^s_q: expected a static int >= 1, got float"),
+    (dict(topk_length=None, batch=2, s_q=1, h_q=16, topk=8, implementation="tpu"), ValueError,
+     r"^implementation: expected one of"),
+])
+def test_get_sparse_mla_metadata_errors_name_the_argument(kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    jax_flashmla.get_sparse_mla_metadata(**kwargs)
+
+
+def test_vmap_with_metadata_matches_the_loop():
+  q, k, i, t, s = _lanes(24)  # 3 lanes of b = 2, s_q = 2, h_q = 16, topk = 12
+  md = jax_flashmla.get_sparse_mla_metadata(t[0], s_q=2, h_q=16, topk=12)
+
+  def lane(q, i, t, s):
+    return flash_mla_sparse_decode(q, k[0], i, topk_length=t, attn_sink=s, metadata=md)
+
+  # The records are lane 0's; each lane is decoded with records of its own lengths (folded into
+  # the batch, or one lane at a time for a sink per lane), so none of them is stale.
+  for axes, fixed in (((0, 0, 0, None), s[0]), ((0, 0, 0, 0), None)):
+    args = (q, i, t, s if fixed is None else fixed)
+    out, lse = jax.jit(jax.vmap(lane, in_axes=axes))(*args)
+    for n in range(3):
+      want = flash_mla_sparse_decode(q[n], k[0], i[n], topk_length=t[n],
+                                     attn_sink=s[n] if fixed is None else fixed)
+      _same((out[n], lse[n]), want)
+
+
+# The CUDA lowering with and without records, produced on this CPU: with implementation="cuda"
+# and no GPU attached the lowering emits the FFI calls whatever the build (it only names them).
+
+def _needs_cuda_lowering():
+  if _extension.local_gpus() and (_extension.kernels_unavailable_reason() is not None or
+                                  not _extension.has_sparse_kernel()):
+    pytest.skip("a GPU is attached that cannot run the sparse kernel")
+
+
+def _names(calls):
+  return [c[0] for c in calls]
+
+
+SCHED, SPARSE = "jax_flashmla_mla_metadata_v1", "jax_flashmla_mla_sparse_decode_v1"
+
+
+def test_cuda_lowering_with_metadata_passes_the_records_to_the_kernel():
+  _needs_cuda_lowering()
+  a, md = _metadata_case()
+  md = jax_flashmla.get_sparse_mla_metadata(a["topk_length"], s_q=3, h_q=16, topk=8, num_sms=77)
+  fn = lambda q, k, i, t, md: flash_mla_sparse_decode(q, k, i, topk_length=t, metadata=md,
+                                                      implementation="cuda")
+  args = (a["q"], a["k_cache"], a["indices"], a["topk_length"])
+  with_md = _cuda_calls(fn, *args, md)
+  assert _names(with_md) == [SPARSE]  # no scheduler: the records are the argument's
+  ins = with_md[0][2].split(", ")
+  assert ins[3:] == ["tensor<6xi32>", "tensor<16xf32>", "tensor<77x8xi32>", "tensor<7xi32>"]
+  without = _cuda_calls(fn, *args, None)
+  assert _names(without) == [SCHED, SPARSE]  # 132 SMs with no GPU attached
+  assert without[1][2].split(", ")[5:] == ["tensor<132x8xi32>", "tensor<7xi32>"]
+
+
+def test_cuda_lowering_schedules_a_step_once_for_every_layer():
+  _needs_cuda_lowering()
+  a, _ = _metadata_case()
+
+  def step(q, k, i, t, *, shared):
+    md = (jax_flashmla.get_sparse_mla_metadata(t, s_q=3, h_q=16, topk=8, implementation="cuda")
+          if shared else None)
+    return [flash_mla_sparse_decode(q, k, i + n, topk_length=t, metadata=md,
+                                    implementation="cuda") for n in range(3)]
+
+  args = (a["q"], a["k_cache"], a["indices"], a["topk_length"])
+  shared = _names(_cuda_calls(lambda *x: step(*x, shared=True), *args))
+  assert shared.count(SCHED) == 1 and shared.count(SPARSE) == 3
+  per_call = _names(_cuda_calls(lambda *x: step(*x, shared=False), *args))
+  assert per_call.count(SCHED) == 3 and per_call.count(SPARSE) == 3
+
+
+def test_cuda_lowering_under_vmap_schedules_the_folded_batch():
+  _needs_cuda_lowering()
+  q, k, i, t, s = _lanes(25)  # 3 lanes of b = 2, s_q = 2, h_q = 16, topk = 12
+  md = jax_flashmla.get_sparse_mla_metadata(t[0], s_q=2, h_q=16, topk=12, num_sms=90)
+  fn = jax.vmap(lambda q, i, t: flash_mla_sparse_decode(q, k[0], i, topk_length=t,
+                                                        attn_sink=s[0], metadata=md,
+                                                        implementation="cuda"))
+  calls = _cuda_calls(fn, q, i, t)
+  # The records are for 4 requests; the kernel decodes 3 lanes * 4: scheduled in the call, for
+  # the metadata's SM count.
+  assert _names(calls) == [SCHED, SPARSE]
+  assert calls[0][2] == "tensor<12xi32>"
+  assert calls[0][3].split(", ") == ["tensor<90x8xi32>", "tensor<13xi32>"]
+
+
+def _sharded_shapes(mesh, spec_q, spec_t, spec_s, *, b=8, s_q=2, h_q=64, topk=16, parts=33):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  at = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype,
+                                                       sharding=NamedSharding(mesh, spec))
+  return [at((b, s_q, h_q, 576), jnp.bfloat16, spec_q), at((4, 64, 1, 656), jnp.uint8, P()),
+          at((b, s_q, topk), jnp.int32, spec_t), at((b,), jnp.int32, spec_t),
+          at((h_q,), jnp.float32, spec_s), at((parts, 8), jnp.int32, P()),
+          at((b * s_q + 1,), jnp.int32, P())]
+
+
+@pytest.mark.parametrize("layout", ["unsplit", "batch", "heads", "both"])
+def test_partition_uses_the_records_only_where_the_batch_is_whole(layout):
+  """The per-device computation the partitioner gets, lowered for 'cuda': the global batch's
+  records where nothing is split, and each device's own schedule (for the metadata's SM count)
+  where the batch or the heads are split, as the dense decode's plan does."""
+  _needs_cuda_lowering()
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  from jax.sharding import Mesh, PartitionSpec as P
+  from jax_flashmla import sparse
+  mesh_shape, batch, heads = {"unsplit": ((1, 8), None, None), "batch": ((8, 1), "dp", None),
+                              "heads": ((1, 8), None, "tp"), "both": ((2, 4), "dp", "tp")}[layout]
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("dp", "tp"))
+  shapes_in = _sharded_shapes(mesh, P(batch, None, heads), P(batch), P(heads))
+  config = sparse.SparseConfig(0.1, "cuda", 90)
+  _, lower, results, arg_shardings = sparse._partition(config, mesh, shapes_in, None)
+  kb, kh = mesh.shape["dp"] if batch else 1, mesh.shape["tp"] if heads else 1
+  assert [tuple(s.spec) for s in arg_shardings[5:]] == [(), ()]  # the records: replicated
+  local = [jax.ShapeDtypeStruct(s.shard_shape(x.shape), x.dtype)
+           for x, s in zip(shapes_in, arg_shardings)]
+  assert local[0].shape == (8 // kb, 2, 64 // kh, 576)
+  calls = _cuda_calls(lower, *local)
+  if layout == "unsplit":
+    assert _names(calls) == [SPARSE]
+    assert calls[0][2].split(", ")[5:] == ["tensor<33x8xi32>", "tensor<17xi32>"]
+  else:
+    requests = 8 // kb * 2
+    parts = shapes.num_sm_parts_for(90, 64 // kh, 1)
+    assert _names(calls) == [SCHED, SPARSE]
+    assert calls[0][2] == f"tensor<{requests}xi32>"
+    assert calls[1][2].split(", ")[5:] == [f"tensor<{parts}x8xi32>",
+                                           f"tensor<{requests + 1}xi32>"]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_with_metadata_equals_one_device(layout):
+  """The metadata of the whole batch, computed once in the step from the sharded lengths: the
+  results of one device, and nothing moves between devices (each device schedules its own part,
+  so XLA drops the whole-batch records and the gather of the lengths they would need)."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  shape, (batch, heads) = LAYOUTS[layout]
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("batch", "heads"))
+  host = make_sparse(np.random.default_rng(26), 8, 2, 16, 64, 5, 40, lengths="partial",
+                     sink="mixed")
+  args = _jnp(*host)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  sharded = (put(args[0], P(batch, None, heads)), put(args[1], P()), put(args[2], P(batch)),
+             put(args[3], P(batch)), put(args[4], P(heads)))
+
+  @jax.jit
+  def step(q, k, i, t, s):
+    md = jax_flashmla.get_sparse_mla_metadata(t, s_q=2, h_q=16, topk=40)
+    return flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s, metadata=md)
+
+  out, lse = step(*sharded)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(batch, None, heads)), 4)
+  hlo = step.lower(*sharded).compile().as_text()
+  assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo), \
+      "the sharded decode moved data between devices"
+  want = flash_mla_sparse_decode(*args[:3], topk_length=args[3], attn_sink=args[4])
+  check_close("out", np.asarray(out, np.float32), np.asarray(want[0], np.float32), **OUT_TOL)
+  check_close("lse", lse, np.asarray(want[1], np.float64), **LSE_TOL)
+  check_decode(out, lse, *sparse_oracle(*host))
+
+
+def test_a_batch_split_schedules_each_device_from_its_own_lengths():
+  """Given records are for the global batch; split, each device schedules its own lengths. So
+  records of other lengths, NaN on one device, do not reach a split decode."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:8]), ("batch",))
+  q, k8, idx, tl, _ = _jnp(*make_sparse(np.random.default_rng(27), 8, 1, 16, 64, 5, 40,
+                                        lengths="partial"))
+  stale_md = jax_flashmla.get_sparse_mla_metadata(tl + 1, s_q=1, h_q=16, topk=40)
+  fn = jax.jit(lambda q, k, i, t, md: flash_mla_sparse_decode(q, k, i, topk_length=t,
+                                                                metadata=md))
+  assert np.isnan(fn(q, k8, idx, tl, stale_md)[1]).any()  # one device: the records are used
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  out, lse = fn(put(q, P("batch")), k8, put(idx, P("batch")), put(tl, P("batch")), stale_md)
+  want = flash_mla_sparse_decode(q, k8, idx, topk_length=tl)  # XLA may round per shape: ulps
+  check_close("out", np.asarray(out, np.float32), np.asarray(want[0], np.float32), **OUT_TOL)
+  check_close("lse", lse, np.asarray(want[1], np.float64), **LSE_TOL)
+
+
+def test_export_with_metadata_and_a_symbolic_batch():
+  """A step exported once for any batch: its records computed once for its layers; the CPU
+  program runs any batch, and the 'cuda' branch schedules once and decodes twice."""
+  def step(q, k, i, t):
+    md = jax_flashmla.get_sparse_mla_metadata(t, s_q=2, h_q=16, topk=24)
+    o1, _ = flash_mla_sparse_decode(q, k, i, topk_length=t, metadata=md)
+    o2, l2 = flash_mla_sparse_decode(q, k, jnp.flip(i, 2), topk_length=t, metadata=md)
+    return o1, o2, l2
+
+  exp = export.export(jax.jit(step), platforms=("cpu",))(*_symbolic_args())
+  exp = export.deserialize(exp.serialize())
+  for b in (1, 5):
+    q, k8, idx, tl, _ = make_sparse(np.random.default_rng(b), b, 2, 16, 64, 3, 24,
+                                    lengths="partial")
+    o1, o2, l2 = exp.call(*_jnp(q, k8, idx, tl))
+    check_close("out", np.asarray(o1, np.float32), sparse_oracle(q, k8, idx, tl)[0], **OUT_TOL)
+    check_decode(o2, l2, *sparse_oracle(q, k8, np.flip(idx, 2), tl))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", KernelFallbackWarning)
+    exp = export.export(jax.jit(step), platforms=("cpu", "cuda"),
+                        disabled_checks=jax_flashmla.DISABLE_JAX_EXPORT_CHECKS)(*_symbolic_args())
+  text = exp.mlir_module()
+  if _extension.kernels_missing_reason() is None:  # a build with the CUDA kernels
+    assert text.count("custom_call @jax_flashmla_mla_metadata_v1") == 1
+  if _extension.has_sparse_kernel():
+    assert text.count("custom_call @jax_flashmla_mla_sparse_decode_v1") == 2
