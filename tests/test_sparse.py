@@ -636,6 +636,9 @@ def test_readme_sparse_example_runs():
   exec(compile(block, "README.md sparse block", "exec"), namespace)
   out, lse = namespace["out"], namespace["lse"]
   assert out.shape == (2, 1, 64, 512) and lse.shape == (2, 64, 1)
+  md = namespace["md"]  # the step's records, for these shapes
+  assert isinstance(md, jax_flashmla.MLAMetadata) and md.topk == 128
+  assert md.num_splits.shape == (3,)
   # A zero cache and zero queries: every score is 0, so lse = log(number of tokens used).
   np.testing.assert_allclose(lse[:, 0, 0], np.log([128, 7]), rtol=1e-6)
 
