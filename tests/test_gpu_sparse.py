@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_flashmla
 from jax_flashmla.sparse import flash_mla_sparse_decode
 from mla_cases import check_decode
 
@@ -100,3 +101,43 @@ def test_duplicates_count_each_time_on_the_kernel():
   twice = jnp.asarray([[[a, a, c]]], jnp.int32)
   out, lse = flash_mla_sparse_decode(*ts._jnp(q, k8), twice, implementation="cuda")
   check_decode(out, lse, *ts.sparse_oracle(q, k8, np.asarray(twice)))
+
+
+@pytest.mark.parametrize("b,s_q,h_q,topk", [(4, 3, 128, 512), (74, 1, 64, 200)])
+def test_kernel_with_metadata_equals_the_kernel_without(b, s_q, h_q, topk):
+  """Records computed once by get_sparse_mla_metadata are the ones the call would schedule: the
+  same kernel work, so the same bits."""
+  rng = np.random.default_rng(b + s_q + h_q + topk)
+  host = ts.make_sparse(rng, b, s_q, h_q, 64, _num_blocks(64, topk), topk, lengths="partial",
+                        sink="finite")
+
+  def fn(q, k, i, t, s):
+    md = jax_flashmla.get_sparse_mla_metadata(t, s_q=s_q, h_q=h_q, topk=topk,
+                                              implementation="cuda")
+    return (flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s, metadata=md,
+                                    implementation="cuda"),
+            flash_mla_sparse_decode(q, k, i, topk_length=t, attn_sink=s, implementation="cuda"))
+
+  with_md, without = jax.jit(fn)(*ts._jnp(*host))
+  ts._same(with_md, without)
+  check_decode(*with_md, *ts.sparse_oracle(*host))
+
+
+def test_kernel_gives_nan_rows_for_records_of_other_lengths():
+  """The kernel's fingerprint check, and the pure-JAX path's copy of it, poison the same rows."""
+  b, s_q, h_q, topk = 8, 2, 64, 128
+  rng = np.random.default_rng(31)
+  q, k8, idx, tl, _ = ts._jnp(*ts.make_sparse(rng, b, s_q, h_q, 64, 8, topk, lengths="partial"))
+  other = tl.at[3].set(jnp.where(jnp.clip(tl[3], 0, topk) == 5, 6, 5))
+  md = jax_flashmla.get_sparse_mla_metadata(other, s_q=s_q, h_q=h_q, topk=topk, num_sms=8,
+                                            implementation="cuda")
+  run = lambda impl: flash_mla_sparse_decode(q, k8, idx, topk_length=tl, metadata=md,
+                                             implementation=impl)
+  (out, lse), (ref_out, ref_lse) = run("cuda"), run("xla")
+  nan = np.isnan(np.asarray(out, np.float32)).all(axis=(2, 3))
+  assert nan[3].all() and not nan.all()
+  np.testing.assert_array_equal(nan, np.isnan(np.asarray(ref_out, np.float32)).all(axis=(2, 3)))
+  np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
+  check_decode(np.asarray(out, np.float32)[~nan], np.asarray(lse).transpose(0, 2, 1)[~nan],
+               np.asarray(ref_out, np.float64)[~nan],
+               np.asarray(ref_lse, np.float64).transpose(0, 2, 1)[~nan])
