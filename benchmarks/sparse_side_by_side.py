@@ -11,8 +11,9 @@ Per case b:s_q:h_q:topk:L: an FP8 cache (`quantize_kv` of random rows) of b requ
 tokens each in 64-token pages, pages permuted; for every (request, query token) `topk` distinct
 tokens of its own request, drawn at random, as `page * 64 + offset`. Ours is timed by the
 per-call slope of a jitted program of --layers sparse decode calls (the kit's method; the
-scheduler records are built inside each call), FlashMLA by CUDA-graph replay of one call with
-its metadata built once. FLOP are counted as FlashMLA counts them: 2 * h_q * b * s_q * topk *
+scheduler records built once per program, `get_sparse_mla_metadata`, and passed to every call;
+`--per-call-metadata` builds them inside each call), FlashMLA by CUDA-graph replay of one call
+with its metadata built once. FLOP are counted as FlashMLA counts them: 2 * h_q * b * s_q * topk *
 (576 + 512). The two outputs are compared on every case (FlashMLA's tolerances: out max-abs
 2e-2 at these magnitudes, lse 1e-3).
 """
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flashmla as jfm
-from jax_flashmla.sparse import flash_mla_sparse_decode
+from jax_flashmla.sparse import flash_mla_sparse_decode, get_sparse_mla_metadata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with -P: the sibling module
 from flashmla_anchor import graph_seconds, load, to_torch  # noqa: E402
@@ -63,11 +64,19 @@ def inputs(b, s_q, h_q, topk, length, seed=0):
   return q, k8, pick(ki)
 
 
-def slope_time(q, k8, idx, layers):
-  """Per-call seconds of ours: slope between two counts of a jitted --layers program."""
+def slope_time(q, k8, idx, layers, per_call):
+  """Per-call seconds of ours: slope between two counts of a jitted --layers program; the
+  scheduler records built once per program and shared by its layers, as a serving step does
+  (per_call: inside every call instead)."""
+  b, s_q, h_q, _ = q.shape
   qs = jnp.stack([q] * layers)
-  f = jax.jit(lambda qs, k8, idx: tuple(flash_mla_sparse_decode(qs[i], k8, idx)[0]
-                                        for i in range(layers)))
+
+  def program(qs, k8, idx):
+    md = None if per_call else get_sparse_mla_metadata(s_q=s_q, h_q=h_q, topk=idx.shape[2],
+                                                       batch=b)
+    return tuple(flash_mla_sparse_decode(qs[i], k8, idx, metadata=md)[0] for i in range(layers))
+
+  f = jax.jit(program)
 
   def wall(n):
     t0 = time.perf_counter()
@@ -82,12 +91,12 @@ def slope_time(q, k8, idx, layers):
   return sorted((wall(n2) - wall(n1)) / ((n2 - n1) * layers) for _ in range(3))[1]
 
 
-def run_case(spec, layers, anchor):
+def run_case(spec, layers, anchor, per_call=False):
   b, s_q, h_q, topk, length = map(int, spec.split(":"))
   q, k8, idx = inputs(b, s_q, h_q, topk, length)
   flop = 2 * h_q * b * s_q * topk * (576 + 512)
   r = dict(name=spec, b=b, s_q=s_q, h_q=h_q, topk=topk, length=length)
-  t = slope_time(q, k8, idx, layers)
+  t = slope_time(q, k8, idx, layers, per_call)
   r.update(ours_us=t * 1e6, ours_tflops=flop / t / 1e12)
   if anchor is not None:
     torch, flash_mla = anchor
@@ -116,6 +125,8 @@ def main():
   ap.add_argument("--case", action="append", default=[], help="b:s_q:h_q:topk:L")
   ap.add_argument("--layers", type=int, default=20)
   ap.add_argument("--no-flashmla", action="store_true")
+  ap.add_argument("--per-call-metadata", action="store_true",
+                  help="build the scheduler records inside every call (no metadata=)")
   ap.add_argument("--json", default="sparse_side_by_side.json")
   a = ap.parse_args()
   anchor = None
@@ -127,7 +138,7 @@ def main():
   print(f"{'case b:s_q:h_q:topk:L':24s} {'ours us':>8s} {'FM us':>8s} {'ours TF':>8s} "
         f"{'FM TF':>7s} {'ours/FM':>7s}  same answer")
   for spec in a.case or DEFAULT_CASES:
-    r = run_case(spec, a.layers, anchor)
+    r = run_case(spec, a.layers, anchor, a.per_call_metadata)
     nan = float("nan")
     same = "-" if anchor is None else (
         f"{'yes' if r['agree'] else 'NO'} (out {r['out_max_abs']:.2g}, lse {r['lse_max_abs']:.2g})")
