@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
@@ -34,7 +33,7 @@ import numpy as np
 import jax_flashmla as jfm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with -P: the sibling module
-from flashmla_anchor import dense_decode_seconds, load, to_torch  # noqa: E402
+from flashmla_anchor import dense_decode_seconds, load, slope_seconds, to_torch  # noqa: E402
 
 DEFAULT_CASES = [  # the memory-bound rows, then its compute corner
     "128:1:16:normal:8192", "128:1:16:normal:16384", "128:1:16:normal:32768",
@@ -92,20 +91,7 @@ def slope_time(q, cache, bt, sl, md, causal, layers):
   f = jax.jit(lambda qs, kc, bt, sl, md: tuple(
       jfm.flash_mla_with_kvcache(qs[i], kc, bt, sl, 512, md, causal=causal)[0]
       for i in range(layers)))
-  args = (qs, cache, bt, sl, md)
-
-  def wall(n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      o = f(*args)
-    jax.block_until_ready(o)
-    return time.perf_counter() - t0
-
-  wall(2)
-  one = wall(1)
-  n1, n2 = 2, 2 + max(3, min(40, int(0.4 / max(one, 1e-5))))
-  slopes = sorted((wall(n2) - wall(n1)) / ((n2 - n1) * layers) for _ in range(3))
-  return slopes[1]
+  return slope_seconds(f, (qs, cache, bt, sl, md), layers)
 
 
 def agree(o_a, l_a, o_b, l_b):

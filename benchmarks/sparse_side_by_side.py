@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
@@ -32,7 +31,7 @@ import jax_flashmla as jfm
 from jax_flashmla.sparse import flash_mla_sparse_decode, get_sparse_mla_metadata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with -P: the sibling module
-from flashmla_anchor import graph_seconds, load, to_torch  # noqa: E402
+from flashmla_anchor import graph_seconds, load, slope_seconds, to_torch  # noqa: E402
 
 DEFAULT_CASES = [  # issue 22: V3.2 serving shapes, the peak shapes, h_q = 64 at s_q = 1
     "2:2:128:2048:32768", "64:2:128:2048:32768", "74:2:128:2048:32768", "128:2:128:2048:32768",
@@ -76,19 +75,7 @@ def slope_time(q, k8, idx, layers, per_call):
                                                        batch=b)
     return tuple(flash_mla_sparse_decode(qs[i], k8, idx, metadata=md)[0] for i in range(layers))
 
-  f = jax.jit(program)
-
-  def wall(n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      o = f(qs, k8, idx)
-    jax.block_until_ready(o)
-    return time.perf_counter() - t0
-
-  wall(2)
-  one = wall(1)
-  n1, n2 = 2, 2 + max(3, min(40, int(0.4 / max(one, 1e-5))))
-  return sorted((wall(n2) - wall(n1)) / ((n2 - n1) * layers) for _ in range(3))[1]
+  return slope_seconds(jax.jit(program), (qs, k8, idx), layers)
 
 
 def run_case(spec, layers, anchor, per_call=False):
