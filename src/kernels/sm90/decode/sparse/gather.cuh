@@ -8,7 +8,7 @@
 // bits. For the row data, 8 lanes share one token and each reads one 16-byte chunk of a
 // 128-byte span: lane l holds tokens 16w + 4k + l / 8 (k = 0..3), chunk l % 8. Quarter q of the
 // row (fp8 columns 128q .. 128q + 127, one scale) is one 16-byte load per (lane, k) plus the
-// token's scale, dequantized by the exact ALU path of the dense FP8 kernels (store_dequant16)
+// token's scale, dequantized by the exact ALU path of the dense FP8 kernels (dequant_quarter)
 // into bf16 tiles 2q and 2q + 1. Quarter 0's loads are issued before waiting for the buffer;
 // the others one after another (the producer has kProducerRegs registers: no room for two
 // quarters in flight; the L2 prefetch of the next block is what keeps the loads short). RoPE (64 bf16 = 128 bytes, already bf16) goes straight into tile 8 with cp.async.
@@ -51,12 +51,19 @@ __device__ __forceinline__ void gather_quarter(const uint8_t* cache, const Gathe
 }
 
 // Quarter q of this lane's rows, dequantized into the buffer's tiles 2q, 2q + 1.
-__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, int chunk,
+__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, const Fp8Lane& lane,
                                               const uint4 (&v)[4], const float (&sc)[4]) {
+  uint32_t field[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    store_dequant16(s_buf, tok0 + 4 * k, q * kFp8TileCols + chunk * 16, v[k], sc[k]);
-  }
+  for (int k = 0; k < 4; ++k) field[k] = fp8_scale_field(__float_as_uint(sc[k]));
+  const uint32_t tile = s_buf + (2 * q + lane.tile) * kTileBytes;
+  dequant_quarter(
+      v, field, lane,
+      [&](int k) {
+        return make_uint2(tile + swizzled_offset(tok0 + 4 * k, lane.first),
+                          tile + swizzled_offset(tok0 + 4 * k, lane.second));
+      },
+      false);
 }
 
 // Fills buffer s_buf with block `page` of request chunk c (one producer warpgroup; warp, lane
@@ -83,6 +90,7 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
   for (int k = 0; k < 4; ++k) rows.id[k] = __shfl_sync(0xffffffffu, id, 4 * k + (lane >> 3));
   const int tok0 = warp * 16 + (lane >> 3);
   const int chunk = lane & 7;
+  const Fp8Lane lane_map = fp8_lane(chunk);
 
   // 2. The next block of the request into L2, so that its loads (issued only once this block
   // is written) hit L2.
@@ -116,7 +124,7 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (q > 0) gather_quarter(cache, rows, q, chunk, v, sc);
-    store_quarter(s_buf, tok0, q, chunk, v, sc);
+    store_quarter(s_buf, tok0, q, lane_map, v, sc);
   }
 
   // 5. Publish: mask bits, every write visible to wgmma (async proxy), then arrive.
