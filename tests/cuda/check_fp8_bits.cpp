@@ -115,7 +115,7 @@ static void new_unit(const uint32_t w[4], int c, uint32_t field, bool wide, uint
                         e4m3x2_to_bf16x2_bits(w[3], w[1], s01), e4m3x2_to_bf16x2_bits(w[3], w[1], s23)};
   for (int i = 0; i < 4; ++i) {
     if (!wide) {
-      const uint32_t f = fp8_narrow_factor(field);
+      const uint32_t f = (fp8_narrow_factor(field) >> 16) * 0x00010001u;  // the .H1_H1 operand
       first[i] = bf16x2_mul(first[i], f);
       second[i] = bf16x2_mul(second[i], f);
     } else {
@@ -164,13 +164,13 @@ int main() {
       const uint32_t bits = (e << 23) | extra;
       const OldFactors o = old_factors(bits);
       const uint32_t field = fp8_scale_field(bits);
-      if (field != (e << 7) * 0x00010001u) fail("field", bits, 0, (e << 7) * 0x10001u, field);
+      if (field != e << 23) fail("field", bits, 0, e << 23, field);
       const Fp8Factors n = fp8_wide_factors(field);
       if (n.f1 != o.f1 || n.f2 != o.f2) fail("wide factors", bits, 0, o.f1, n.f1);
       const bool wide = field >= kFp8WideField;
       if (wide != (e >= 135)) fail("threshold", bits, 0, e >= 135, wide);
-      if (!wide && (fp8_narrow_factor(field) != o.f1 || o.f2 != 0x3F803F80u))
-        fail("narrow factor", bits, 0, o.f1, fp8_narrow_factor(field));
+      const uint32_t narrow = (fp8_narrow_factor(field) >> 16) * 0x00010001u;
+      if (!wide && (narrow != o.f1 || o.f2 != 0x3F803F80u)) fail("narrow factor", bits, 0, o.f1, narrow);
     }
   }
 

@@ -54,22 +54,21 @@ JFM_HOST_DEVICE inline uint32_t e4m3x2_to_bf16x2_bits(uint32_t a, uint32_t b, ui
   return static_cast<uint32_t>(static_cast<int32_t>(t) >> 4) & 0x87F087F0u;
 }
 
-// The biased exponent e of a float32 scale (its bits), as e << 7 in both 16-bit halves: what
-// the factors are made of. The scale's sign and mantissa are ignored (the format's scales are
-// positive powers of two).
+// The biased exponent field of a float32 scale (its bits), e << 23: what the factors are made
+// of. The scale's sign and mantissa are ignored (the format's scales are positive powers of two).
 JFM_HOST_DEVICE inline uint32_t fp8_scale_field(uint32_t scale_bits) {
-  return prmt(scale_bits, 0u, 0x3232u) & 0x7F807F80u;
+  return scale_bits & 0x7F800000u;
 }
 
 // A tile's factor is 2^(e - 7) = scale * 2^120, bf16 exponent k = e + 120: one bf16 factor
 // while k <= 254, i.e. e <= 134 (scale < 2^8). A field at or above this needs the wide path:
 // e in 135..254 (two factors) or 255 (NaN or inf scale: a NaN tile).
-constexpr uint32_t kFp8WideField = (135u << 7) * 0x00010001u;
+constexpr uint32_t kFp8WideField = 135u << 23;
 
-// The factor of a tile whose field is below kFp8WideField: bf16x2 (both halves) 2^(e - 7).
-JFM_HOST_DEVICE inline uint32_t fp8_narrow_factor(uint32_t field) {
-  return field + (120u << 7) * 0x00010001u;
-}
+// The factor of a tile whose field is below kFp8WideField, 2^(e - 7), as a bf16 in the HIGH
+// half of the word (the low half is 0): the multiply reads it as both halves (fp8_cache.cuh:
+// bf16x2_mul_hi, an operand swizzle of HMUL2, no instruction).
+JFM_HOST_DEVICE inline uint32_t fp8_narrow_factor(uint32_t field) { return field + (120u << 23); }
 
 // Any field: the two bf16x2 factors whose product, applied one after the other, is scale * 2^120
 // without leaving bf16's range: f1 = 2^min(k, 254 - 127), f2 = 2^(k - min(k, 254)); for e = 255
@@ -79,7 +78,7 @@ struct Fp8Factors {
   uint32_t f2;
 };
 JFM_HOST_DEVICE inline Fp8Factors fp8_wide_factors(uint32_t field) {
-  const uint32_t e = (field >> 7) & 0xFFu;
+  const uint32_t e = field >> 23;
   const uint32_t k = e + 120u;
   const uint32_t e1 = k < 254u ? k : 254u;
   const uint32_t e2 = k - e1 + 127u;

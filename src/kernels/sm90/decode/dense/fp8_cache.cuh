@@ -126,6 +126,17 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return d;
 }
 
+// a times the bf16 in the high half of b, in both halves (ptxas folds the {h, h} into HMUL2's
+// .H1_H1 operand).
+__device__ __forceinline__ uint32_t bf16x2_mul_hi(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("{\n .reg .b16 l, h;\n .reg .b32 f;\n mov.b32 {l, h}, %2;\n mov.b32 f, {h, h};\n"
+      " mul.rn.bf16x2 %0, %1, f;\n}\n"
+      : "=r"(d)
+      : "r"(a), "r"(b));
+  return d;
+}
+
 // What a lane does with its 16 values (one 16-byte chunk c of a token's 128-byte quarter, fp8
 // columns 128q + 16c ..): they are two 16-byte bf16 chunks 2(c % 4), 2(c % 4) + 1 of one row of
 // tile 2q + c / 4. Lanes of odd tiles store the second chunk first, so that the 8 lanes of a
@@ -162,6 +173,10 @@ __device__ __forceinline__ uint4 bf16x8_mul(uint4 a, uint32_t f) {
   return make_uint4(bf16x2_mul(a.x, f), bf16x2_mul(a.y, f), bf16x2_mul(a.z, f),
                     bf16x2_mul(a.w, f));
 }
+__device__ __forceinline__ uint4 bf16x8_mul_hi(uint4 a, uint32_t f) {
+  return make_uint4(bf16x2_mul_hi(a.x, f), bf16x2_mul_hi(a.y, f), bf16x2_mul_hi(a.z, f),
+                    bf16x2_mul_hi(a.w, f));
+}
 
 // One quarter of one lane: 4 units of 16 values v[k] with their scales' fields (fp8_scale_field),
 // dequantized and stored at addr(k) (uint2: the first and the second store's shared address).
@@ -179,8 +194,8 @@ __device__ __forceinline__ void dequant_quarter(const uint4 (&v)[4], const uint3
       uint4 a, b;
       e4m3x16_bits(v[k], lane, a, b);
       const uint2 at = addr(k);
-      st_shared_v4(at.x, bf16x8_mul(a, f));
-      st_shared_v4(at.y, bf16x8_mul(b, f));
+      st_shared_v4(at.x, bf16x8_mul_hi(a, f));
+      st_shared_v4(at.y, bf16x8_mul_hi(b, f));
     }
   } else {
 #pragma unroll
