@@ -8,9 +8,9 @@
 // bits. For the row data, 8 lanes share one token and each reads one 16-byte chunk of a
 // 128-byte span: lane l holds tokens 16w + 4k + l / 8 (k = 0..3), chunk l % 8. Quarter q of the
 // row (fp8 columns 128q .. 128q + 127, one scale) is one 16-byte piece per (lane, k) plus the
-// token's scale, dequantized by the exact ALU path of the dense FP8 kernels (store_dequant16)
-// into bf16 tiles 2q and 2q + 1. RoPE (64 bf16 = 128 bytes, already bf16) goes straight into
-// tile 8 with cp.async.
+// token's scale, dequantized by the exact ALU path of the dense FP8 kernels (dequant_quarter,
+// fp8_cache.cuh: one warp vote per quarter) into bf16 tiles 2q and 2q + 1. RoPE (64 bf16 =
+// 128 bytes, already bf16) goes straight into tile 8 with cp.async.
 //
 // Two ways to get the fp8 bytes (JFM_SPARSE_STAGED_GATHER, default 1):
 //   staged (1): once the buffer is free, every lane cp.asyncs its 16 raw chunks of the block
@@ -73,12 +73,19 @@ __device__ __forceinline__ void gather_quarter(const uint8_t* cache, const Gathe
 }
 
 // Quarter q of this lane's rows, dequantized into the buffer's tiles 2q, 2q + 1.
-__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, int chunk,
+__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, const Fp8Lane& lane,
                                               const uint4 (&v)[4], const float (&sc)[4]) {
+  uint32_t field[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    store_dequant16(s_buf, tok0 + 4 * k, q * kFp8TileCols + chunk * 16, v[k], sc[k]);
-  }
+  for (int k = 0; k < 4; ++k) field[k] = fp8_scale_field(__float_as_uint(sc[k]));
+  const uint32_t tile = s_buf + (2 * q + lane.tile) * kTileBytes;
+  dequant_quarter(
+      v, field, lane,
+      [&](int k) {
+        return make_uint2(tile + swizzled_offset(tok0 + 4 * k, lane.first),
+                          tile + swizzled_offset(tok0 + 4 * k, lane.second));
+      },
+      false);
 }
 
 // Waits until at most N of this thread's cp.async groups are still pending.
@@ -90,77 +97,65 @@ __device__ __forceinline__ void cp_async_wait_group() {
 // Staged path. The shared-memory places of one producer lane (token tok0 + 4k, fp8 chunk c of
 // each quarter), as offsets from the buffer, so that the whole block needs a few registers: with
 // tok0 % 8 < 4 (tok0 = 16 w + l / 8), row tok0 + 4k has swizzle phase t + 4 (k & 1), t = tok0 % 4,
-// and fp8 chunk c of quarter q is bf16 chunks 2 (c % 4) + h (h = 0, 1) of tile 2q + c / 4. So
-// store_dequant16's two addresses for (k, q) are st[k & 1][h] + 1024 (k >> 1) + 16384 q, the
-// same bytes swizzled_offset gives. (Computed once, kept across blocks.)
+// and fp8 chunk c of quarter q is bf16 chunks 2 (c % 4) + h (h = 0, 1) of tile 2q + c / 4, stored
+// in the order of fp8_lane(c) (odd tile: h = 1 first). So dequant_quarter's two addresses for
+// (k, q) are st[k & 1][0], st[k & 1][1] (first, second store) + 1024 (k >> 1) + 16384 q, the same
+// bytes as Fp8Lane's first / second chunk through swizzled_offset. (Computed once, kept across
+// blocks.)
 struct StagedLane {
-  uint32_t st[2][2];  // bf16 chunk h of row tok0 + 4p (p = 0, 1) in tile c / 4
+  uint32_t st[2][2];  // row tok0 + 4p (p = 0, 1) in tile c / 4: [p][0] first store, [p][1] second
   uint32_t raw;       // raw quarter 0's chunk c of row tok0 (tile 4: unswizzled)
   uint32_t rope[2];   // chunk c of row tok0 + 4p in tile 8
-  bool hi_first;      // odd tile: second chunk first (store_dequant16's bank order)
 };
 
 __device__ __forceinline__ StagedLane staged_lane(int tok0, int chunk) {
   StagedLane a;
   const uint32_t t = tok0 & 3;
   const uint32_t c2 = 2 * (chunk & 3);
+  const uint32_t odd = chunk >> 2;  // the tile within the quarter's pair: odd stores h = 1 first
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      a.st[p][h] = (chunk >> 2) * kTileBytes + (tok0 + 4 * p) * kTileRowBytes +
-                   (((c2 + h) ^ (t + 4 * p)) << 4);
+    for (int s = 0; s < 2; ++s) {
+      a.st[p][s] = odd * kTileBytes + (tok0 + 4 * p) * kTileRowBytes +
+                   (((c2 + (s ^ odd)) ^ (t + 4 * p)) << 4);
     }
     a.rope[p] = 8 * kTileBytes + (tok0 + 4 * p) * kTileRowBytes + ((chunk ^ (t + 4 * p)) << 4);
   }
   a.raw = Fp8Layout::kRawOffset + tok0 * Fp8Layout::kLatentBoxBytes + chunk * 16;
-  a.hi_first = chunk >= 4;
   return a;
 }
 
-// store_dequant16 with the addresses given: the same words to the same places.
-__device__ __forceinline__ void store_dequant16_at(uint32_t lo_addr, uint32_t hi_addr,
-                                                   bool hi_first, uint4 v, float sc) {
-  const Fp8Factors f = fp8_factors(sc);
-  const bool wide = __any_sync(0xffffffffu, f.f2 != 0x3F803F80u);
-  const uint2 a = dequant4(v.x, f, wide), b = dequant4(v.y, f, wide);
-  const uint2 c = dequant4(v.z, f, wide), d = dequant4(v.w, f, wide);
-  const uint4 lo = make_uint4(a.x, a.y, b.x, b.y), hi = make_uint4(c.x, c.y, d.x, d.y);
-  if (hi_first) {
-    st_shared_v4(hi_addr, hi);
-    st_shared_v4(lo_addr, lo);
-  } else {
-    st_shared_v4(lo_addr, lo);
-    st_shared_v4(hi_addr, hi);
-  }
-}
-
 // Raw quarter Q of this lane's rows read back from tile 4 + Q of the buffer (once its group has
-// landed: waited for here) and dequantized into tiles 2Q, 2Q + 1, with the scales the token's
-// chunk-0 lane copied to s_scale_row (16 bytes per token, 64 bytes per k, in group 0).
+// landed: waited for here) and dequantized into tiles 2Q, 2Q + 1 by the dense kernels'
+// dequant_quarter (one wide vote for the quarter), with the scales the token's chunk-0 lane
+// copied to s_scale_row (16 bytes per token, 64 bytes per k, in group 0). `lane` is
+// fp8_lane(chunk): only its prmt selectors are used here (the addresses are a's).
 template <int Q>
 __device__ __forceinline__ void dequant_staged_quarter(uint32_t s_buf, uint32_t s_scale_row,
-                                                       const StagedLane& a) {
+                                                       const StagedLane& a, const Fp8Lane& lane) {
   cp_async_wait_group<3 - Q>();  // groups are quarters 0, 1, 2, 3 (+ RoPE), oldest first
   // Quarter 0: the scales were copied by another lane of the token; its wait above, then this
   // barrier, make them visible. Quarter 2 overwrites raw quarters 0, 1 (tiles 4, 5), quarter 3
   // raw quarters 2, 3 (tiles 6, 7): the token's other 7 lanes (this warp's) must have read those
-  // bytes first, so the barrier of quarters 2, 3 sits between the reads and the stores.
+  // bytes first, so quarters 2, 3 have dequant_quarter put a barrier between the reads (the raw
+  // loads below) and the stores.
   if (Q == 0) __syncwarp();
   uint4 v[4];
+  uint32_t field[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     v[k] = ld_shared_v4(s_buf + a.raw + Q * Fp8Layout::kRawQuarterBytes +
                         4 * k * Fp8Layout::kLatentBoxBytes);
+    field[k] = fp8_scale_field(__float_as_uint(ld_shared_f32(s_scale_row + 64 * k + 4 * Q)));
   }
-  if (Q >= 2) __syncwarp();
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float sc = ld_shared_f32(s_scale_row + 64 * k + 4 * Q);
-    const uint32_t off = (k >> 1) * 8 * kTileRowBytes + Q * 2 * kTileBytes;
-    store_dequant16_at(s_buf + a.st[k & 1][0] + off, s_buf + a.st[k & 1][1] + off, a.hi_first,
-                       v[k], sc);
-  }
+  dequant_quarter(
+      v, field, lane,
+      [&](int k) {
+        const uint32_t base = s_buf + (k >> 1) * 8 * kTileRowBytes + Q * 2 * kTileBytes;
+        return make_uint2(base + a.st[k & 1][0], base + a.st[k & 1][1]);
+      },
+      Q >= 2);
 }
 
 // Fills buffer s_buf with block `page` of request chunk c (one producer warpgroup; warp, lane
@@ -188,6 +183,7 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
   for (int k = 0; k < 4; ++k) rows.id[k] = __shfl_sync(0xffffffffu, id, 4 * k + (lane >> 3));
   const int tok0 = warp * 16 + (lane >> 3);
   const int chunk = lane & 7;
+  const Fp8Lane lane_map = fp8_lane(chunk);
 
   // 2. The next block of the request into L2, so that its loads (issued only once this block
   // is written) hit L2. (Staged path: besides the indices, the only memory traffic that can go
@@ -233,10 +229,10 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
     }
     cp_async_commit();
   }
-  dequant_staged_quarter<0>(s_buf, s_scale_row, a);
-  dequant_staged_quarter<1>(s_buf, s_scale_row, a);
-  dequant_staged_quarter<2>(s_buf, s_scale_row, a);
-  dequant_staged_quarter<3>(s_buf, s_scale_row, a);  // waits for every group, RoPE's too
+  dequant_staged_quarter<0>(s_buf, s_scale_row, a, lane_map);
+  dequant_staged_quarter<1>(s_buf, s_scale_row, a, lane_map);
+  dequant_staged_quarter<2>(s_buf, s_scale_row, a, lane_map);
+  dequant_staged_quarter<3>(s_buf, s_scale_row, a, lane_map);  // waits for every group, RoPE's too
 #else
   // 3. Quarter 0 in flight, then wait until the consumers have released the buffer.
   uint4 v[4];
@@ -258,7 +254,7 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (q > 0) gather_quarter(cache, rows, q, chunk, v, sc);
-    store_quarter(s_buf, tok0, q, chunk, v, sc);
+    store_quarter(s_buf, tok0, q, lane_map, v, sc);
   }
 #endif
 
