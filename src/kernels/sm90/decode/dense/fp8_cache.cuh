@@ -33,6 +33,7 @@
 #include "kernels/common/device_utils.cuh"
 #include "kernels/common/split_kv.cuh"
 #include "kernels/params.h"
+#include "kernels/sm90/decode/dense/fp8_bits.h"
 #include "kernels/sm90/decode/dense/traits.h"
 #include "kernels/sm90/ptx.cuh"
 #include "kernels/sm90/tile_geometry.h"
@@ -103,34 +104,21 @@ __device__ __forceinline__ void load_group(const Fp8TensorMaps* maps, uint32_t s
 
 // ------------------------------------------------------------------ dequantization
 
-// The dequantization runs on the ALU and the FMA pipe only, in about half the issue slots of the
-// conversion instructions (cvt.f16x2.e4m3x2, cvt.f32.f16, cvt.bf16x2.f32), which also issue at a
-// quarter rate on sm_90. (Measured: the same speed either way, benchmarks/NOTES.md v4.0b; what
-// bounds the FP8 kernels is how few pages each group has in flight, not this arithmetic.)
-// An e4m3 byte b = s eeee mmm read as the bf16 bits s<<15 | eeeemmm<<4 is b's value times 2^-120,
-// exactly (e4m3 subnormals land on bf16 subnormals, which the bf16 multiply keeps); multiplying
-// by scale * 2^120, a power of two, restores value * scale exactly. That factor leaves bf16's
-// range for scales above 2^7 (a tile amax above 57344), so it is applied as two bf16 factors
-// (Fp8Factors), the second 1 in all but such tiles.
-struct Fp8Factors {
-  uint32_t f1;  // bf16x2 (both halves equal): 2^min(k, 127), k = log2(scale) + 120
-  uint32_t f2;  // bf16x2: 2^(k - min(k, 127)), 1 unless scale > 2^7
-};
-
-// The factors of a tile's scale, from its float32 bits, for the finite, normal powers of two the
-// format stores. A NaN or infinite scale (quantize_kv writes NaN for a tile that held NaN or inf)
-// makes the whole tile NaN, as dequantize_kv does. Other values are not the format's (zero,
-// subnormal, not a power of two: garbage in unused slots) and give some finite factors; the
+// The dequantization runs on the ALU and the FMA pipe only (fp8_bits.h: PRMT, SHF, LOP3 per two
+// values, then one mul.bf16x2), in fewer issue slots than the conversion instructions
+// (cvt.f16x2.e4m3x2, cvt.f32.f16, cvt.bf16x2.f32), which also issue at a quarter rate on sm_90.
+// (Measured: the same speed either way, benchmarks/NOTES.md v4.0b.) The bf16 bits of value *
+// 2^-120 times the factor scale * 2^120, a power of two, give value * scale exactly. That factor
+// leaves bf16's range for scales of 2^8 and above (a tile amax of 2^8 * 448 or more), where it is
+// applied as two bf16 factors (fp8_wide_factors); a warp takes that path for a whole quarter
+// when any of its lanes' four tiles needs it (or has a NaN or infinite scale), which is rare.
+// Then the results are those of the per-tile rule: a lane whose tile fits multiplies once more,
+// by 1, which changes no bf16 value (subnormals included; a NaN stays the same NaN).
+// A NaN or infinite scale (quantize_kv writes NaN for a tile that held NaN or inf) makes the
+// whole tile NaN, as dequantize_kv does. Only the scale's exponent field is read: zero,
+// subnormal or non-power-of-two scales (garbage in unused slots) give some finite factors; the
 // kernels never let such rows reach another. (The e4m3 NaN codes 0x7F / 0xFF read as +-480 *
 // scale here; quantize_kv writes them only in tiles whose scale is NaN.)
-__device__ __forceinline__ Fp8Factors fp8_factors(float scale) {
-  const uint32_t e = (__float_as_uint(scale) >> 23) & 0xFFu;  // biased exponent of the scale
-  const uint32_t k = e + 120u;                                 // biased exponent of scale * 2^120
-  const uint32_t e1 = min(k, 254u);
-  const uint32_t e2 = k - e1 + 127u;
-  const uint32_t f1 = e == 0xFFu ? 0x7FC07FC0u : (e1 << 7) * 0x00010001u;  // NaN or the factor
-  return {f1, e == 0xFFu ? 0x3F803F80u : (e2 << 7) * 0x00010001u};
-}
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   uint32_t d;
@@ -138,45 +126,87 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return d;
 }
 
-// Bytes [0, b, 0, b'] -> the bf16x2 bits of (b, b') times 2^-120 (see above).
-__device__ __forceinline__ uint32_t e4m3x2_bits_to_bf16x2(uint32_t t) {
-  return (t & 0x80008000u) | ((t & 0x7F007F00u) >> 4);
+// a times the bf16 in the high half of b, in both halves (ptxas folds the {h, h} into HMUL2's
+// .H1_H1 operand).
+__device__ __forceinline__ uint32_t bf16x2_mul_hi(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("{\n .reg .b16 l, h;\n .reg .b32 f;\n mov.b32 {l, h}, %2;\n mov.b32 f, {h, h};\n"
+      " mul.rn.bf16x2 %0, %1, f;\n}\n"
+      : "=r"(d)
+      : "r"(a), "r"(b));
+  return d;
 }
 
-// Four e4m3 values (bytes of w, lowest first) times the tile's scale, as two bf16x2 words.
-// `wide` says whether some lane of the warp has a second factor other than 1 (warp-uniform).
-__device__ __forceinline__ uint2 dequant4(uint32_t w, const Fp8Factors& f, bool wide) {
-  uint32_t lo = e4m3x2_bits_to_bf16x2(__byte_perm(w, 0, 0x1404));  // bytes 0, 1
-  uint32_t hi = e4m3x2_bits_to_bf16x2(__byte_perm(w, 0, 0x3424));  // bytes 2, 3
-  lo = bf16x2_mul(lo, f.f1);
-  hi = bf16x2_mul(hi, f.f1);
-  if (wide) {
-    lo = bf16x2_mul(lo, f.f2);
-    hi = bf16x2_mul(hi, f.f2);
-  }
-  return make_uint2(lo, hi);
+// What a lane does with its 16 values (one 16-byte chunk c of a token's 128-byte quarter, fp8
+// columns 128q + 16c ..): they are two 16-byte bf16 chunks 2(c % 4), 2(c % 4) + 1 of one row of
+// tile 2q + c / 4. Lanes of odd tiles store the second chunk first, so that the 8 lanes of a
+// token, writing chunks 0, 2, 4, 6 of one tile and 1, 3, 5, 7 of the next, hit 8 different bank
+// groups; their selectors pick the second half of the 16 bytes for the first store. All of it
+// depends on c alone: the same for every unit and page.
+struct Fp8Lane {
+  uint32_t sel01, sel23;  // prmt selectors of the first-stored chunk's pairs (fp8_bits.h)
+  int tile;               // 0, 1: tile 2q + tile
+  int first, second;      // the chunks, in the tile's row, of the first and second store
+};
+__device__ __forceinline__ Fp8Lane fp8_lane(int c) {
+  const int tile = c >> 2;
+  const int chunk = 2 * (c & 3);
+  const uint32_t other = tile ? kFp8SelOther : 0u;
+  return {kFp8SelPair01 + other, kFp8SelPair23 + other, tile, chunk + tile, chunk + 1 - tile};
 }
 
-// 16 fp8 columns [col, col + 16) of token `tok` (col a multiple of 16), dequantized into the
-// page buffer's bf16 tiles: two 16-byte chunks of one tile row. Threads whose tile is odd store
-// the second chunk first, so that 8 threads writing chunks 0, 2, 4, 6 of one tile and of the next
-// hit 8 different bank groups.
-__device__ __forceinline__ void store_dequant16(uint32_t s_buf, int tok, int col, uint4 v,
-                                                float sc) {
-  const Fp8Factors f = fp8_factors(sc);
-  const bool wide = __any_sync(0xffffffffu, f.f2 != 0x3F803F80u);  // a factor 2^(k-127) != 1
-  const uint2 a = dequant4(v.x, f, wide), b = dequant4(v.y, f, wide);
-  const uint2 c = dequant4(v.z, f, wide), d = dequant4(v.w, f, wide);
-  const int tile = col / kTileCols;
-  const int chunk = (col % kTileCols) / 8;
-  const uint32_t row = s_buf + tile * kTileBytes;
-  const uint4 lo = make_uint4(a.x, a.y, b.x, b.y), hi = make_uint4(c.x, c.y, d.x, d.y);
-  if (tile & 1) {
-    st_shared_v4(row + swizzled_offset(tok, chunk + 1), hi);
-    st_shared_v4(row + swizzled_offset(tok, chunk), lo);
+// 16 fp8 values (bytes of v, lowest first) -> the bf16 bits times 2^-120 of the lane's first and
+// second store (see Fp8Lane).
+__device__ __forceinline__ void e4m3x16_bits(const uint4& v, const Fp8Lane& l, uint4& first,
+                                             uint4& second) {
+  first = make_uint4(e4m3x2_to_bf16x2_bits(v.x, v.z, l.sel01),
+                     e4m3x2_to_bf16x2_bits(v.x, v.z, l.sel23),
+                     e4m3x2_to_bf16x2_bits(v.y, v.w, l.sel01),
+                     e4m3x2_to_bf16x2_bits(v.y, v.w, l.sel23));
+  second = make_uint4(e4m3x2_to_bf16x2_bits(v.z, v.x, l.sel01),
+                      e4m3x2_to_bf16x2_bits(v.z, v.x, l.sel23),
+                      e4m3x2_to_bf16x2_bits(v.w, v.y, l.sel01),
+                      e4m3x2_to_bf16x2_bits(v.w, v.y, l.sel23));
+}
+
+__device__ __forceinline__ uint4 bf16x8_mul(uint4 a, uint32_t f) {
+  return make_uint4(bf16x2_mul(a.x, f), bf16x2_mul(a.y, f), bf16x2_mul(a.z, f),
+                    bf16x2_mul(a.w, f));
+}
+__device__ __forceinline__ uint4 bf16x8_mul_hi(uint4 a, uint32_t f) {
+  return make_uint4(bf16x2_mul_hi(a.x, f), bf16x2_mul_hi(a.y, f), bf16x2_mul_hi(a.z, f),
+                    bf16x2_mul_hi(a.w, f));
+}
+
+// One quarter of one lane: 4 units of 16 values v[k] with their scales' fields (fp8_scale_field),
+// dequantized and stored at addr(k) (uint2: the first and the second store's shared address).
+// `sync`: a __syncwarp between the last read of the warp's raw bytes and the first store.
+template <class Addr>
+__device__ __forceinline__ void dequant_quarter(const uint4 (&v)[4], const uint32_t (&field)[4],
+                                                const Fp8Lane& lane, Addr addr, bool sync) {
+  const uint32_t top = max(max(field[0], field[1]), max(field[2], field[3]));
+  const bool wide = __any_sync(0xffffffffu, top >= kFp8WideField);
+  if (sync) __syncwarp();  // each token's 8 lanes have read what they overwrite
+  if (!wide) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t f = fp8_narrow_factor(field[k]);
+      uint4 a, b;
+      e4m3x16_bits(v[k], lane, a, b);
+      const uint2 at = addr(k);
+      st_shared_v4(at.x, bf16x8_mul_hi(a, f));
+      st_shared_v4(at.y, bf16x8_mul_hi(b, f));
+    }
   } else {
-    st_shared_v4(row + swizzled_offset(tok, chunk), lo);
-    st_shared_v4(row + swizzled_offset(tok, chunk + 1), hi);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const Fp8Factors f = fp8_wide_factors(field[k]);
+      uint4 a, b;
+      e4m3x16_bits(v[k], lane, a, b);
+      const uint2 at = addr(k);
+      st_shared_v4(at.x, bf16x8_mul(bf16x8_mul(a, f.f1), f.f2));
+      st_shared_v4(at.y, bf16x8_mul(bf16x8_mul(b, f.f1), f.f2));
+    }
   }
 }
 
@@ -192,28 +222,38 @@ __device__ __forceinline__ void dequant_page(uint32_t s_buf, uint32_t s_scales, 
   using L = Fp8Layout;
   constexpr int kThreads = DenseTraits::kWarpgroupThreads;
   constexpr int kUnits = kPageSize * L::kLatentBoxBytes / 16 / kThreads;  // 4 per quarter
+  constexpr int kUnitRows = kThreads / 8;  // 16: tokens between a lane's units
+  static_assert(kUnits == 4 && kUnitRows % 8 == 0, "a lane's units share the swizzle phase");
   mbar_wait(bars + 8 * L::kRawBar, phase);
   mbar_wait(bars + 8 * L::kRopeBar, phase);
-  // Unit k of a quarter: token u / 8, 16-byte chunk u % 8 (8 lanes read one token's 128 bytes).
+  // Unit k of a quarter: token tid / 8 + 16k, 16-byte chunk tid % 8 (8 lanes read one token's
+  // 128 bytes). The addresses are the lane's base plus constants.
+  const uint32_t t = static_cast<uint32_t>(tid);
+  const int row = static_cast<int>(t >> 3);
+  const Fp8Lane lane = fp8_lane(static_cast<int>(t & 7u));
+  const uint32_t raw = s_buf + L::kRawOffset + 16 * t;
+  const uint32_t scales = s_scales + row * kFp8NumScales * 4;
+  const uint32_t st0 = s_buf + lane.tile * kTileBytes + swizzled_offset(row, lane.first);
+  const uint32_t st1 = s_buf + lane.tile * kTileBytes + swizzled_offset(row, lane.second);
   // The quarter's loads are all issued before the first store: one shared-memory latency per
   // quarter, not one per unit (this warp is often the only one its scheduler has).
   auto quarter = [&](int q, bool in_place) {
-    const uint32_t raw = s_buf + L::kRawOffset + q * L::kRawQuarterBytes;
     uint4 v[kUnits];
-    float sc[kUnits];
+    uint32_t field[kUnits];
 #pragma unroll
     for (int k = 0; k < kUnits; ++k) {
-      const int u = tid + kThreads * k;
-      const int tok = u >> 3, c = u & 7;
-      v[k] = ld_shared_v4(raw + tok * L::kLatentBoxBytes + c * 16);
-      sc[k] = ld_shared_f32(s_scales + (tok * kFp8NumScales + q) * 4);
+      v[k] = ld_shared_v4(raw + q * L::kRawQuarterBytes + k * kUnitRows * L::kLatentBoxBytes);
+      field[k] = fp8_scale_field(
+          __float_as_uint(ld_shared_f32(scales + (k * kUnitRows * kFp8NumScales + q) * 4)));
     }
-    if (in_place) __syncwarp();  // each token's 8 lanes have read what they overwrite
-#pragma unroll
-    for (int k = 0; k < kUnits; ++k) {
-      const int u = tid + kThreads * k;
-      store_dequant16(s_buf, u >> 3, L::kLatentBoxBytes * q + 16 * (u & 7), v[k], sc[k]);
-    }
+    const uint32_t tiles = 2 * q * kTileBytes;
+    dequant_quarter(
+        v, field, lane,
+        [&](int k) {
+          const uint32_t rows = k * kUnitRows * kTileRowBytes;
+          return make_uint2(st0 + tiles + rows, st1 + tiles + rows);
+        },
+        in_place);
   };
   quarter(0, false);
   quarter(1, false);

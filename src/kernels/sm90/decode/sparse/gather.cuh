@@ -7,11 +7,29 @@
 // of token 16w + l % 16 (lanes 16..31 repeat 0..15), so a ballot gives the warp's 16 validity
 // bits. For the row data, 8 lanes share one token and each reads one 16-byte chunk of a
 // 128-byte span: lane l holds tokens 16w + 4k + l / 8 (k = 0..3), chunk l % 8. Quarter q of the
-// row (fp8 columns 128q .. 128q + 127, one scale) is one 16-byte load per (lane, k) plus the
-// token's scale, dequantized by the exact ALU path of the dense FP8 kernels (store_dequant16)
-// into bf16 tiles 2q and 2q + 1. Quarter 0's loads are issued before waiting for the buffer;
-// the others one after another (the producer has kProducerRegs registers: no room for two
-// quarters in flight; the L2 prefetch of the next block is what keeps the loads short). RoPE (64 bf16 = 128 bytes, already bf16) goes straight into tile 8 with cp.async.
+// row (fp8 columns 128q .. 128q + 127, one scale) is one 16-byte piece per (lane, k) plus the
+// token's scale, dequantized by the exact ALU path of the dense FP8 kernels (dequant_quarter,
+// fp8_cache.cuh: one warp vote per quarter) into bf16 tiles 2q and 2q + 1. RoPE (64 bf16 =
+// 128 bytes, already bf16) goes straight into tile 8 with cp.async.
+//
+// Two ways to get the fp8 bytes (JFM_SPARSE_STAGED_GATHER, default 1):
+//   staged (1): once the buffer is free, every lane cp.asyncs its 16 raw chunks of the block
+//     into the buffer's own tiles 4..7 (raw quarter q in tile 4 + q, unswizzled, as the dense
+//     kernels' TMA puts it: token t at byte 128 t), one commit group per quarter, so the whole
+//     block (42 KiB) is in flight at once with no registers held; each token's 16 bytes of
+//     scales go with quarter 0 into a 1 KiB area per buffer (SparseTraits::kOffGatherScales).
+//     Then, quarter by quarter as its group lands, each lane reads back exactly the chunks it
+//     copied and dequantizes them in place (dequant_page's order: quarters 0, 1 -> tiles 0..3;
+//     2 -> tiles 4, 5 over raw quarters 0, 1; 3 -> tiles 6, 7 over raw quarters 2, 3). A
+//     token's 128-byte raw row and its bf16 tile rows are the same bytes and belong to the same
+//     8 lanes of one warp, so a __syncwarp between the reads and the stores of quarters 2 and 3
+//     is all the in-place order needs. One global round trip per block instead of four.
+//   registers (0, the v1.0 path, kept for A/B runs): quarter by quarter, 4 x 16-byte
+//     ld.global.nc into registers, then the stores; the 88-register producer keeps only one
+//     quarter (8 KiB per SM) in flight, so a block costs four serial round trips (and ptxas
+//     sinks quarter 0's loads, meant to precede the empty wait, below it).
+// Both write the same bytes: a missing row is zero bytes (times scale 1 in the register path,
+// times a zero-filled scale in the staged one: +0 either way, and neither makes the warp "wide").
 //
 // A slot at or past the request's key count, or with an index outside [0, num_tokens), is no
 // key: nothing of it is read, its rows are written as zeros (so P.V never multiplies a stale NaN)
@@ -29,6 +47,10 @@
 
 namespace jax_flashmla {
 namespace sm90 {
+
+#ifndef JFM_SPARSE_STAGED_GATHER
+#define JFM_SPARSE_STAGED_GATHER 1
+#endif
 
 // One producer thread's view of a block: the four cache rows it reads (-1: none).
 struct GatherRows {
@@ -51,12 +73,89 @@ __device__ __forceinline__ void gather_quarter(const uint8_t* cache, const Gathe
 }
 
 // Quarter q of this lane's rows, dequantized into the buffer's tiles 2q, 2q + 1.
-__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, int chunk,
+__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, const Fp8Lane& lane,
                                               const uint4 (&v)[4], const float (&sc)[4]) {
+  uint32_t field[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) field[k] = fp8_scale_field(__float_as_uint(sc[k]));
+  const uint32_t tile = s_buf + (2 * q + lane.tile) * kTileBytes;
+  dequant_quarter(
+      v, field, lane,
+      [&](int k) {
+        return make_uint2(tile + swizzled_offset(tok0 + 4 * k, lane.first),
+                          tile + swizzled_offset(tok0 + 4 * k, lane.second));
+      },
+      false);
+}
+
+// Waits until at most N of this thread's cp.async groups are still pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Staged path. The shared-memory places of one producer lane (token tok0 + 4k, fp8 chunk c of
+// each quarter), as offsets from the buffer, so that the whole block needs a few registers: with
+// tok0 % 8 < 4 (tok0 = 16 w + l / 8), row tok0 + 4k has swizzle phase t + 4 (k & 1), t = tok0 % 4,
+// and fp8 chunk c of quarter q is bf16 chunks 2 (c % 4) + h (h = 0, 1) of tile 2q + c / 4, stored
+// in the order of fp8_lane(c) (odd tile: h = 1 first). So dequant_quarter's two addresses for
+// (k, q) are st[k & 1][0], st[k & 1][1] (first, second store) + 1024 (k >> 1) + 16384 q, the same
+// bytes as Fp8Lane's first / second chunk through swizzled_offset. (Computed once, kept across
+// blocks.)
+struct StagedLane {
+  uint32_t st[2][2];  // row tok0 + 4p (p = 0, 1) in tile c / 4: [p][0] first store, [p][1] second
+  uint32_t raw;       // raw quarter 0's chunk c of row tok0 (tile 4: unswizzled)
+  uint32_t rope[2];   // chunk c of row tok0 + 4p in tile 8
+};
+
+__device__ __forceinline__ StagedLane staged_lane(int tok0, int chunk) {
+  StagedLane a;
+  const uint32_t t = tok0 & 3;
+  const uint32_t c2 = 2 * (chunk & 3);
+  const uint32_t odd = chunk >> 2;  // the tile within the quarter's pair: odd stores h = 1 first
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      a.st[p][s] = odd * kTileBytes + (tok0 + 4 * p) * kTileRowBytes +
+                   (((c2 + (s ^ odd)) ^ (t + 4 * p)) << 4);
+    }
+    a.rope[p] = 8 * kTileBytes + (tok0 + 4 * p) * kTileRowBytes + ((chunk ^ (t + 4 * p)) << 4);
+  }
+  a.raw = Fp8Layout::kRawOffset + tok0 * Fp8Layout::kLatentBoxBytes + chunk * 16;
+  return a;
+}
+
+// Raw quarter Q of this lane's rows read back from tile 4 + Q of the buffer (once its group has
+// landed: waited for here) and dequantized into tiles 2Q, 2Q + 1 by the dense kernels'
+// dequant_quarter (one wide vote for the quarter), with the scales the token's chunk-0 lane
+// copied to s_scale_row (16 bytes per token, 64 bytes per k, in group 0). `lane` is
+// fp8_lane(chunk): only its prmt selectors are used here (the addresses are a's).
+template <int Q>
+__device__ __forceinline__ void dequant_staged_quarter(uint32_t s_buf, uint32_t s_scale_row,
+                                                       const StagedLane& a, const Fp8Lane& lane) {
+  cp_async_wait_group<3 - Q>();  // groups are quarters 0, 1, 2, 3 (+ RoPE), oldest first
+  // Quarter 0: the scales were copied by another lane of the token; its wait above, then this
+  // barrier, make them visible. Quarter 2 overwrites raw quarters 0, 1 (tiles 4, 5), quarter 3
+  // raw quarters 2, 3 (tiles 6, 7): the token's other 7 lanes (this warp's) must have read those
+  // bytes first, so quarters 2, 3 have dequant_quarter put a barrier between the reads (the raw
+  // loads below) and the stores.
+  if (Q == 0) __syncwarp();
+  uint4 v[4];
+  uint32_t field[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    store_dequant16(s_buf, tok0 + 4 * k, q * kFp8TileCols + chunk * 16, v[k], sc[k]);
+    v[k] = ld_shared_v4(s_buf + a.raw + Q * Fp8Layout::kRawQuarterBytes +
+                        4 * k * Fp8Layout::kLatentBoxBytes);
+    field[k] = fp8_scale_field(__float_as_uint(ld_shared_f32(s_scale_row + 64 * k + 4 * Q)));
   }
+  dequant_quarter(
+      v, field, lane,
+      [&](int k) {
+        const uint32_t base = s_buf + (k >> 1) * 8 * kTileRowBytes + Q * 2 * kTileBytes;
+        return make_uint2(base + a.st[k & 1][0], base + a.st[k & 1][1]);
+      },
+      Q >= 2);
 }
 
 // Fills buffer s_buf with block `page` of request chunk c (one producer warpgroup; warp, lane
@@ -65,6 +164,7 @@ __device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, i
 // threads arriving on `full`, completing its phase n & 1.
 __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const ReqCtx& c,
                                              int page, uint32_t s_buf, uint32_t s_mask,
+                                             uint32_t s_scales,
                                              uint32_t full, uint32_t empty, uint32_t& fills,
                                              int warp, int lane) {
   const uint8_t* cache = static_cast<const uint8_t*>(sp.base.k_cache);
@@ -83,9 +183,11 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
   for (int k = 0; k < 4; ++k) rows.id[k] = __shfl_sync(0xffffffffu, id, 4 * k + (lane >> 3));
   const int tok0 = warp * 16 + (lane >> 3);
   const int chunk = lane & 7;
+  const Fp8Lane lane_map = fp8_lane(chunk);
 
   // 2. The next block of the request into L2, so that its loads (issued only once this block
-  // is written) hit L2.
+  // is written) hit L2. (Staged path: besides the indices, the only memory traffic that can go
+  // ahead of the empty wait; the block's own bytes need the buffer.)
   if (page + 1 < c.pe && lane < 16) {
     const int next = slot + kPageSize;
     if (next < n_keys) {
@@ -96,6 +198,42 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
     }
   }
 
+#if JFM_SPARSE_STAGED_GATHER
+  // 3. Wait until the consumers have released the buffer (and, for fill n >= 1 of it, its
+  // scale area: the consumers released fill n - 1 after every producer thread was done with it).
+  if (fills > 0) mbar_wait(empty, (fills - 1) & 1u);
+
+  // 4. The whole block in flight, no registers held: group 0 = the rows' scales (16 bytes per
+  // token, by its chunk-0 lane) and raw quarter 0, groups 1..3 = raw quarters 1..3, RoPE into
+  // tile 8 with the last; zero-filled for missing rows (zero bytes dequantize to +0 whatever
+  // the scale, so a zero scale there writes what the register path's scale 1 writes). Then each
+  // quarter is dequantized as its group lands, while the later ones are still in flight.
+  const StagedLane a = staged_lane(tok0, chunk);
+  const uint32_t s_scale_row = s_scales + tok0 * 16;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool ok = rows.id[k] >= 0;
+      const uint8_t* row = cache + static_cast<size_t>(ok ? rows.id[k] : 0) * kFp8RowBytes;
+      if (q == 0 && chunk == 0) {
+        cp_async_16(s_scale_row + 64 * k, row + kFp8ScaleOffset, ok ? 16u : 0u);
+      }
+      cp_async_16(s_buf + a.raw + q * Fp8Layout::kRawQuarterBytes +
+                      4 * k * Fp8Layout::kLatentBoxBytes,
+                  row + q * kFp8TileCols + chunk * 16, ok ? 16u : 0u);
+      if (q == 3) {
+        cp_async_16(s_buf + a.rope[k & 1] + (k >> 1) * 8 * kTileRowBytes,
+                    row + kFp8RopeOffset + chunk * 16, ok ? 16u : 0u);
+      }
+    }
+    cp_async_commit();
+  }
+  dequant_staged_quarter<0>(s_buf, s_scale_row, a, lane_map);
+  dequant_staged_quarter<1>(s_buf, s_scale_row, a, lane_map);
+  dequant_staged_quarter<2>(s_buf, s_scale_row, a, lane_map);
+  dequant_staged_quarter<3>(s_buf, s_scale_row, a, lane_map);  // waits for every group, RoPE's too
+#else
   // 3. Quarter 0 in flight, then wait until the consumers have released the buffer.
   uint4 v[4];
   float sc[4];
@@ -116,12 +254,13 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (q > 0) gather_quarter(cache, rows, q, chunk, v, sc);
-    store_quarter(s_buf, tok0, q, chunk, v, sc);
+    store_quarter(s_buf, tok0, q, lane_map, v, sc);
   }
+#endif
 
   // 5. Publish: mask bits, every write visible to wgmma (async proxy), then arrive.
   if (lane == 0) st_shared_u16(s_mask + 2 * warp, static_cast<uint16_t>(bits));
-  cp_async_wait_all();
+  cp_async_wait_all();  // the RoPE copies (staged path: already drained)
   fence_proxy_async_smem();
   mbar_arrive(full);
   ++fills;

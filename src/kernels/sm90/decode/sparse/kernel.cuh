@@ -147,15 +147,20 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
   // ================================ producer ================================
   if (wg == W::kProducerWg) {
     setmaxnreg_dec<W::kProducerRegs>();
-    uint32_t fills[2] = {0, 0};
+    // One call site with the buffer chosen at run time (block page - pb even: buffer 0, odd:
+    // buffer 1, the pairs of the protocol above): inlined twice with constant buffers, ptxas
+    // keeps two sets of per-thread shared addresses live, and 88 registers do not hold both.
+    uint32_t fills0 = 0, fills1 = 0;
     for (int req = rec.begin_req; req <= last_req; ++req) {
       const ReqCtx c = make_req(p, rec, req, m_block);
-      for (int page = c.pb; page < c.pe; page += 2) {
-        gather_block(sp, c, page, sK[0], s_mask, full[0], empty[0], fills[0], warp_wg, lane);
-        if (page + 1 < c.pe) {
-          gather_block(sp, c, page + 1, sK[1], s_mask + 8, full[1], empty[1], fills[1], warp_wg,
-                       lane);
-        }
+      for (int page = c.pb; page < c.pe; ++page) {
+        const uint32_t i = (page - c.pb) & 1;
+        uint32_t n = i ? fills1 : fills0;
+        gather_block(sp, c, page, sK[0] + i * W::kPageBytes, s_mask + 8 * i,
+                     base + W::kOffGatherScales + i * W::kGatherScaleBytes, full[0] + 8 * i,
+                     empty[0] + 8 * i, n, warp_wg, lane);
+        fills0 = i ? fills0 : n;
+        fills1 = i ? n : fills1;
       }
     }
     return;

@@ -21,9 +21,13 @@ struct SparseTraits : DenseTraits {
   // Registers after setmaxnreg. A warpgroup's 128 threads share 65536 / 128 = 512 per thread
   // slot across the three groups, less a granule the allocator keeps: 2 * consumer + producer
   // <= 504. The kernel starts at 65536 / 384 rounded down to a multiple of 8 (168). Measured
-  // with ptxas (CUDA 13.0): the consumers need no spill from 208 up, the producer (a quarter of
-  // a row in flight, which ptxas overlaps with the previous quarter's stores) from 88 up; at
-  // 224 / 56 and 216 / 72 the producer spills its loop state.
+  // with ptxas (CUDA 13.0): the consumers need no spill from 208 up, the producer (register
+  // path: a quarter of a row in flight, which ptxas overlaps with the previous quarter's stores)
+  // from 88 up; at 224 / 56 and 216 / 72 the producer spills its loop state. The staged gather
+  // (gather.cuh) holds no loaded bytes in registers and also fits 88 without spills, because
+  // it keeps its shared addresses as 6 per-lane offsets (StagedLane) and gather_block has one
+  // call site (kernel.cuh): written the obvious way, ptxas hoists ~40 address values per buffer
+  // and spills 56-64 bytes.
   static constexpr int kConsumerRegs = 208;
   static constexpr int kProducerRegs = 88;
   static_assert(2 * kConsumerRegs + kProducerRegs <= 504, "register budget of a 384-thread CTA");
@@ -42,7 +46,11 @@ struct SparseTraits : DenseTraits {
   static constexpr int kOffRowSum = kOffScale1 + 256;          // float[2][64]
   static constexpr int kOffMask = kOffRowSum + 512;            // uint64[2]: valid keys per buffer
   static constexpr int kOffBars = kOffMask + 16;               // uint64[4]: full[2], empty[2]
-  static constexpr int kSmemUsed = kOffBars + 4 * 8;
+  // Per buffer, the 64 gathered rows' scales (16 bytes each), staged by the producer's cp.async
+  // (gather.cuh, staged path) and read only by it; released with the buffer.
+  static constexpr int kGatherScaleBytes = kPageSize * 16;
+  static constexpr int kOffGatherScales = kOffBars + 4 * 8;   // 2 x 1 KiB
+  static constexpr int kSmemUsed = kOffGatherScales + 2 * kGatherScaleBytes;
   static constexpr int kSmemBytes = kSmemUsed + 1024;          // slack to align the base
 
   // mbarriers (offsets from kOffBars).
@@ -64,6 +72,7 @@ static_assert(SparseTraits::kOffK0 % kSwizzleAtomBytes == 0 &&
                   SparseTraits::kOffK1 % kSwizzleAtomBytes == 0,
               "swizzled tiles need 1 KiB alignment");
 static_assert(SparseTraits::kOffBars % 8 == 0 && SparseTraits::kOffMask % 8 == 0, "");
+static_assert(SparseTraits::kOffGatherScales % 16 == 0, "cp.async needs 16-byte aligned targets");
 
 }  // namespace sm90
 }  // namespace jax_flashmla
