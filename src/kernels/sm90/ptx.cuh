@@ -98,11 +98,11 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// `bytes` (a multiple of 16) at a 16-byte aligned global address, brought into L2 only: a
-// hint, with no shared memory and nothing to wait for.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes)
-               : "memory");
+// The 128-byte line holding a global address, brought into L2 only: a per-thread hint, nothing
+// to wait for. (The bulk form, cp.async.bulk.prefetch, takes uniform operands: given a
+// different row per lane, ptxas loops over the lanes one at a time.)
+__device__ __forceinline__ void prefetch_l2_line(const void* src) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(src) : "memory");
 }
 
 // 16 bytes / 4 bytes of read-only global memory through the non-coherent path (the data must

@@ -12,24 +12,22 @@
 // fp8_cache.cuh: one warp vote per quarter) into bf16 tiles 2q and 2q + 1. RoPE (64 bf16 =
 // 128 bytes, already bf16) goes straight into tile 8 with cp.async.
 //
-// Two ways to get the fp8 bytes (JFM_SPARSE_STAGED_GATHER, default 1):
-//   staged (1): once the buffer is free, every lane cp.asyncs its 16 raw chunks of the block
-//     into the buffer's own tiles 4..7 (raw quarter q in tile 4 + q, unswizzled, as the dense
-//     kernels' TMA puts it: token t at byte 128 t), one commit group per quarter, so the whole
-//     block (42 KiB) is in flight at once with no registers held; each token's 16 bytes of
-//     scales go with quarter 0 into a 1 KiB area per buffer (SparseTraits::kOffGatherScales).
-//     Then, quarter by quarter as its group lands, each lane reads back exactly the chunks it
-//     copied and dequantizes them in place (dequant_page's order: quarters 0, 1 -> tiles 0..3;
-//     2 -> tiles 4, 5 over raw quarters 0, 1; 3 -> tiles 6, 7 over raw quarters 2, 3). A
-//     token's 128-byte raw row and its bf16 tile rows are the same bytes and belong to the same
-//     8 lanes of one warp, so a __syncwarp between the reads and the stores of quarters 2 and 3
-//     is all the in-place order needs. One global round trip per block instead of four.
-//   registers (0, the v1.0 path, kept for A/B runs): quarter by quarter, 4 x 16-byte
-//     ld.global.nc into registers, then the stores; the 88-register producer keeps only one
-//     quarter (8 KiB per SM) in flight, so a block costs four serial round trips (and ptxas
-//     sinks quarter 0's loads, meant to precede the empty wait, below it).
-// Both write the same bytes: a missing row is zero bytes (times scale 1 in the register path,
-// times a zero-filled scale in the staged one: +0 either way, and neither makes the warp "wide").
+// The fp8 bytes: once the buffer is free, every lane cp.asyncs its 16 raw chunks of the block into
+// the buffer's own tiles 4..7 (raw quarter q in tile 4 + q, unswizzled, as the dense kernels' TMA
+// puts it: token t at byte 128 t), one commit group per quarter, so the whole block (42 KiB) is
+// in flight at once with no registers held; each token's 16 bytes of scales go with quarter 0
+// into a 1 KiB area per buffer (SparseTraits::kOffGatherScales). Then, quarter by quarter as its
+// group lands, each lane reads back exactly the chunks it copied and dequantizes them in place
+// (dequant_page's order: quarters 0, 1 -> tiles 0..3; 2 -> tiles 4, 5 over raw quarters 0, 1;
+// 3 -> tiles 6, 7 over raw quarters 2, 3). A token's 128-byte raw row and its bf16 tile rows are
+// the same bytes and belong to the same 8 lanes of one warp, so a __syncwarp between the reads
+// and the stores of quarters 2 and 3 is all the in-place order needs. A missing row is zero
+// bytes times a zero-filled scale: +0, and it does not make the warp "wide".
+//
+// The indices: the producer walks its record's blocks with a BlockCursor and loads each lane's
+// index two blocks ahead (kernel.cuh), so that neither the block's own copies nor the L2
+// prefetch of the next block's rows wait for an index load (in v1.2 those two dependent global
+// loads were ~30% of the producer's stall samples).
 //
 // A slot at or past the request's key count, or with an index outside [0, num_tokens), is no
 // key: nothing of it is read, its rows are written as zeros (so P.V never multiplies a stale NaN)
@@ -48,53 +46,13 @@
 namespace jax_flashmla {
 namespace sm90 {
 
-#ifndef JFM_SPARSE_STAGED_GATHER
-#define JFM_SPARSE_STAGED_GATHER 1
-#endif
-
-// One producer thread's view of a block: the four cache rows it reads (-1: none).
-struct GatherRows {
-  int32_t id[4];
-};
-
-// Quarter q of this lane's four rows into registers (zeros and scale 1 for missing rows).
-__device__ __forceinline__ void gather_quarter(const uint8_t* cache, const GatherRows& rows,
-                                               int q, int chunk, uint4 (&v)[4], float (&sc)[4]) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    v[k] = make_uint4(0, 0, 0, 0);
-    sc[k] = 1.f;
-    if (rows.id[k] >= 0) {
-      const uint8_t* row = cache + static_cast<size_t>(rows.id[k]) * kFp8RowBytes;
-      v[k] = ld_global_nc_v4(row + q * kFp8TileCols + chunk * 16);
-      sc[k] = ld_global_nc_f32(row + kFp8ScaleOffset + 4 * q);
-    }
-  }
-}
-
-// Quarter q of this lane's rows, dequantized into the buffer's tiles 2q, 2q + 1.
-__device__ __forceinline__ void store_quarter(uint32_t s_buf, int tok0, int q, const Fp8Lane& lane,
-                                              const uint4 (&v)[4], const float (&sc)[4]) {
-  uint32_t field[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) field[k] = fp8_scale_field(__float_as_uint(sc[k]));
-  const uint32_t tile = s_buf + (2 * q + lane.tile) * kTileBytes;
-  dequant_quarter(
-      v, field, lane,
-      [&](int k) {
-        return make_uint2(tile + swizzled_offset(tok0 + 4 * k, lane.first),
-                          tile + swizzled_offset(tok0 + 4 * k, lane.second));
-      },
-      false);
-}
-
 // Waits until at most N of this thread's cp.async groups are still pending.
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Staged path. The shared-memory places of one producer lane (token tok0 + 4k, fp8 chunk c of
+// The shared-memory places of one producer lane (token tok0 + 4k, fp8 chunk c of
 // each quarter), as offsets from the buffer, so that the whole block needs a few registers: with
 // tok0 % 8 < 4 (tok0 = 16 w + l / 8), row tok0 + 4k has swizzle phase t + 4 (k & 1), t = tok0 % 4,
 // and fp8 chunk c of quarter q is bf16 chunks 2 (c % 4) + h (h = 0, 1) of tile 2q + c / 4, stored
@@ -158,64 +116,87 @@ __device__ __forceinline__ void dequant_staged_quarter(uint32_t s_buf, uint32_t 
       Q >= 2);
 }
 
-// Fills buffer s_buf with block `page` of request chunk c (one producer warpgroup; warp, lane
-// within it). `fills` counts this buffer's earlier fills: fill n (n >= 1) first waits for the
-// consumers to release fill n - 1 (phase (n - 1) & 1 of `empty`); every fill ends with all 128
-// threads arriving on `full`, completing its phase n & 1.
-__device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const ReqCtx& c,
-                                             int page, uint32_t s_buf, uint32_t s_mask,
-                                             uint32_t s_scales,
-                                             uint32_t full, uint32_t empty, uint32_t& fills,
-                                             int warp, int lane) {
-  const uint8_t* cache = static_cast<const uint8_t*>(sp.base.k_cache);
-  const int32_t* idx = sp.indices + static_cast<size_t>(c.bi) * sp.topk;
-  const int n_keys = min(c.len, sp.topk);  // slots [0, n_keys) of the request are used
+// Where the producer is in its record's walk: block `page` of request `req`'s chunk [pb, pe), in
+// the consumers' order (kernel.cuh); req > the record's last request: past the end.
+struct BlockCursor {
+  int req;
+  int page, pb, pe;
+  int n_keys;  // slots [0, n_keys) of the request's index list are used
+};
 
-  // 1. The indices and validity bits of the warp's 16 tokens.
-  const int slot = page * kPageSize + warp * 16 + (lane & 15);
-  int32_t id = -1;
-  if (slot < n_keys) id = __ldg(idx + slot);
-  const bool valid = slot < n_keys && id >= 0 && id < sp.num_tokens;
-  const uint32_t bits = __ballot_sync(0xffffffffu, valid) & 0xFFFFu;
-  id = valid ? id : -1;
-  GatherRows rows;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) rows.id[k] = __shfl_sync(0xffffffffu, id, 4 * k + (lane >> 3));
-  const int tok0 = warp * 16 + (lane >> 3);
-  const int chunk = lane & 7;
-  const Fp8Lane lane_map = fp8_lane(chunk);
-
-  // 2. The next block of the request into L2, so that its loads (issued only once this block
-  // is written) hit L2. (Staged path: besides the indices, the only memory traffic that can go
-  // ahead of the empty wait; the block's own bytes need the buffer.)
-  if (page + 1 < c.pe && lane < 16) {
-    const int next = slot + kPageSize;
-    if (next < n_keys) {
-      const int32_t nid = __ldg(idx + next);
-      if (nid >= 0 && nid < sp.num_tokens) {
-        prefetch_l2_bulk(cache + static_cast<size_t>(nid) * kFp8RowBytes, kFp8RowBytes);
-      }
+// The first block of the first request from `req` on whose chunk is not empty (the consumers'
+// loop runs no block for an empty chunk, so the producer fills none).
+__device__ __forceinline__ BlockCursor cursor_from(const SparseDecodeParams& sp,
+                                                   const SchedRecord& rec, int req, int last_req) {
+  BlockCursor u{last_req + 1, 0, 0, 0, 0};
+  for (; req <= last_req; ++req) {
+    const ReqCtx c = make_req(sp.base, rec, req, 0);  // the m block only moves vis_min
+    if (c.pb < c.pe) {
+      u = BlockCursor{req, c.pb, c.pb, c.pe, min(c.len, sp.topk)};
+      break;
     }
   }
+  return u;
+}
 
-#if JFM_SPARSE_STAGED_GATHER
-  // 3. Wait until the consumers have released the buffer (and, for fill n >= 1 of it, its
+__device__ __forceinline__ BlockCursor cursor_next(const SparseDecodeParams& sp,
+                                                   const SchedRecord& rec, BlockCursor u,
+                                                   int last_req) {
+  if (u.req > last_req) return u;
+  if (u.page + 1 < u.pe) {
+    ++u.page;
+    return u;
+  }
+  return cursor_from(sp, rec, u.req + 1, last_req);
+}
+
+// The index in slot `slot` (0..63) of the cursor's block, or -1 past the end, past the request's
+// key count (so the caller checks only the range of the cache).
+__device__ __forceinline__ int32_t slot_index(const SparseDecodeParams& sp, const BlockCursor& u,
+                                              int last_req, int slot) {
+  const int s = u.page * kPageSize + slot;
+  if (u.req > last_req || s >= u.n_keys) return -1;
+  return __ldg(sp.indices + static_cast<size_t>(u.req) * sp.topk + s);
+}
+
+// Fills buffer s_buf with one block (one producer warpgroup; warp, lane within it). `id` is the
+// index of this lane's slot of the block (warp * 16 + lane % 16; -1: no key there) and `next_id`
+// that of the block after it, whose row goes into L2 now. `fills` counts this buffer's earlier
+// fills: fill n (n >= 1) first waits for the consumers to release fill n - 1 (phase (n - 1) & 1
+// of `empty`); every fill ends with all 128 threads arriving on `full`, completing its phase
+// n & 1.
+__device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, int32_t id,
+                                             int32_t next_id, uint32_t s_buf, uint32_t s_mask,
+                                             uint32_t s_scales, uint32_t full, uint32_t empty,
+                                             uint32_t& fills, int warp, int lane) {
+  const uint8_t* cache = static_cast<const uint8_t*>(sp.base.k_cache);
+
+  // 1. This block's validity bits and the rows of this lane's four tokens.
+  const bool valid = id >= 0 && id < sp.num_tokens;
+  const uint32_t bits = __ballot_sync(0xffffffffu, valid) & 0xFFFFu;
+  id = valid ? id : -1;
+  int32_t rows[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) rows[k] = __shfl_sync(0xffffffffu, id, 4 * k + (lane >> 3));
+  const int tok0 = warp * 16 + (lane >> 3);
+  const int chunk = lane & 7;
+
+  // 2. Wait until the consumers have released the buffer (and, for fill n >= 1 of it, its
   // scale area: the consumers released fill n - 1 after every producer thread was done with it).
   if (fills > 0) mbar_wait(empty, (fills - 1) & 1u);
 
-  // 4. The whole block in flight, no registers held: group 0 = the rows' scales (16 bytes per
+  // 3. The whole block in flight, no registers held: group 0 = the rows' scales (16 bytes per
   // token, by its chunk-0 lane) and raw quarter 0, groups 1..3 = raw quarters 1..3, RoPE into
-  // tile 8 with the last; zero-filled for missing rows (zero bytes dequantize to +0 whatever
-  // the scale, so a zero scale there writes what the register path's scale 1 writes). Then each
-  // quarter is dequantized as its group lands, while the later ones are still in flight.
+  // tile 8 with the last; zero-filled for missing rows. Then each quarter is dequantized as its
+  // group lands, while the later ones are still in flight.
   const StagedLane a = staged_lane(tok0, chunk);
   const uint32_t s_scale_row = s_scales + tok0 * 16;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const bool ok = rows.id[k] >= 0;
-      const uint8_t* row = cache + static_cast<size_t>(ok ? rows.id[k] : 0) * kFp8RowBytes;
+      const bool ok = rows[k] >= 0;
+      const uint8_t* row = cache + static_cast<size_t>(ok ? rows[k] : 0) * kFp8RowBytes;
       if (q == 0 && chunk == 0) {
         cp_async_16(s_scale_row + 64 * k, row + kFp8ScaleOffset, ok ? 16u : 0u);
       }
@@ -229,38 +210,23 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, const
     }
     cp_async_commit();
   }
+  // 4. The next block's rows into L2 (one block ahead, so that its copies hit L2; after this
+  // block's copies, which are on the critical path). A 656-byte row starts at a 16-byte
+  // boundary, so lines at offsets 0, 128, .., 640 cover it: each of a token's two lanes (l,
+  // l + 16) takes three.
+  if (next_id >= 0 && next_id < sp.num_tokens) {
+    const uint8_t* row = cache + static_cast<size_t>(next_id) * kFp8RowBytes + (lane >> 4) * 384;
+#pragma unroll
+    for (int j = 0; j < 3; ++j) prefetch_l2_line(row + 128 * j);
+  }
+  const Fp8Lane lane_map = fp8_lane(chunk);
   dequant_staged_quarter<0>(s_buf, s_scale_row, a, lane_map);
   dequant_staged_quarter<1>(s_buf, s_scale_row, a, lane_map);
   dequant_staged_quarter<2>(s_buf, s_scale_row, a, lane_map);
   dequant_staged_quarter<3>(s_buf, s_scale_row, a, lane_map);  // waits for every group, RoPE's too
-#else
-  // 3. Quarter 0 in flight, then wait until the consumers have released the buffer.
-  uint4 v[4];
-  float sc[4];
-  gather_quarter(cache, rows, 0, chunk, v, sc);
-  if (fills > 0) mbar_wait(empty, (fills - 1) & 1u);
 
-  // 4. RoPE into tile 8 (zero-filled for missing rows), then the latent quarters.
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const bool ok = rows.id[k] >= 0;
-    const uint8_t* src =
-        ok ? cache + static_cast<size_t>(rows.id[k]) * kFp8RowBytes + kFp8RopeOffset + chunk * 16
-           : cache;
-    cp_async_16(s_buf + 8 * kTileBytes + swizzled_offset(tok0 + 4 * k, chunk), src,
-                ok ? 16u : 0u);
-  }
-  cp_async_commit();
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (q > 0) gather_quarter(cache, rows, q, chunk, v, sc);
-    store_quarter(s_buf, tok0, q, lane_map, v, sc);
-  }
-#endif
-
-  // 5. Publish: mask bits, every write visible to wgmma (async proxy), then arrive.
+  // 4. Publish: mask bits, every write visible to wgmma (async proxy), then arrive.
   if (lane == 0) st_shared_u16(s_mask + 2 * warp, static_cast<uint16_t>(bits));
-  cp_async_wait_all();  // the RoPE copies (staged path: already drained)
   fence_proxy_async_smem();
   mbar_arrive(full);
   ++fills;

@@ -147,21 +147,31 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
   // ================================ producer ================================
   if (wg == W::kProducerWg) {
     setmaxnreg_dec<W::kProducerRegs>();
-    // One call site with the buffer chosen at run time (block page - pb even: buffer 0, odd:
-    // buffer 1, the pairs of the protocol above): inlined twice with constant buffers, ptxas
-    // keeps two sets of per-thread shared addresses live, and 88 registers do not hold both.
+    // Fills in the consumers' order: per request, per block of its chunk, buffer (page - pb) & 1.
+    // Each lane's index is loaded two blocks ahead (cursor `ahead`), so it has landed when its
+    // block's L2 prefetch (one block ahead) and its copies need it. One gather_block call site
+    // with the buffer chosen at run time: inlined twice with constant buffers, ptxas keeps two
+    // sets of per-thread shared addresses live, and 88 registers do not hold both.
+    const int slot = warp_wg * 16 + (lane & 15);
+    BlockCursor cur = cursor_from(sp, rec, rec.begin_req, last_req);
+    const BlockCursor second = cursor_next(sp, rec, cur, last_req);
+    BlockCursor ahead = cursor_next(sp, rec, second, last_req);
+    int32_t id0 = slot_index(sp, cur, last_req, slot);
+    int32_t id1 = slot_index(sp, second, last_req, slot);
     uint32_t fills0 = 0, fills1 = 0;
-    for (int req = rec.begin_req; req <= last_req; ++req) {
-      const ReqCtx c = make_req(p, rec, req, m_block);
-      for (int page = c.pb; page < c.pe; ++page) {
-        const uint32_t i = (page - c.pb) & 1;
-        uint32_t n = i ? fills1 : fills0;
-        gather_block(sp, c, page, sK[0] + i * W::kPageBytes, s_mask + 8 * i,
-                     base + W::kOffGatherScales + i * W::kGatherScaleBytes, full[0] + 8 * i,
-                     empty[0] + 8 * i, n, warp_wg, lane);
-        fills0 = i ? fills0 : n;
-        fills1 = i ? n : fills1;
-      }
+    while (cur.req <= last_req) {
+      const int32_t id2 = slot_index(sp, ahead, last_req, slot);
+      const uint32_t i = (cur.page - cur.pb) & 1;
+      uint32_t n = i ? fills1 : fills0;
+      gather_block(sp, id0, id1, sK[0] + i * W::kPageBytes, s_mask + 8 * i,
+                   base + W::kOffGatherScales + i * W::kGatherScaleBytes, full[0] + 8 * i,
+                   empty[0] + 8 * i, n, warp_wg, lane);
+      fills0 = i ? fills0 : n;
+      fills1 = i ? n : fills1;
+      cur = cursor_next(sp, rec, cur, last_req);
+      ahead = cursor_next(sp, rec, ahead, last_req);
+      id0 = id1;
+      id1 = id2;
     }
     return;
   }

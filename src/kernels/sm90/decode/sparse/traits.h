@@ -21,13 +21,12 @@ struct SparseTraits : DenseTraits {
   // Registers after setmaxnreg. A warpgroup's 128 threads share 65536 / 128 = 512 per thread
   // slot across the three groups, less a granule the allocator keeps: 2 * consumer + producer
   // <= 504. The kernel starts at 65536 / 384 rounded down to a multiple of 8 (168). Measured
-  // with ptxas (CUDA 13.0): the consumers need no spill from 208 up, the producer (register
-  // path: a quarter of a row in flight, which ptxas overlaps with the previous quarter's stores)
-  // from 88 up; at 224 / 56 and 216 / 72 the producer spills its loop state. The staged gather
-  // (gather.cuh) holds no loaded bytes in registers and also fits 88 without spills, because
-  // it keeps its shared addresses as 6 per-lane offsets (StagedLane) and gather_block has one
-  // call site (kernel.cuh): written the obvious way, ptxas hoists ~40 address values per buffer
-  // and spills 56-64 bytes.
+  // with ptxas (CUDA 13.0): the consumers need no spill from 208 up; at 224 / 56 and 216 / 72 the
+  // producer spills its loop state. At 88 the producer (gather.cuh: no loaded bytes held in
+  // registers, its shared addresses as 6 per-lane offsets, gather_block at one call site in
+  // kernel.cuh; written the obvious way ptxas hoists ~40 address values per buffer and spills
+  // 56-64 bytes) spills one register, in the last quarter's two-factor dequant path, taken only
+  // for scales >= 2^8 or non-finite ones.
   static constexpr int kConsumerRegs = 208;
   static constexpr int kProducerRegs = 88;
   static_assert(2 * kConsumerRegs + kProducerRegs <= 504, "register budget of a 384-thread CTA");
