@@ -225,7 +225,7 @@ __device__ __forceinline__ void gather_block(const SparseDecodeParams& sp, int32
   dequant_staged_quarter<2>(s_buf, s_scale_row, a, lane_map);
   dequant_staged_quarter<3>(s_buf, s_scale_row, a, lane_map);  // waits for every group, RoPE's too
 
-  // 4. Publish: mask bits, every write visible to wgmma (async proxy), then arrive.
+  // 5. Publish: mask bits, every write visible to wgmma (async proxy), then arrive.
   if (lane == 0) st_shared_u16(s_mask + 2 * warp, static_cast<uint16_t>(bits));
   fence_proxy_async_smem();
   mbar_arrive(full);
